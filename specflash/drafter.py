@@ -1,0 +1,401 @@
+"""The DFlash drafter network (`DFlashDrafter`), and its checkpoint I/O.
+
+A stack of Qwen3-style decoder layers with no embedding and no LM head of its own:
+- feature fusion: tapped target hidden states [.., K*H_t] -> fc -> hidden_norm -> c_t [.., H]
+- KV injection: in every layer, c_t goes through that layer's k_proj / v_proj, k_norm
+  (keys only) and RoPE at its absolute position, and serves as extra keys/values;
+- the block ([anchor, MASK, ...] embedded with the target's embedding) attends to all
+  context keys plus all block keys (bidirectional inside the block for
+  `full_attention` layers; causal with a window for `sliding_attention` layers);
+- output: final `norm`; the caller applies the target's LM head.
+
+Weight names match the published checkpoints (`fc.weight`, `hidden_norm.weight`,
+`layers.{i}.self_attn.q_proj.weight`, ..., `norm.weight`), so z-lab drafters load here
+and ours load in vLLM / SGLang / the z-lab runtime.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import ContextKVCache
+from .config import DrafterConfig
+from .errors import CheckpointError
+
+WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+CONFIG_NAME = "config.json"
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in float32 (as Qwen3 does), weight named `weight`."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [b, heads, n, d]; cos/sin: [b, n, d] -> x rotated at those positions."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for absolute positions, with the RoPE variants transformers knows
+    (default, linear, dynamic, yarn, llama3, ...). The inverse frequencies stay float32
+    whatever dtype the drafter is cast to (they are not a buffer)."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        from transformers import Qwen3Config
+        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
+
+        hf_config = Qwen3Config(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=config.head_dim,
+            rope_theta=config.rope_theta,
+            rope_scaling=config.rope_scaling,
+            max_position_embeddings=config.max_position_embeddings,
+        )
+        reference = Qwen3RotaryEmbedding(hf_config)
+        self._inv_freq = reference.inv_freq.detach().float().clone()  # [d / 2]
+        self.attention_scaling = float(reference.attention_scaling)
+
+    def forward(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [b, n] -> cos, sin: [b, n, head_dim] in like.dtype."""
+        if self._inv_freq.device != positions.device:
+            self._inv_freq = self._inv_freq.to(positions.device)
+        freqs = positions.float()[..., None] * self._inv_freq  # [b, n, d / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        cos = emb.cos() * self.attention_scaling
+        sin = emb.sin() * self.attention_scaling
+        return cos.to(like.dtype), sin.to(like.dtype)
+
+
+class DraftAttention(nn.Module):
+    def __init__(self, config: DrafterConfig, layer_idx: int):
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = d
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.layer_idx = layer_idx
+
+    def _heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, n_heads, self.head_dim).transpose(1, 2)  # [b, heads, n, d]
+
+    def context_kv(self, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused context features [b, c, H] -> keys, values [b, kv_heads, c, d] (k_norm, RoPE)."""
+        k = self.k_norm(self._heads(self.k_proj(context), self.num_kv_heads))
+        v = self._heads(self.v_proj(context), self.num_kv_heads)
+        return apply_rope(k, cos, sin), v
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [b, q, H] block stream (after input_layernorm)
+        cos_q: torch.Tensor, sin_q: torch.Tensor,  # [b, q, d]
+        context_k: torch.Tensor, context_v: torch.Tensor,  # [b, kv, c, d] all visible context
+        mask: torch.Tensor | None,  # [b|1, 1, q, c + q] bool, True = may attend; None = all
+    ) -> torch.Tensor:
+        q = apply_rope(self.q_norm(self._heads(self.q_proj(hidden), self.num_heads)), cos_q, sin_q)
+        k_blk = apply_rope(self.k_norm(self._heads(self.k_proj(hidden), self.num_kv_heads)), cos_q, sin_q)
+        v_blk = self._heads(self.v_proj(hidden), self.num_kv_heads)
+        k = torch.cat([context_k, k_blk], dim=2)  # [b, kv, c + q, d]
+        v = torch.cat([context_v, v_blk], dim=2)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, enable_gqa=self.num_heads != self.num_kv_heads
+        )  # [b, heads, q, d]
+        b, _, n, _ = out.shape
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class DraftMLP(nn.Module):
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, config: DrafterConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DraftAttention(config, layer_idx)
+        self.mlp = DraftMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.layer_type = config.layer_types[layer_idx]
+
+    def forward(self, hidden, cos_q, sin_q, context_k, context_v, mask) -> torch.Tensor:
+        hidden = hidden + self.self_attn(self.input_layernorm(hidden), cos_q, sin_q, context_k, context_v, mask)
+        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+
+
+def block_attention_mask(
+    query_positions: torch.Tensor,  # [q]
+    key_positions: torch.Tensor,  # [c + q]
+    causal: bool,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """Mask for decoding one block: keys are all context (positions < block start) plus
+    the block itself. Full layers: everything visible (None). Causal layers: key
+    position <= query position. Sliding layers: also query - key < window."""
+    if not causal and sliding_window is None:
+        return None
+    qp = query_positions[:, None]
+    kp = key_positions[None, :]
+    visible = torch.ones(qp.shape[0], kp.shape[1], dtype=torch.bool, device=qp.device)
+    if causal:
+        visible &= kp <= qp
+    if sliding_window is not None:
+        visible &= (qp - kp) < sliding_window
+        if not causal:
+            visible &= (kp - qp) < sliding_window
+    return visible[None, None]  # [1, 1, q, c + q]
+
+
+class DFlashDrafter(nn.Module):
+    """The DFlash block-diffusion drafter (no embedding, no LM head of its own)."""
+
+    def __init__(self, config: DrafterConfig):
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(config.num_features * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.rotary = RotaryEmbedding(config)
+
+    # --------------------------------------------------------------- helpers
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def target_layer_ids(self) -> tuple[int, ...]:
+        return self.config.target_layer_ids
+
+    def _layer_is_causal(self, layer: DraftLayer) -> bool:
+        if self.config.is_causal is not None:
+            return bool(self.config.is_causal)
+        return layer.layer_type == "sliding_attention"
+
+    def _layer_window(self, layer: DraftLayer) -> int | None:
+        return self.config.sliding_window if layer.layer_type == "sliding_attention" else None
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DFlashDrafter":
+        """Random init: linear weights ~ N(0, std), biases 0, norms 1."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                with torch.no_grad():
+                    module.weight.normal_(0.0, std, generator=generator)
+                    if module.bias is not None:
+                        module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        return self
+
+    def fuse(self, features: torch.Tensor) -> torch.Tensor:
+        """Concatenated target features [b, c, K*H_t] -> context features [b, c, H]."""
+        return self.hidden_norm(self.fc(features))
+
+    def compute_logits(self, hidden: torch.Tensor, lm_head) -> torch.Tensor:
+        """Drafter output [.., H] -> logits [.., V] with the target's LM head (a callable)."""
+        logits = lm_head(hidden)
+        if self.config.output_multiplier != 1.0:
+            logits = logits * self.config.output_multiplier
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def new_cache(self, batch: int = 1, capacity: int = 256, device=None, dtype=None) -> ContextKVCache:
+        param = next(self.parameters())
+        return ContextKVCache(
+            self.config.num_hidden_layers, batch, self.config.num_key_value_heads, self.config.head_dim,
+            dtype or param.dtype, device or param.device, capacity,
+        )
+
+    # --------------------------------------------------------------- forward
+    def forward(
+        self,
+        block_embeds: torch.Tensor,  # [b, q, H] embedded [anchor, MASK, ...]
+        block_positions: torch.Tensor,  # [b, q] absolute positions
+        features: torch.Tensor | None = None,  # [b, c, K*H_t] raw concatenated target features
+        feature_positions: torch.Tensor | None = None,  # [b, c]
+        cache: ContextKVCache | None = None,
+        attention_mask: torch.Tensor | None = None,  # [b|1, 1|heads, q, c + q] bool (training)
+    ) -> torch.Tensor:
+        """One draft forward -> hidden states [b, q, H] after the final norm.
+
+        Decoding (cache given): the new context features are appended to the cache
+        (their positions must continue it: 0..), and the block attends to all cached
+        context plus itself; the block's K/V are not cached. Training (no cache):
+        keys are [context ; block] and `attention_mask` says who sees what.
+        """
+        hidden = block_embeds
+        cos_q, sin_q = self.rotary(hidden, block_positions)
+        n_new = 0
+        if features is not None and features.shape[1] > 0:
+            context = self.fuse(features)  # [b, c, H]
+            cos_c, sin_c = self.rotary(context, feature_positions)
+            n_new = context.shape[1]
+        else:
+            context = None
+        if cache is not None:
+            cache.reserve(n_new)
+        masks: dict[tuple[bool, int | None], torch.Tensor | None] = {}
+        for layer in self.layers:
+            attn = layer.self_attn
+            if context is not None:
+                ctx_k, ctx_v = attn.context_kv(context, cos_c, sin_c)
+            else:
+                b = hidden.shape[0]
+                ctx_k = ctx_v = hidden.new_zeros(b, attn.num_kv_heads, 0, attn.head_dim)
+            if cache is not None:
+                if context is not None:
+                    ctx_k, ctx_v = cache.write(attn.layer_idx, ctx_k, ctx_v)
+                else:
+                    ctx_k, ctx_v = cache.view(attn.layer_idx)
+            mask = attention_mask
+            if mask is None:
+                key = (self._layer_is_causal(layer), self._layer_window(layer))
+                if key not in masks:
+                    n_ctx = ctx_k.shape[2]
+                    qpos = block_positions[0]
+                    kpos = torch.cat([torch.arange(n_ctx, device=qpos.device), qpos]) if cache is not None \
+                        else torch.cat([feature_positions[0] if context is not None else qpos[:0], qpos])
+                    masks[key] = block_attention_mask(qpos, kpos, *key)
+                mask = masks[key]
+            hidden = layer(hidden, cos_q, sin_q, ctx_k, ctx_v, mask)
+        if cache is not None:
+            cache.advance(n_new)
+        return self.norm(hidden)
+
+    # ------------------------------------------------------------ checkpoint
+    def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
+        """Write config.json + model.safetensors (default bf16) in the published layout."""
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()
+                 if not k.startswith("rotary.")}
+        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
+        config = self.config.to_dict()
+        config["torch_dtype"] = str(dtype).removeprefix("torch.")
+        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        return folder
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu") -> "DFlashDrafter":
+        """Load a drafter from a local folder or a hub id (no trust_remote_code)."""
+        folder = _drafter_folder(name_or_path)
+        config = DrafterConfig.from_json_file(folder / CONFIG_NAME)
+        state = _read_weights(folder)
+        model = cls(config)
+        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing weights {_short(missing)}")
+            if unexpected:
+                parts.append(f"unexpected weights {_short(unexpected)}")
+            raise CheckpointError(f"drafter checkpoint {folder} does not match its config.json: "
+                                  + "; ".join(parts))
+        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
+                 if tuple(state[k].shape) != tuple(v.shape)]
+        if wrong:
+            raise CheckpointError(f"drafter checkpoint {folder} has weights of the wrong shape for its "
+                                  f"config.json: {_short(wrong)}")
+        model.load_state_dict(state, strict=False)
+        return model.to(device=device, dtype=dtype).eval()
+
+
+def _short(items: list[str], limit: int = 4) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
+
+
+def _drafter_folder(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; pass the drafter folder holding config.json "
+                              "and model.safetensors")
+    text = str(name_or_path)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        except Exception as exc:  # offline, unknown repo, auth
+            raise CheckpointError(f"drafter {text!r} is not a local folder and could not be fetched "
+                                  f"from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
+    raise CheckpointError(f"drafter folder {text!r} does not exist; pass a folder with config.json "
+                          "and model.safetensors, or a hub id like org/name")
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    files: list[Path]
+    if (folder / WEIGHTS_NAME).exists():
+        files = [folder / WEIGHTS_NAME]
+    elif (folder / WEIGHTS_INDEX_NAME).exists():
+        index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())
+        files = [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
+    else:
+        raise CheckpointError(f"no {WEIGHTS_NAME} in {folder}")
+    state: dict[str, torch.Tensor] = {}
+    for file in files:
+        try:
+            state.update(load_file(str(file)))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"cannot read {file}: {exc}") from None
+    # Some exports prefix names with "model."; the published layout has no prefix.
+    if state and all(k.startswith("model.") for k in state):
+        state = {k[len("model."):]: v for k, v in state.items()}
+    return state

@@ -1,0 +1,104 @@
+"""Putting a target and a drafter together: drafter configs sized for a target, random
+drafters (a testing aid), compatibility checks, and the proposer a `--draft` value means."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import DrafterConfig, default_target_layer_ids
+from .drafter import DFlashDrafter
+from .errors import CheckpointError, InputError
+from .proposers import DFlashProposer, NgramProposer
+from .proposers.base import Proposer
+from .target import TargetModel, choose_mask_token_id
+
+
+def drafter_config_for_target(target: TargetModel, num_layers: int = 1, block_size: int = 16,
+                              num_features: int | None = None, target_layer_ids: list[int] | None = None,
+                              mask_token_id: int | None = None, intermediate_size: int | None = None) -> DrafterConfig:
+    """A drafter config matching `target`'s width, heads, RoPE and vocabulary."""
+    cfg = target.config
+    heads = int(cfg.num_attention_heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type parameters (Gemma3)
+        rope = rope["full_attention"]
+    rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) if isinstance(rope, dict)
+                       else getattr(cfg, "rope_theta", 10000.0))
+    if target_layer_ids is None:
+        n = num_features if num_features is not None else min(5, max(1, target.num_layers - 3))
+        target_layer_ids = default_target_layer_ids(target.num_layers, n)
+    return DrafterConfig(
+        hidden_size=target.hidden_size,
+        intermediate_size=int(intermediate_size or cfg.intermediate_size),
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        vocab_size=target.vocab_rows,
+        num_target_layers=target.num_layers,
+        target_layer_ids=tuple(target_layer_ids),
+        mask_token_id=choose_mask_token_id(target.tokenizer, target.vocab_rows) if mask_token_id is None
+        else mask_token_id,
+        block_size=block_size,
+        rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=target.max_context,
+        input_embedding_scale=target.embed_scale,
+    )
+
+
+def random_drafter(target: TargetModel, seed: int = 0, **config_kwargs) -> DFlashDrafter:
+    """A randomly initialised drafter for `target` (for testing the loop and measuring overhead)."""
+    config = drafter_config_for_target(target, **config_kwargs)
+    generator = torch.Generator().manual_seed(seed)
+    drafter = DFlashDrafter(config).init_weights(generator=generator)
+    return drafter.to(device=target.device, dtype=target.dtype).eval()
+
+
+def check_compatible(drafter: DFlashDrafter, target: TargetModel) -> None:
+    """Raise CheckpointError listing every way `drafter` does not fit `target`."""
+    cfg = drafter.config
+    problems = []
+    if cfg.hidden_size != target.hidden_size:
+        problems.append(f"drafter hidden size {cfg.hidden_size} != target hidden size {target.hidden_size}")
+    if cfg.num_target_layers != target.num_layers:
+        problems.append(f"drafter was made for a target with {cfg.num_target_layers} layers, this one has "
+                        f"{target.num_layers}")
+    bad_ids = [i for i in cfg.target_layer_ids if not 0 <= i < target.num_layers]
+    if bad_ids:
+        problems.append(f"target_layer_ids {bad_ids} out of range for {target.num_layers} target layers")
+    if not 0 <= cfg.mask_token_id < target.vocab_rows:
+        problems.append(f"mask_token_id {cfg.mask_token_id} is not a row of the target's "
+                        f"{target.vocab_rows}-row embedding")
+    if problems:
+        raise CheckpointError("drafter does not fit target " + str(target.name) + ": " + "; ".join(problems)
+                              + ". Use a drafter trained for this target.")
+
+
+def load_drafter(path: str | Path, target: TargetModel) -> DFlashDrafter:
+    drafter = DFlashDrafter.from_pretrained(path, dtype=target.dtype, device=target.device)
+    check_compatible(drafter, target)
+    return drafter
+
+
+DRAFT_CHOICES_HELP = ("none (plain decoding), random (a random drafter: a testing aid), ngram "
+                      "(prompt lookup), or a drafter folder / hub id")
+
+
+def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
+                   block_size: int | None = None) -> Proposer | None:
+    """The proposer a `--draft` value names; None for plain decoding."""
+    if draft is None or draft.lower() == "none":
+        return None
+    key = draft.lower()
+    if key == "random":
+        return DFlashProposer(random_drafter(target, seed=seed, block_size=max(block_size or 16, 2)), target)
+    if key == "ngram":
+        return NgramProposer()
+    if not draft.strip():
+        raise InputError(f"--draft is empty; choose {DRAFT_CHOICES_HELP}")
+    return DFlashProposer(load_drafter(draft, target), target)

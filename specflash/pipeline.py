@@ -1,0 +1,94 @@
+"""Text in, text out: a target, its tokenizer and a proposer behind one object.
+
+    pipe = Pipeline.load("smollm2-135m-instruct", draft="none")
+    for piece in pipe.stream("Write a haiku about the sea"): print(piece, end="")
+    result = pipe.generate("Write a haiku about the sea", DecodeConfig(max_new_tokens=64))
+
+`stream` yields text deltas as blocks are accepted (holding back incomplete UTF-8);
+`generate` returns a `GenerationResult` with `text` filled in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .config import DecodeConfig
+from .decode import GenerationResult, SpeculativeDecoder, Step
+from .loading import build_proposer
+from .metrics import SpecStats
+from .proposers.base import Proposer
+from .target import TargetModel
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+
+
+def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
+    """'auto' -> float32 on CPU (bf16 matmuls are emulated there), bfloat16 on GPU."""
+    if isinstance(name, torch.dtype):
+        return name
+    if name in (None, "auto"):
+        return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
+    from .errors import InputError
+
+    if name not in _DTYPES:
+        raise InputError(f"unknown dtype {name!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[name]
+
+
+@dataclass
+class TextDelta:
+    text: str
+    step: Step
+
+
+class Pipeline:
+    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
+        self.target = target
+        self.proposer = proposer
+        self.decoder = SpeculativeDecoder(target, proposer, block_size)
+
+    @classmethod
+    def load(cls, target: str, draft: str | None = "none", device: str = "cpu", dtype: str | None = "auto",
+             block_size: int | None = None, seed: int = 0) -> "Pipeline":
+        target_model = TargetModel.from_pretrained(target, dtype=parse_dtype(dtype, device), device=device)
+        proposer = build_proposer(draft, target_model, seed=seed, block_size=block_size)
+        return cls(target_model, proposer, block_size)
+
+    @property
+    def block_size(self) -> int:
+        return self.decoder.block_size
+
+    def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
+        if isinstance(prompt, list):
+            return self.target.encode_messages(prompt)
+        return self.target.encode_prompt(prompt, chat=chat)
+
+    def steps(self, prompt_ids: list[int], config: DecodeConfig, stats: SpecStats) -> Iterator[Step]:
+        return self.decoder.steps(prompt_ids, config, stats)
+
+    def stream(self, prompt: str | list[dict[str, str]], config: DecodeConfig | None = None, chat: bool = True,
+               stats: SpecStats | None = None) -> Iterator[TextDelta]:
+        """Yield text deltas step by step (one per target forward that produced text)."""
+        config = config or DecodeConfig()
+        ids = self.encode(prompt, chat)
+        stats = stats if stats is not None else SpecStats()
+        tokens: list[int] = []
+        emitted = ""
+        for step in self.decoder.steps(ids, config, stats):
+            tokens.extend(step.tokens)
+            text = self.target.decode(tokens)
+            if step.finish_reason is None and text.endswith("\ufffd"):
+                continue  # an incomplete multi-byte character: wait for the rest
+            delta, emitted = text[len(emitted):], text
+            yield TextDelta(delta, step)
+
+    def generate(self, prompt: str | list[dict[str, str]], config: DecodeConfig | None = None,
+                 chat: bool = True, keep_steps: bool = False) -> GenerationResult:
+        ids = self.encode(prompt, chat)
+        result = self.decoder.generate(ids, config or DecodeConfig(), keep_steps=keep_steps)
+        result.text = self.target.decode(result.token_ids)
+        return result

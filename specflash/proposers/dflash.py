@@ -1,0 +1,74 @@
+"""DFlash proposer: one drafter forward proposes a whole block.
+
+Block = [anchor, MASK x k] at positions p..p+k, embedded with the target's embedding
+rows (times the drafter's `input_embedding_scale`). Context features of every committed
+token are fused and appended to the drafter's context cache lazily, at the next
+propose; the block's own K/V are never cached. Block position i predicts the token at
+p + i (same position, no shift).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..drafter import DFlashDrafter
+from ..sampling import Sampler
+from ..target import TargetModel
+from .base import Proposal
+
+
+class DFlashProposer:
+    name = "dflash"
+
+    def __init__(self, drafter: DFlashDrafter, target: TargetModel):
+        self.drafter = drafter.eval()
+        self.target = target
+        self._cache = None
+        self._pending: list[torch.Tensor] = []
+
+    @property
+    def layer_ids(self) -> tuple[int, ...]:
+        return self.drafter.target_layer_ids
+
+    @property
+    def block_size(self) -> int:
+        return self.drafter.block_size
+
+    def reset(self, prompt_ids: torch.Tensor, features: torch.Tensor | None) -> None:
+        if features is None:
+            raise ValueError("the DFlash proposer needs the target's tapped features")
+        capacity = 256
+        while capacity < prompt_ids.shape[0] + 2 * self.block_size:
+            capacity *= 2
+        self._cache = self.drafter.new_cache(capacity=capacity)
+        self._pending = [features]
+
+    def commit(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
+        if features is not None and features.shape[1]:
+            self._pending.append(features)
+
+    @torch.inference_mode()
+    def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
+        drafter, target, cache = self.drafter, self.target, self._cache
+        device = target.device
+        pending = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)
+        self._pending = []
+        n_ctx = pending.shape[1]
+        if cache.length + n_ctx != position:
+            raise RuntimeError(f"drafter context out of sync: {cache.length} cached + {n_ctx} pending "
+                               f"!= anchor position {position}")
+        ids = torch.full((1, num_tokens + 1), drafter.mask_token_id, dtype=torch.long, device=device)
+        ids[0, 0] = anchor
+        embeds = target.embed_raw(ids)  # [1, k+1, H]
+        scale = drafter.config.input_embedding_scale
+        if scale != 1.0:
+            embeds = embeds * scale
+        param_dtype = drafter.fc.weight.dtype
+        positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
+        feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
+        hidden = drafter(embeds.to(param_dtype), positions, pending.to(param_dtype), feature_positions, cache)
+        logits = drafter.compute_logits(hidden[0, 1:].to(target.dtype), target.lm_head)  # [k, V]
+        if sampler.greedy:
+            return Proposal(logits.argmax(dim=-1))
+        probs = sampler.probs(logits)  # [k, V]
+        return Proposal(sampler.sample(probs), probs)

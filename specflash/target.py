@@ -1,0 +1,235 @@
+"""Adapter over a Hugging Face causal LM: the only place that knows transformers' internals.
+
+`TargetModel` exposes what speculative decoding needs and nothing more:
+- `embed(ids)` (with the family's embedding scaling, e.g. Gemma's sqrt(H)) and
+  `embed_raw(ids)` (the plain embedding rows, what DFlash drafters are fed);
+- `lm_head(hidden)` (with final logit soft-capping where the family has it);
+- `forward(ids, cache)` -> logits plus the hidden states of only the tapped layers,
+  captured with forward hooks on those decoder layers (never output_hidden_states).
+Layer id i is the output of decoder layer i, i.e. Hugging Face `hidden_states[i + 1]`.
+
+The KV cache is a transformers `DynamicCache` built without a config, so every layer
+(sliding-window ones too) keeps all positions and can be cropped back after a rejected
+block; the model's own masks still apply the sliding window.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import CheckpointError, InputError
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # [b, n_kept, V]
+    features: torch.Tensor | None  # [b, n, K*H] tapped layers concatenated in tap order
+
+
+class TargetModel:
+    """Wraps a transformers causal LM (Llama, Qwen2, Qwen3, Gemma3 and alike)."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, name: str | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
+        self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.layers = decoder.layers
+        self._embedding = model.get_input_embeddings()
+        self._head = model.get_output_embeddings()
+        self._taps: tuple[int, ...] = ()
+        self._hooks: list[Any] = []
+        self._captured: dict[int, torch.Tensor] = {}
+
+    # ---------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", **resolve_kwargs: Any) -> "TargetModel":
+        """Load a registered name (see `specflash models`), a local folder or a hub id."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .models import resolve_model
+
+        folder = resolve_model(str(name_or_path), **resolve_kwargs)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        except (OSError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"cannot load target model from {folder}: {str(exc).splitlines()[0]}") from None
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        return cls(model.to(device), tokenizer, name=str(name_or_path))
+
+    # ------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return self._embedding.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._embedding.weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.config.hidden_size)
+
+    @property
+    def vocab_rows(self) -> int:
+        """Rows of the input embedding (may exceed the tokenizer's vocabulary)."""
+        return int(self._embedding.weight.shape[0])
+
+    @property
+    def max_context(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", None) or 2048)
+
+    @property
+    def embed_scale(self) -> float:
+        scale = getattr(self._embedding, "embed_scale", None)
+        return float(scale) if scale is not None else 1.0
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        ids: list[int] = []
+        gen = getattr(self.model, "generation_config", None)
+        for source in (getattr(gen, "eos_token_id", None), getattr(self.config, "eos_token_id", None),
+                       getattr(self.tokenizer, "eos_token_id", None)):
+            if source is None:
+                continue
+            for i in (source if isinstance(source, (list, tuple)) else [source]):
+                if i is not None and int(i) not in ids:
+                    ids.append(int(i))
+        return tuple(ids)
+
+    # -------------------------------------------------------------- pieces
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[b, n] ids -> [b, n, H] embeddings exactly as the first decoder layer sees them."""
+        return self._embedding(ids)
+
+    def embed_raw(self, ids: torch.Tensor) -> torch.Tensor:
+        """[b, n] ids -> [b, n, H] plain embedding rows (no family scaling)."""
+        return F.embedding(ids, self._embedding.weight)
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[.., H] final hidden states -> [.., V] logits (with soft-capping if the family has it)."""
+        logits = self._head(hidden)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    # ------------------------------------------------------------------ taps
+    def set_taps(self, layer_ids: tuple[int, ...] | list[int] | None) -> None:
+        """Capture the outputs of these decoder layers on every forward (None: none)."""
+        layer_ids = tuple(int(i) for i in (layer_ids or ()))
+        bad = [i for i in layer_ids if not 0 <= i < self.num_layers]
+        if bad:
+            raise CheckpointError(f"target_layer_ids {bad} out of range: the target has {self.num_layers} "
+                                  f"layers (valid ids 0..{self.num_layers - 1})")
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+        self._taps = layer_ids
+        for layer_id in sorted(set(layer_ids)):
+            self._hooks.append(self.layers[layer_id].register_forward_hook(self._make_hook(layer_id)))
+
+    def _make_hook(self, layer_id: int):
+        def hook(_module, _args, output):
+            self._captured[layer_id] = output[0] if isinstance(output, (tuple, list)) else output
+        return hook
+
+    @property
+    def taps(self) -> tuple[int, ...]:
+        return self._taps
+
+    # --------------------------------------------------------------- forward
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache()
+
+    @staticmethod
+    def cache_length(cache) -> int:
+        return int(cache.get_seq_length())
+
+    @staticmethod
+    def crop_cache(cache, length: int) -> None:
+        """Drop cached positions >= length."""
+        if cache.get_seq_length() > length:
+            cache.crop(length)
+
+    @torch.inference_mode()
+    def forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0) -> TargetOutput:
+        """ids [b, n] at positions cache_length..cache_length+n-1.
+
+        Returns logits [b, n or logits_to_keep, V] and the tapped features [b, n, K*H]
+        (None when no layers are tapped)."""
+        self._captured.clear()
+        try:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
+                             logits_to_keep=logits_to_keep)
+            features = None
+            if self._taps:
+                features = torch.cat([self._captured[i] for i in self._taps], dim=-1)
+        finally:
+            self._captured.clear()
+        return TargetOutput(out.logits, features)
+
+    # ------------------------------------------------------------ tokenizer
+    def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
+        """Prompt text -> ids, through the chat template when `chat` and the tokenizer has one."""
+        if not prompt or not prompt.strip():
+            raise InputError("the prompt is empty; pass some text with --prompt")
+        if self.tokenizer is None:
+            raise InputError("this target has no tokenizer; pass token ids instead of text")
+        if chat and getattr(self.tokenizer, "chat_template", None):
+            messages = ([{"role": "system", "content": system}] if system else []) + \
+                [{"role": "user", "content": prompt}]
+            return self.encode_messages(messages)
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_messages(self, messages: list[dict[str, str]], **template_kwargs: Any) -> list[int]:
+        if not messages:
+            raise InputError("messages is empty; give at least one {'role': 'user', 'content': ...}")
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 **template_kwargs)
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return [int(i) for i in ids]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def choose_mask_token_id(tokenizer: Any, vocab_rows: int) -> int:
+    """A token id real text never uses, for a drafter's MASK embedding.
+
+    Preference: the tokenizer's own mask token; else a padded embedding row past the
+    tokenizer's vocabulary (as Qwen3's 151669); else the highest-id special token that is
+    not bos/eos/pad/unk and not used by the chat template.
+    """
+    if tokenizer is None:
+        return vocab_rows - 1
+    mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is not None and 0 <= mask_id < vocab_rows:
+        return int(mask_id)
+    if len(tokenizer) < vocab_rows:
+        return len(tokenizer)
+    reserved = {getattr(tokenizer, name, None) for name in
+                ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")}
+    template = getattr(tokenizer, "chat_template", None) or ""
+    candidates = []
+    for token_id, token in getattr(tokenizer, "added_tokens_decoder", {}).items():
+        content = getattr(token, "content", str(token))
+        if token_id in reserved or content in template or not getattr(token, "special", True):
+            continue
+        candidates.append(int(token_id))
+    if candidates:
+        return max(c for c in candidates if c < vocab_rows)
+    return vocab_rows - 1

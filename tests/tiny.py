@@ -1,0 +1,77 @@
+"""Tiny randomly initialised targets and drafters built from configs (no download)."""
+
+from __future__ import annotations
+
+import torch
+
+from specflash.config import DrafterConfig, default_target_layer_ids
+from specflash.drafter import DFlashDrafter
+from specflash.target import TargetModel
+
+FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
+
+
+def tiny_hf_model(family: str, vocab: int = 256, layers: int = 6, max_positions: int = 512, seed: int = 0,
+                  dtype: torch.dtype = torch.float64):
+    import transformers as tf
+
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    if family == "llama":
+        config = tf.LlamaConfig(**common)
+        cls = tf.LlamaForCausalLM
+    elif family == "qwen2":
+        config = tf.Qwen2Config(**common)
+        cls = tf.Qwen2ForCausalLM
+    elif family == "qwen3":
+        config = tf.Qwen3Config(head_dim=16, **common)
+        cls = tf.Qwen3ForCausalLM
+    elif family == "gemma3":
+        types = ["sliding_attention", "sliding_attention", "full_attention"] * (layers // 3) + \
+            ["sliding_attention"] * (layers % 3)
+        config = tf.Gemma3TextConfig(head_dim=16, sliding_window=8, layer_types=types, tie_word_embeddings=False,
+                                     **common)
+        cls = tf.Gemma3ForCausalLM
+    else:
+        raise ValueError(family)
+    torch.manual_seed(seed)
+    model = cls(config)
+    # The default init (std 0.02) makes tiny models repeat one token forever; a wider
+    # init gives varied greedy outputs, a stronger test of the decoding loop.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.normal_(0.0, 0.025 if (family == "gemma3" and "embed" in name) else 0.2)
+    return model.to(dtype).eval()
+
+
+def tiny_target(family: str = "llama", **kwargs) -> TargetModel:
+    return TargetModel(tiny_hf_model(family, **kwargs), name=f"tiny-{family}")
+
+
+def tiny_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 16, num_features: int = 3,
+                 seed: int = 1, layer_types: tuple[str, ...] | None = None, sliding_window: int | None = None,
+                 mask_token_id: int | None = None) -> DFlashDrafter:
+    cfg = target.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    config = DrafterConfig(
+        hidden_size=target.hidden_size, intermediate_size=96, num_hidden_layers=num_layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=head_dim, vocab_size=target.vocab_rows,
+        num_target_layers=target.num_layers,
+        target_layer_ids=tuple(default_target_layer_ids(target.num_layers, num_features)),
+        mask_token_id=target.vocab_rows - 1 if mask_token_id is None else mask_token_id, block_size=block_size,
+        layer_types=layer_types or (), sliding_window=sliding_window,
+        input_embedding_scale=target.embed_scale,
+    )
+    generator = torch.Generator().manual_seed(seed)
+    return DFlashDrafter(config).init_weights(std=0.05, generator=generator).to(target.dtype).eval()
+
+
+def hf_greedy(target: TargetModel, prompt: list[int], max_new_tokens: int, eos: list[int] | None = None) -> list[int]:
+    """Plain greedy decoding with Hugging Face generate (do_sample False)."""
+    ids = torch.tensor([prompt])
+    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, eos_token_id=eos, pad_token_id=0, top_p=None, top_k=None,
+                                temperature=None)
+    return out[0, len(prompt):].tolist()
