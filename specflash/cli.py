@@ -107,7 +107,7 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     rows = [("name", "hub id", "licence", "offline source")]
     for entry in list_models():
-        offline = entry.pypi.describe() if getattr(entry, "pypi", None) is not None else "-"
+        offline = "PyPI " + " + ".join(entry.pypi.requirements) if entry.pypi is not None else "-"
         rows.append((entry.name, entry.hub_id, entry.licence, offline))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
@@ -118,12 +118,28 @@ def _cmd_models(args: argparse.Namespace) -> int:
 COMMANDS = {"generate": _cmd_generate, "models": _cmd_models}
 
 
+def _quiet_libraries() -> None:
+    """Keep transformers' per-weight progress bars and advisory warnings off the terminal."""
+    import os
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a hard dependency
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    _quiet_libraries()
     try:
         return COMMANDS[args.command](args)
     except SpecflashError as exc:

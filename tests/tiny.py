@@ -75,3 +75,38 @@ def hf_greedy(target: TargetModel, prompt: list[int], max_new_tokens: int, eos: 
                                 do_sample=False, eos_token_id=eos, pad_token_id=0, top_p=None, top_k=None,
                                 temperature=None)
     return out[0, len(prompt):].tolist()
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def tiny_tokenizer(vocab: int = 256):
+    """A byte-level BPE tokenizer trained on a few sentences, with a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<mask>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    text = ["Write a haiku about the sea. The sea is wide and blue, waves roll in.",
+            "def add(a, b):\n    return a + b\n", "Hello, how are you today? I am fine, thanks."] * 20
+    tok.train_from_iterator(text, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>",
+                                   pad_token="<|endoftext|>", unk_token=None)
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_model_folder(path, family: str = "llama", max_positions: int = 512, dtype=torch.float32):
+    """Save a tiny random target with a tokenizer to `path` (a local target folder)."""
+    tokenizer = tiny_tokenizer()
+    model = tiny_hf_model(family, vocab=max(256, len(tokenizer)), max_positions=max_positions, dtype=dtype)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
