@@ -113,7 +113,8 @@ class DraftAttention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, n_heads, self.head_dim).transpose(1, 2)  # [b, heads, n, d]
 
-    def context_kv(self, context: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def context_kv(self, context: torch.Tensor, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fused context features [b, c, H] -> keys, values [b, kv_heads, c, d] (k_norm, RoPE)."""
         k = self.k_norm(self._heads(self.k_proj(context), self.num_kv_heads))
         v = self._heads(self.v_proj(context), self.num_kv_heads)

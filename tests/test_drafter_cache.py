@@ -20,7 +20,7 @@ def test_incremental_context_equals_full_recompute(targets):
         fresh = drafter(block, positions, features, torch.arange(40)[None])  # no cache
         cache = drafter.new_cache(capacity=8)  # forces growth
         for lo, hi in ((0, 17), (17, 18), (18, 33), (33, 40)):
-            out = drafter(target.embed_raw(torch.tensor([[1, 2]])), torch.arange(hi, hi + 2)[None],
+            drafter(target.embed_raw(torch.tensor([[1, 2]])), torch.arange(hi, hi + 2)[None],
                           features[:, lo:hi], torch.arange(lo, hi)[None], cache)
             assert cache.length == hi  # only context is cached, never the 2 block tokens
         incremental = drafter(block, positions, None, None, cache)

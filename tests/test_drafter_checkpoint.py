@@ -13,7 +13,7 @@ from specflash.errors import CheckpointError
 from specflash.loading import check_compatible, load_drafter
 from tiny import tiny_drafter
 
-H, I, HEADS, KV, HD, V, L_T = 64, 96, 4, 2, 16, 256, 6
+H, I, HEADS, KV, HD, V, L_T = 64, 96, 4, 2, 16, 256, 6  # noqa: E741
 
 
 def published_config(**overrides) -> dict:

