@@ -165,15 +165,18 @@ class TargetModel:
             cache.crop(length)
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0) -> TargetOutput:
-        """ids [b, n] at positions cache_length..cache_length+n-1.
+    def forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0,
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> TargetOutput:
+        """ids [b, n] at positions cache_length..cache_length+n-1 (or `position_ids` [b, n]).
 
+        attention_mask [b, cache_length + n] marks padding (0) in left-padded batches.
         Returns logits [b, n or logits_to_keep, V] and the tapped features [b, n, K*H]
         (None when no layers are tapped)."""
         self._captured.clear()
         try:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
-                             logits_to_keep=logits_to_keep)
+                             logits_to_keep=logits_to_keep, attention_mask=attention_mask,
+                             position_ids=position_ids)
             features = None
             if self._taps:
                 features = torch.cat([self._captured[i] for i in self._taps], dim=-1)
