@@ -55,11 +55,18 @@ class TargetModel:
 
         from .models import resolve_model
 
+        from transformers.utils import logging as hf_logging
+
         folder = resolve_model(str(name_or_path), **resolve_kwargs)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # a per-weight bar for a sub-second load is noise
         try:
             model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
         except (OSError, ValueError, KeyError) as exc:
             raise CheckpointError(f"cannot load target model from {folder}: {str(exc).splitlines()[0]}") from None
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         return cls(model.to(device), tokenizer, name=str(name_or_path))
 

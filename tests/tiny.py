@@ -12,7 +12,7 @@ FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 
 
 def tiny_hf_model(family: str, vocab: int = 256, layers: int = 6, max_positions: int = 512, seed: int = 0,
-                  dtype: torch.dtype = torch.float64):
+                  dtype: torch.dtype = torch.float64, varied: bool = True):
     import transformers as tf
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
@@ -40,7 +40,7 @@ def tiny_hf_model(family: str, vocab: int = 256, layers: int = 6, max_positions:
     # The default init (std 0.02) makes tiny models repeat one token forever; a wider
     # init gives varied greedy outputs, a stronger test of the decoding loop.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for name, param in (model.named_parameters() if varied else ()):
             if param.dim() == 2:
                 param.normal_(0.0, 0.025 if (family == "gemma3" and "embed" in name) else 0.2)
     return model.to(dtype).eval()
@@ -101,10 +101,14 @@ def tiny_tokenizer(vocab: int = 256):
     return fast
 
 
-def tiny_model_folder(path, family: str = "llama", max_positions: int = 512, dtype=torch.float32):
-    """Save a tiny random target with a tokenizer to `path` (a local target folder)."""
+def tiny_model_folder(path, family: str = "llama", max_positions: int = 512, dtype=torch.float32,
+                      varied: bool = True):
+    """Save a tiny random target with a tokenizer to `path` (a local target folder).
+    varied=False keeps the default init, whose greedy outputs fall into short loops (like
+    small real models do): a learnable target for training tests."""
     tokenizer = tiny_tokenizer()
-    model = tiny_hf_model(family, vocab=max(256, len(tokenizer)), max_positions=max_positions, dtype=dtype)
+    model = tiny_hf_model(family, vocab=max(256, len(tokenizer)), max_positions=max_positions, dtype=dtype,
+                          varied=varied)
     model.config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(path)

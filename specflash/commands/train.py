@@ -1,0 +1,163 @@
+"""`specflash train`: regenerate data with the target, train a drafter, export it.
+
+    specflash train data --prompts sharegpt,humaneval --out data/smollm2
+    specflash train fit --data data/smollm2 --out runs/smollm2-dflash
+    specflash train export --run runs/smollm2-dflash --out drafters/my-drafter
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .common import DEFAULT_TARGET
+
+
+def register(sub) -> None:
+    train = sub.add_parser("train", help="train a DFlash drafter for a target (data, fit, export)",
+                           description="Train a DFlash drafter: `data` regenerates responses with the target and "
+                                       "keeps its tapped features, `fit` trains (resumable, DDP with torchrun), "
+                                       "`export` writes the published checkpoint format plus a model card.")
+    stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
+
+    data = stages.add_parser("data", help="regenerate training responses with the target",
+                             description="Apply the target's chat template to each prompt exactly as `generate` "
+                                         "does, let the target answer (greedy by default), and write resumable "
+                                         "shards of token ids, response masks and tapped features.")
+    data.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
+    data.add_argument("--prompts", default="sharegpt",
+                      help="comma-separated prompt sets: sharegpt, humaneval (their TRAIN split only, never the "
+                           "benchmark's eval prompts), alpaca (hub), or JSONL files with 'prompt' or 'messages'")
+    data.add_argument("--out", required=True, help="output folder for the shards (re-run to resume)")
+    data.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
+    data.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default 256)")
+    data.add_argument("--max-prompt-tokens", type=int, default=768, help="skip longer prompts (default 768)")
+    data.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
+    data.add_argument("--temperature", type=float, default=0.0, help="0 = greedy responses (default)")
+    data.add_argument("--top-p", type=float, default=1.0)
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--num-features", type=int, default=5,
+                      help="target layers to tap, spread by the published rule (default 5)")
+    data.add_argument("--layer-ids", default=None, help="explicit comma-separated target layer ids to tap")
+    data.add_argument("--thinking", choices=["on", "off", "auto"], default="auto",
+                      help="thinking switch for chat templates that have one (enable_thinking); must match "
+                           "how the drafter will be used")
+    data.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    data.set_defaults(handler=run_data)
+
+    fit = stages.add_parser("fit", help="train a drafter on regenerated shards",
+                            description="Train with the DFlash block-diffusion objective. Checkpoints every "
+                                        "--save-every steps and resumes from the last one by default. Launch with "
+                                        "`torchrun --nproc-per-node N -m specflash.cli train fit ...` for DDP.")
+    fit.add_argument("--data", required=True, help="comma-separated shard folders from `train data`")
+    fit.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, drafter/")
+    fit.add_argument("--target", default=DEFAULT_TARGET)
+    fit.add_argument("--num-layers", type=int, default=1, help="draft layers (default 1; 5 for 8B targets)")
+    fit.add_argument("--block-size", type=int, default=16, help="training block size (default 16)")
+    fit.add_argument("--anchors", type=int, default=128, help="anchors sampled per sequence (default 128)")
+    fit.add_argument("--epochs", type=int, default=6)
+    fit.add_argument("--lr", type=float, default=6e-4)
+    fit.add_argument("--grad-accum", type=int, default=4, help="sequences per optimizer step per process")
+    fit.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
+    fit.add_argument("--draft-vocab", type=int, default=16384,
+                     help="loss over the N most frequent target output tokens (0 = full vocabulary); the "
+                          "exported drafter always uses the full LM head")
+    fit.add_argument("--init", choices=["random", "target"], default="random",
+                     help="random init, or copy the target's last layers into the draft layers")
+    fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    fit.add_argument("--eval-every", type=int, default=200)
+    fit.add_argument("--save-every", type=int, default=100)
+    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                     help="continue from OUT/checkpoints/last.pt if present (default)")
+    fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    fit.set_defaults(handler=run_fit)
+
+    export = stages.add_parser("export", help="export the last checkpoint of a run",
+                               description="Write RUN's last checkpoint as a drafter folder (config.json + "
+                                           "model.safetensors in bf16 + README.md model card).")
+    export.add_argument("--run", required=True, help="run folder of `train fit`")
+    export.add_argument("--out", default=None, help="drafter folder (default RUN/drafter)")
+    export.add_argument("--threads", type=int, default=None)
+    export.set_defaults(handler=run_export)
+
+
+def _threads(args) -> None:
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+
+
+def run_data(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..config import default_target_layer_ids
+    from ..target import TargetModel
+    from ..train.prompts import load_training_prompts
+    from ..train.regenerate import RegenConfig, regenerate
+
+    _threads(args)
+    target = TargetModel.from_pretrained(args.target)
+    if args.layer_ids:
+        layer_ids = tuple(int(x) for x in args.layer_ids.split(","))
+    else:
+        layer_ids = tuple(default_target_layer_ids(target.num_layers, args.num_features))
+    target.set_taps(layer_ids)  # validates the ids
+    records = load_training_prompts(args.prompts.split(","), limit=args.max_prompts)
+    template_kwargs = {} if args.thinking == "auto" else {"enable_thinking": args.thinking == "on"}
+    config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                         temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                         max_prompt_tokens=args.max_prompt_tokens, layer_ids=layer_ids,
+                         template_kwargs=template_kwargs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"target": args.target, "layer_ids": list(layer_ids), "prompts": args.prompts,
+            "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "thinking": args.thinking}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    stats = regenerate(target, records, out, config, total=len(records))
+    print(json.dumps(stats))
+    return 0
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    import json
+
+    from ..train.loop import TrainConfig, Trainer, export_run, init_distributed
+
+    _threads(args)
+    rank, _world = init_distributed()
+    config = TrainConfig(data=args.data.split(","), out=args.out, target=args.target, num_layers=args.num_layers,
+                         block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
+                         lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
+                         draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
+                         eval_every=args.eval_every, save_every=args.save_every, seed=args.seed)
+    trainer = Trainer(config)
+    trainer.fit(resume=args.resume)
+    if rank == 0:
+        folder = export_run(trainer, command="specflash " + " ".join(sys.argv[1:]))
+        print(json.dumps({"drafter": str(folder), "step": trainer.step, "total_steps": trainer.total_steps}))
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from ..errors import InputError
+    from ..train.loop import TrainConfig, Trainer, export_run
+
+    _threads(args)
+    checkpoint = Path(args.run) / "checkpoints" / "last.pt"
+    if not checkpoint.exists():
+        raise InputError(f"no checkpoint at {checkpoint}; run `specflash train fit --out {args.run}` first")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    trainer = Trainer(TrainConfig(**saved["config"]), progress=False)
+    trainer.load_checkpoint()
+    folder = export_run(trainer, args.out)
+    print(json.dumps({"drafter": str(folder), "step": trainer.step}))
+    return 0

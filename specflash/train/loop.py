@@ -1,0 +1,384 @@
+"""The drafter training loop: AdamW, cosine schedule with warm-up, gradient clipping and
+accumulation, DDP through torchrun (gloo on CPU, nccl on GPU), checkpoints that resume
+exactly (model, optimizer, step, data position; anchors are a pure function of
+(seed, epoch, example)), a progress bar, a JSONL log, a loss-curve PNG, held-out
+offline acceptance, and export in the published checkpoint format."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..drafter import DFlashDrafter
+from ..errors import InputError
+from ..loading import drafter_config_for_target
+from ..target import TargetModel
+from .objective import (
+    VocabSubset,
+    acceptance_from_hits,
+    block_training_mask,
+    build_blocks,
+    cosine_lr,
+    sample_anchors,
+    valid_anchors,
+    weighted_block_loss,
+)
+from .shards import Example, ShardDataset
+
+
+@dataclass
+class TrainConfig:
+    data: list[str]
+    out: str
+    target: str = "smollm2-135m-instruct"
+    num_layers: int = 1
+    block_size: int = 16
+    target_layer_ids: list[int] | None = None  # default: what the data folder recorded
+    anchors_per_sequence: int = 128
+    epochs: int = 6
+    lr: float = 6e-4
+    warmup_fraction: float = 0.04
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 4  # sequences per optimizer step on each process
+    max_length: int = 1024
+    draft_vocab: int = 16384  # 0: full vocabulary in the loss
+    gamma: float | None = None
+    held_out_fraction: float = 0.03
+    eval_every: int = 200
+    eval_sequences: int = 32
+    save_every: int = 100
+    log_every: int = 10
+    max_steps: int | None = None  # stop early (the schedule still spans all epochs)
+    init: str = "random"  # or "target": copy the target's last layers
+    seed: int = 0
+    exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
+    extra: dict = field(default_factory=dict)
+
+
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun (gloo on CPU)."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        if not torch.distributed.is_initialized():
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            torch.distributed.init_process_group(backend=backend)
+    return _rank_world()
+
+
+def data_layer_ids(folders: list[str]) -> list[int] | None:
+    for folder in folders:
+        meta = Path(folder) / "meta.json"
+        if meta.exists():
+            ids = json.loads(meta.read_text()).get("layer_ids")
+            if ids:
+                return [int(i) for i in ids]
+    return None
+
+
+def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
+    """Copy the target's last decoder layers (and final norm) into the drafter where the
+    shapes match; q_norm / k_norm stay at 1."""
+    state = target.model.state_dict()
+    prefix = next(k for k in state if k.endswith("layers.0.input_layernorm.weight")).rsplit("layers.0.", 1)[0]
+    n = len(drafter.layers)
+    with torch.no_grad():
+        for i, layer in enumerate(drafter.layers):
+            src = f"{prefix}layers.{target.num_layers - n + i}."
+            for name, param in layer.named_parameters():
+                key = src + name
+                if key in state and state[key].shape == param.shape:
+                    param.copy_(state[key])
+        norm_key = prefix + "norm.weight"
+        if norm_key in state and state[norm_key].shape == drafter.norm.weight.shape:
+            drafter.norm.weight.copy_(state[norm_key])
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, target: TargetModel | None = None, progress: bool = True):
+        self.config = config
+        self.rank, self.world = _rank_world()
+        self.progress = progress and self.rank == 0
+        self.out = Path(config.out)
+        self.target = target or TargetModel.from_pretrained(config.target)
+        for p in self.target.model.parameters():
+            p.requires_grad_(False)
+        self.dataset = ShardDataset(config.data, max_length=config.max_length)
+        exclude = set()
+        if config.exclude_ids_file:
+            exclude = {line.strip() for line in Path(config.exclude_ids_file).read_text().splitlines() if line.strip()}
+        self.train_idx, self.eval_idx = self.dataset.split(config.held_out_fraction, exclude)
+        if not self.train_idx:
+            raise InputError("no training sequences left after the held-out split; regenerate more data")
+        layer_ids = config.target_layer_ids or data_layer_ids(config.data)
+        drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
+                                                   block_size=config.block_size, target_layer_ids=layer_ids)
+        torch.manual_seed(config.seed)
+        self.drafter = DFlashDrafter(drafter_config).init_weights(
+            generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
+        if config.init == "target":
+            init_from_target(self.drafter, self.target)
+        self.model = self.drafter
+        if self.world > 1:
+            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter)
+        self.head = self.target._head.weight.detach()
+        self.subset = None
+        if config.draft_vocab:
+            counts = self.dataset.token_counts(self.train_idx, self.target.vocab_rows)
+            self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
+            self.subset_coverage = self.subset.coverage(counts)
+        self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=config.lr,
+                                           weight_decay=config.weight_decay)
+        per_step = config.grad_accum * self.world
+        self.steps_per_epoch = max(1, len(self.train_idx) // per_step)
+        self.total_steps = self.steps_per_epoch * config.epochs
+        self.step = 0
+        self.tokens_seen = 0
+        self.train_seconds = 0.0
+
+    # ------------------------------------------------------------ checkpoint
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoints" / "last.pt"
+
+    def save_checkpoint(self) -> None:
+        if self.rank != 0:
+            return
+        path = self.checkpoint_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {"drafter": self.drafter.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                 "config": dataclasses.asdict(self.config), "drafter_config": self.drafter.config.to_dict()}
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+
+    def load_checkpoint(self) -> bool:
+        if not self.checkpoint_path.exists():
+            return False
+        state = torch.load(self.checkpoint_path, map_location=self.target.device, weights_only=False)
+        self.drafter.load_state_dict(state["drafter"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.tokens_seen = int(state.get("tokens_seen", 0))
+        self.train_seconds = float(state.get("train_seconds", 0.0))
+        return True
+
+    # ------------------------------------------------------------ data order
+    def _order(self, epoch: int) -> list[int]:
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(self.train_idx), generator=g).tolist()
+        return [self.train_idx[i] for i in perm]
+
+    def _micro_indices(self, step: int) -> list[int]:
+        """Example indices this process trains on at optimizer step `step`."""
+        epoch, within = divmod(step, self.steps_per_epoch)
+        order = self._order(epoch)
+        per_step = self.config.grad_accum * self.world
+        chunk = order[within * per_step:(within + 1) * per_step]
+        return chunk[self.rank::self.world]
+
+    def _anchor_generator(self, step: int, index: int) -> torch.Generator:
+        epoch = step // self.steps_per_epoch
+        return torch.Generator().manual_seed((self.config.seed * 7919 + epoch) * 1_000_003 + index)
+
+    # --------------------------------------------------------------- compute
+    def _features(self, example: Example) -> torch.Tensor:
+        if example.features is not None:
+            return example.features.to(self.target.device, torch.float32)
+        self.target.set_taps(self.drafter.target_layer_ids)
+        with torch.no_grad():
+            return self.target.forward(example.input_ids[None, :-1].to(self.target.device)).features[0].float()
+
+    def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None):
+        cfg = self.drafter.config
+        blocks = build_blocks(example.input_ids, example.loss_mask, anchors, cfg.block_size, cfg.mask_token_id,
+                              self.config.gamma)
+        features = self._features(example)  # [S-1, F]
+        device = self.target.device
+        embeds = self.target.embed_raw(blocks.ids[None].to(device)).float()
+        if cfg.input_embedding_scale != 1.0:
+            embeds = embeds * cfg.input_embedding_scale
+        mask = block_training_mask(anchors, features.shape[0], cfg.block_size)[None, None].to(device)
+        hidden = (model or self.model)(embeds, blocks.positions[None].to(device), features[None],
+                                       torch.arange(features.shape[0], device=device)[None], None, mask)
+        return hidden[0], blocks
+
+    def train_step(self) -> dict:
+        self.model.train()
+        lr = cosine_lr(self.step, self.total_steps, self.config.lr, self.config.warmup_fraction)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.zero_grad(set_to_none=True)
+        indices = self._micro_indices(self.step)
+        total_loss, tokens = 0.0, 0
+        correct = torch.zeros(self.config.block_size)
+        count = torch.zeros(self.config.block_size)
+        for index in indices:
+            example = self.dataset[index]
+            anchors = sample_anchors(example.loss_mask, self.config.block_size, self.config.anchors_per_sequence,
+                                     self._anchor_generator(self.step, index))
+            if anchors.numel() == 0:
+                continue
+            hidden, blocks = self._draft_hidden(example, anchors)
+            loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset)
+            (loss / len(indices)).backward()
+            total_loss += loss.item() / len(indices)
+            tokens += example.input_ids.numel()
+            correct += stats["correct"]
+            count += stats["count"]
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        self.tokens_seen += tokens * self.world
+        acc = (correct / count.clamp_min(1))[1:]
+        return {"step": self.step, "loss": total_loss, "lr": lr, "grad_norm": float(grad_norm),
+                "tokens": tokens, "acc_first": float(acc[0]) if acc.numel() else 0.0,
+                "acc_mean": float(acc.mean()) if acc.numel() else 0.0}
+
+    @torch.no_grad()
+    def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64) -> dict:
+        """Offline acceptance on held-out sequences: teacher-forced blocks against the
+        target's own continuation, argmax over the FULL vocabulary as at decode time."""
+        self.drafter.eval()
+        indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
+        lengths, hits_all = [], []
+        for index in indices:
+            example = self.dataset[index]
+            anchors = valid_anchors(example.loss_mask, self.config.block_size)
+            if anchors.numel() == 0:
+                continue
+            stride = max(1, math.ceil(anchors.numel() / max_blocks_per_sequence))
+            anchors = anchors[::stride]
+            hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter)
+            b = self.config.block_size
+            logits = self.drafter.compute_logits(hidden, self.target.lm_head)  # [Q, V]
+            pred = logits.argmax(-1).view(-1, b)[:, 1:].cpu()
+            truth = blocks.labels.view(-1, b)[:, 1:]
+            # Only blocks whose positions are all response tokens are scored.
+            full = (truth >= 0).all(dim=1)
+            hits = (pred == truth)[full]
+            if hits.numel():
+                lengths.append(acceptance_from_hits(hits).float())
+                hits_all.append(hits.float().cumprod(dim=1))
+        if not lengths:
+            return {"tau_estimate": None, "blocks": 0}
+        lengths_t = torch.cat(lengths)
+        reach = torch.cat(hits_all).mean(dim=0)  # P(first k drafts all right)
+        self.drafter.train()
+        return {"tau_estimate": float(lengths_t.mean()), "blocks": int(lengths_t.numel()),
+                "accept_through_position": [round(float(x), 4) for x in reach]}
+
+    # ------------------------------------------------------------------ run
+    def fit(self, resume: bool = True) -> dict:
+        from tqdm.auto import tqdm
+
+        if resume and self.load_checkpoint() and self.rank == 0:
+            print(f"resumed from {self.checkpoint_path} at step {self.step}", flush=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        log_path = self.out / "log.jsonl"
+        last = self.total_steps if self.config.max_steps is None else min(self.total_steps, self.config.max_steps)
+        bar = tqdm(total=last, initial=self.step, desc="training", unit="step", disable=not self.progress,
+                   dynamic_ncols=True)
+        window_tokens, window_start = 0, time.perf_counter()
+        record: dict = {}
+        while self.step < last:
+            t0 = time.perf_counter()
+            record = self.train_step()
+            self.train_seconds += time.perf_counter() - t0
+            window_tokens += record["tokens"] * self.world
+            if self.step % self.config.log_every == 0 or self.step == last:
+                rate = window_tokens / max(1e-9, time.perf_counter() - window_start)
+                record.update(tokens_per_s=rate, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds)
+                window_tokens, window_start = 0, time.perf_counter()
+                if self.config.eval_every and (self.step % self.config.eval_every == 0 or self.step == last):
+                    record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                if self.rank == 0:
+                    with log_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc_first']:.2f}",
+                                tok_s=f"{rate:.0f}")
+            if self.step % self.config.save_every == 0 or self.step == last:
+                self.save_checkpoint()
+            bar.update(1)
+        bar.close()
+        if self.rank == 0:
+            plot_loss_curve(log_path, self.out / "loss.png")
+        return record
+
+
+def plot_loss_curve(log_path: Path, png: Path) -> bool:
+    """Loss and held-out tau estimate against step (needs matplotlib; skipped without)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()] if log_path.exists() else []
+    if not rows:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("weighted CE")
+    evals = [r for r in rows if r.get("eval_tau_estimate") is not None]
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([r["step"] for r in evals], [r["eval_tau_estimate"] for r in evals], "o-", color="tab:orange",
+                 label="held-out tau estimate")
+        ax2.set_ylabel("tau estimate")
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def data_summary(trainer: "Trainer") -> dict:
+    ds = trainer.dataset
+    sources = sorted({ds.rows[i].source for i in trainer.train_idx})
+    from_target = sum(max(0, len(ds.rows[i].input_ids) - ds.rows[i].num_prompt_tokens)
+                      for i in trainer.train_idx if ds.rows[i].response_from == "target")
+    total = ds.num_response_tokens(trainer.train_idx)
+    return {"sources": sources, "sequences": len(trainer.train_idx), "held_out": len(trainer.eval_idx),
+            "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None}
+
+
+def export_run(trainer: "Trainer", folder: str | Path | None = None, command: str | None = None) -> Path:
+    """Write the drafter in the published format plus its model card (rank 0 only)."""
+    from .export import export_drafter, machine_summary
+
+    folder = Path(folder) if folder else trainer.out / "drafter"
+    evaluation = trainer.evaluate()
+    cfg = trainer.config
+    info = {
+        "target": cfg.target,
+        "command": command or "specflash train fit ...",
+        "data": data_summary(trainer),
+        "hyperparameters": {k: getattr(cfg, k) for k in (
+            "num_layers", "block_size", "anchors_per_sequence", "epochs", "lr", "warmup_fraction", "weight_decay",
+            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "init", "seed")} | {
+            "world_size": trainer.world, "target_layer_ids": list(trainer.drafter.target_layer_ids)},
+        "steps": trainer.step,
+        "total_steps": trainer.total_steps,
+        "tokens_seen": trainer.tokens_seen,
+        "train_hours": round(trainer.train_seconds / 3600, 3),
+        "machine": machine_summary(),
+        "tau_estimate": evaluation.get("tau_estimate"),
+        "accept_through_position": evaluation.get("accept_through_position"),
+    }
+    return export_drafter(trainer.drafter, folder, info)

@@ -1,0 +1,163 @@
+"""The block-diffusion training objective of DFlash, as pure tensor functions.
+
+For one sequence x_0..x_{S-1} with response mask m and tapped target features f_j:
+- anchors p: positions with m[p] and m[p+1] set and p <= S - B, sampled anew each epoch;
+- block of anchor p: tokens [x_p, MASK x (B-1)] at positions p..p+B-1;
+- attention: a block sees context feature j only if j < p (strictly before its anchor),
+  sees its own block bidirectionally, and never another block;
+- loss: block position k (1..B-1) predicts x_{p+k} (same position, no shift), position 0
+  and non-response tokens excluded, weighted by w_k = exp(-(k-1)/gamma);
+  loss = sum(w * CE) / sum(w).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+GAMMA_BY_BLOCK = {16: 7.0, 10: 5.0, 8: 4.0}
+
+
+def default_gamma(block_size: int) -> float:
+    """The published decay: 7 for B=16, 5 for B=10, 4 for B=8; in between, B * 7 / 16."""
+    return GAMMA_BY_BLOCK.get(block_size, max(1.0, block_size * 7.0 / 16.0))
+
+
+def position_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
+    """[B] weights by block position: 0 at position 0, exp(-(k-1)/gamma) at k >= 1."""
+    gamma = default_gamma(block_size) if gamma is None else gamma
+    k = torch.arange(block_size, dtype=torch.float32)
+    w = torch.exp(-(k - 1).clamp_min(0) / gamma)
+    w[0] = 0.0
+    return w
+
+
+def valid_anchors(loss_mask: torch.Tensor, block_size: int) -> torch.Tensor:
+    """loss_mask [S] bool -> [n] positions p with mask[p] & mask[p+1] and p <= S - B."""
+    s = loss_mask.shape[0]
+    if s < block_size or s < 2:
+        return torch.empty(0, dtype=torch.long)
+    ok = loss_mask[:-1] & loss_mask[1:]  # [S-1]: p and p+1 both response tokens
+    ok = ok[: s - block_size + 1]
+    return ok.nonzero().flatten()
+
+
+def sample_anchors(loss_mask: torch.Tensor, block_size: int, max_anchors: int,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """Up to max_anchors distinct valid anchors, drawn uniformly, sorted."""
+    candidates = valid_anchors(loss_mask, block_size)
+    if candidates.numel() > max_anchors:
+        pick = torch.randperm(candidates.numel(), generator=generator)[:max_anchors]
+        candidates = candidates[pick]
+    return candidates.sort().values
+
+
+@dataclass
+class Blocks:
+    """Training blocks of one sequence (A anchors, block size B; Q = A * B queries)."""
+
+    ids: torch.Tensor  # [Q] block tokens: anchor then MASK ids
+    positions: torch.Tensor  # [Q] absolute positions p..p+B-1 per block
+    labels: torch.Tensor  # [Q] x_{p+k}; -100 where not supervised
+    weights: torch.Tensor  # [Q] w_k * m[p+k]; 0 where not supervised
+    anchors: torch.Tensor  # [A]
+    block_size: int
+
+
+def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int,
+                 mask_token_id: int, gamma: float | None = None) -> Blocks:
+    """input_ids, loss_mask [S]; anchors [A] -> Blocks with Q = A * B entries."""
+    offsets = torch.arange(block_size)
+    positions = (anchors[:, None] + offsets[None, :]).flatten()  # [Q]
+    targets = input_ids[positions]
+    ids = torch.full_like(targets, mask_token_id).view(-1, block_size)
+    ids[:, 0] = input_ids[anchors]
+    supervised = loss_mask[positions].view(-1, block_size).clone()
+    supervised[:, 0] = False
+    weights = position_weights(block_size, gamma)[None, :] * supervised
+    labels = torch.where(supervised.flatten(), targets, torch.full_like(targets, -100))
+    return Blocks(ids.flatten(), positions, labels, weights.flatten(), anchors, block_size)
+
+
+def block_training_mask(anchors: torch.Tensor, context_len: int, block_size: int) -> torch.Tensor:
+    """[Q, context_len + Q] bool: block a sees context j < p_a and its own block only."""
+    a = anchors.shape[0]
+    q = a * block_size
+    block_of_query = torch.arange(q) // block_size  # [Q]
+    ctx = torch.arange(context_len)[None, :] < anchors[block_of_query][:, None]  # [Q, C]
+    own = block_of_query[:, None] == block_of_query[None, :]  # [Q, Q]
+    return torch.cat([ctx, own], dim=1)
+
+
+class VocabSubset:
+    """A reduced training vocabulary: the `ids` most frequent target output tokens.
+
+    The loss is computed over these rows of the LM head only (labels outside are not
+    supervised); inference still uses the full LM head, so the exported checkpoint keeps
+    the published format."""
+
+    def __init__(self, ids: torch.Tensor, vocab_size: int):
+        self.ids = ids.long().sort().values  # [N]
+        self.to_subset = torch.full((vocab_size,), -100, dtype=torch.long)
+        self.to_subset[self.ids] = torch.arange(self.ids.numel())
+
+    @classmethod
+    def most_frequent(cls, token_counts: torch.Tensor, size: int) -> "VocabSubset":
+        size = min(size, token_counts.numel())
+        return cls(torch.topk(token_counts, size).indices, token_counts.numel())
+
+    def coverage(self, token_counts: torch.Tensor) -> float:
+        total = token_counts.sum().item()
+        return token_counts[self.ids].sum().item() / total if total else 0.0
+
+
+def weighted_block_loss(hidden: torch.Tensor, head_weight: torch.Tensor, blocks: Blocks,
+                        subset: VocabSubset | None = None, chunk: int = 1024) -> tuple[torch.Tensor, dict]:
+    """Decayed cross-entropy of the drafter's block outputs.
+
+    hidden [Q, H] (after the drafter's final norm); head_weight [V, H] the target's frozen
+    LM head. Returns (loss, stats) with stats: weight sum, per-position correct counts
+    (argmax over the loss vocabulary) and supervised counts."""
+    labels = blocks.labels
+    weights = blocks.weights
+    if subset is not None:
+        labels = torch.where(labels >= 0, subset.to_subset.to(labels.device)[labels.clamp_min(0)], labels)
+        weights = weights * (labels >= 0)
+        head_weight = head_weight[subset.ids.to(head_weight.device)]
+    rows = (weights > 0).nonzero().flatten()
+    zero = hidden.sum() * 0.0
+    if rows.numel() == 0:
+        return zero, {"weight": 0.0, "correct": torch.zeros(blocks.block_size), "count": torch.zeros(blocks.block_size)}
+    total = zero
+    correct = torch.zeros(blocks.block_size)
+    count = torch.zeros(blocks.block_size)
+    wsum = weights[rows].sum()
+    for start in range(0, rows.numel(), chunk):
+        r = rows[start:start + chunk]
+        logits = hidden[r] @ head_weight.T  # [n, V']
+        ce = F.cross_entropy(logits.float(), labels[r], reduction="none")
+        total = total + (ce * weights[r]).sum()
+        with torch.no_grad():
+            pos = r % blocks.block_size
+            hit = (logits.argmax(-1) == labels[r]).float()
+            correct.index_add_(0, pos.cpu(), hit.cpu())
+            count.index_add_(0, pos.cpu(), torch.ones_like(hit).cpu())
+    return total / wsum, {"weight": float(wsum), "correct": correct, "count": count}
+
+
+def acceptance_from_hits(hits: torch.Tensor) -> torch.Tensor:
+    """hits [A, B-1] bool (draft k matches the target's token) -> [A] acceptance lengths
+    (1 + leading matches), the figure tau averages at decode time."""
+    return 1 + hits.long().cumprod(dim=1).sum(dim=1)
+
+
+def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_frac: float = 0.04, min_ratio: float = 0.0) -> float:
+    """Linear warm-up then cosine decay to min_ratio * base_lr."""
+    warmup = max(1, int(total_steps * warmup_frac))
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    return base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))

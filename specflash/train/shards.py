@@ -1,0 +1,109 @@
+"""Reading regenerated shards back as training examples.
+
+An example is one sequence: prompt + response token ids, a mask of response tokens
+(the only supervised ones), and the tapped target features of every token but the last
+(from the shard's features file, or computed by a teacher-forced target forward when
+the shard has none)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import InputError
+
+
+@dataclass
+class Example:
+    id: str
+    source: str
+    input_ids: torch.Tensor  # [S] long
+    loss_mask: torch.Tensor  # [S] bool, True on response tokens
+    features: torch.Tensor | None  # [S - 1, K*H] float, or None when not stored
+    response_from: str = "target"
+
+
+@dataclass(frozen=True)
+class _Row:
+    shard: Path
+    row: int
+    id: str
+    source: str
+    input_ids: tuple[int, ...]
+    num_prompt_tokens: int
+    response_from: str
+
+
+class ShardDataset:
+    """All rows of the `shard-*.jsonl` files in one or more folders."""
+
+    def __init__(self, folders: list[str | Path], max_length: int | None = None):
+        self.rows: list[_Row] = []
+        for folder in folders:
+            folder = Path(folder)
+            shards = sorted(folder.glob("shard-*.jsonl"))
+            if not shards:
+                raise InputError(f"no shard-*.jsonl files in {folder}; run `specflash train data` first")
+            for shard in shards:
+                with shard.open() as f:
+                    for i, line in enumerate(f):
+                        if not line.strip():
+                            continue
+                        d = json.loads(line)
+                        ids = tuple(d["input_ids"][:max_length] if max_length else d["input_ids"])
+                        self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids,
+                                              int(d["num_prompt_tokens"]), d.get("response_from", "target")))
+        self._open: dict[Path, object] = {}
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def ids(self) -> list[str]:
+        return [r.id for r in self.rows]
+
+    def split(self, held_out_fraction: float, exclude_ids: set[str] | None = None) -> tuple[list[int], list[int]]:
+        """Deterministic split by a hash of each id: (train indices, held-out indices).
+        Rows whose id is in `exclude_ids` (e.g. benchmark prompts) are in neither."""
+        train, held = [], []
+        for i, row in enumerate(self.rows):
+            if exclude_ids and row.id in exclude_ids:
+                continue
+            bucket = int(hashlib.sha256(row.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            (held if bucket < held_out_fraction else train).append(i)
+        return train, held
+
+    def token_counts(self, indices: list[int], vocab_size: int) -> torch.Tensor:
+        """[V] counts of response tokens over the given rows."""
+        counts = torch.zeros(vocab_size, dtype=torch.float64)
+        for i in indices:
+            row = self.rows[i]
+            response = torch.tensor(row.input_ids[row.num_prompt_tokens:], dtype=torch.long)
+            counts.index_add_(0, response, torch.ones(response.numel(), dtype=torch.float64))
+        return counts
+
+    def num_response_tokens(self, indices: list[int]) -> int:
+        return sum(max(0, len(self.rows[i].input_ids) - self.rows[i].num_prompt_tokens) for i in indices)
+
+    def _features(self, row: _Row) -> torch.Tensor | None:
+        path = row.shard.with_name(row.shard.stem + ".features.safetensors")
+        if not path.exists():
+            return None
+        from safetensors import safe_open
+
+        handle = self._open.get(path)
+        if handle is None:
+            handle = safe_open(str(path), "pt")
+            self._open[path] = handle
+        features = handle.get_tensor(str(row.row))
+        return features[: len(row.input_ids) - 1]
+
+    def __getitem__(self, index: int) -> Example:
+        row = self.rows[index]
+        ids = torch.tensor(row.input_ids, dtype=torch.long)
+        mask = torch.zeros(ids.numel(), dtype=torch.bool)
+        mask[row.num_prompt_tokens:] = True
+        return Example(row.id, row.source, ids, mask, self._features(row), row.response_from)

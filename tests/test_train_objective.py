@@ -1,0 +1,120 @@
+"""The block-diffusion objective: anchors, block layout, same-position labels, decayed
+weights, the block attention mask, and agreement with the decoding-time forward."""
+
+import math
+
+import torch
+
+from specflash.train.objective import (
+    VocabSubset,
+    acceptance_from_hits,
+    block_training_mask,
+    build_blocks,
+    cosine_lr,
+    default_gamma,
+    position_weights,
+    valid_anchors,
+    weighted_block_loss,
+)
+from tiny import tiny_drafter
+
+
+def test_block_mask_hand_checked():
+    # Two blocks of 3 at anchors 2 and 4, six context positions.
+    mask = block_training_mask(torch.tensor([2, 4]), context_len=6, block_size=3).int()
+    expected = torch.tensor([
+        # ctx 0..5          | block a | block b
+        [1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1],
+        [1, 1, 1, 1, 0, 0, 0, 0, 0, 1, 1, 1],
+    ])
+    assert torch.equal(mask, expected)
+
+
+def test_labels_are_the_tokens_at_the_same_position():
+    ids = torch.arange(100, 120)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[5:] = True
+    blocks = build_blocks(ids, mask, torch.tensor([6, 10]), block_size=4, mask_token_id=1)
+    assert blocks.ids.tolist() == [106, 1, 1, 1, 110, 1, 1, 1]
+    assert blocks.positions.tolist() == [6, 7, 8, 9, 10, 11, 12, 13]
+    assert blocks.labels.tolist() == [-100, 107, 108, 109, -100, 111, 112, 113]
+
+
+def test_non_response_tokens_are_not_supervised():
+    ids = torch.arange(20)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[4:9] = True  # a response followed by padding-like unsupervised tokens
+    blocks = build_blocks(ids, mask, torch.tensor([6]), block_size=5, mask_token_id=0)
+    assert blocks.labels.tolist() == [-100, 7, 8, -100, -100]
+    assert (blocks.weights[3:] == 0).all() and (blocks.weights[1:3] > 0).all()
+
+
+def test_weights_decay_from_the_first_draft_position():
+    w = position_weights(16)
+    assert w[0] == 0 and w[1] == 1
+    assert math.isclose(float(w[8]), math.exp(-7 / 7), rel_tol=1e-6)
+    assert (default_gamma(16), default_gamma(10), default_gamma(8)) == (7.0, 5.0, 4.0)
+
+
+def test_anchors_need_p_and_p_plus_one_in_the_response_and_a_full_block():
+    mask = torch.tensor([0, 0, 1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    assert valid_anchors(mask, block_size=3).tolist() == [2, 3, 4, 5]  # p <= 10 - 3, p=6 fails m[7]
+    assert valid_anchors(mask, block_size=11).numel() == 0
+
+
+def test_acceptance_lengths_count_leading_hits():
+    hits = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
+    assert acceptance_from_hits(hits).tolist() == [3, 1, 5]
+
+
+def test_vocab_subset_maps_labels_and_drops_the_rest():
+    counts = torch.tensor([5.0, 0.0, 9.0, 1.0])
+    subset = VocabSubset.most_frequent(counts, 2)
+    assert subset.ids.tolist() == [0, 2] and subset.to_subset.tolist() == [0, -100, 1, -100]
+    assert math.isclose(subset.coverage(counts), 14 / 15)
+
+
+def test_cosine_schedule_warms_up_then_decays():
+    lrs = [cosine_lr(s, 100, 1.0, warmup_frac=0.1) for s in range(100)]
+    assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+
+
+def test_training_forward_equals_decoding_forward(targets):
+    """The masked all-blocks-at-once training forward gives each block exactly what the
+    decoding-time forward (context cache + one block) gives it."""
+    target = targets("qwen3")
+    drafter = tiny_drafter(target, block_size=4)
+    target.set_taps(drafter.target_layer_ids)
+    ids = torch.randint(0, 250, (30,), generator=torch.Generator().manual_seed(3))
+    features = target.forward(ids[None, :-1]).features  # [1, 29, F]
+    mask = torch.ones(30, dtype=torch.bool)
+    anchors = torch.tensor([3, 11, 20, 26])
+    blocks = build_blocks(ids, mask, anchors, 4, drafter.mask_token_id)
+    with torch.no_grad():
+        train_hidden = drafter(target.embed_raw(blocks.ids[None]), blocks.positions[None], features,
+                               torch.arange(29)[None], None,
+                               block_training_mask(anchors, 29, 4)[None, None])[0]
+        for a, p in enumerate(anchors.tolist()):
+            cache = drafter.new_cache()
+            block = blocks.ids[a * 4:(a + 1) * 4]
+            decode_hidden = drafter(target.embed_raw(block[None]), torch.arange(p, p + 4)[None],
+                                    features[:, :p], torch.arange(p)[None], cache)[0]
+            assert torch.allclose(train_hidden[a * 4:(a + 1) * 4], decode_hidden, atol=1e-10)
+
+
+def test_loss_is_weighted_mean_of_cross_entropy():
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 5, dtype=torch.float64)
+    head = torch.randn(7, 5, dtype=torch.float64)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2])
+    blocks = build_blocks(ids, torch.ones(10, dtype=torch.bool), torch.tensor([0, 4]), 4, 6)
+    loss, stats = weighted_block_loss(hidden, head, blocks)
+    ce = torch.nn.functional.cross_entropy(hidden @ head.T, blocks.labels.clamp_min(0), reduction="none")
+    expected = (ce * blocks.weights).sum() / blocks.weights.sum()
+    assert torch.allclose(loss, expected)
+    assert stats["count"].tolist() == [0, 2, 2, 2]
