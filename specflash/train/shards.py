@@ -72,7 +72,8 @@ class ShardDataset:
         for i, row in enumerate(self.rows):
             if exclude_ids and row.id in exclude_ids:
                 continue
-            bucket = int(hashlib.sha256(row.id.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            # Salted: data is often processed in sha256(id) order, which must not decide the split.
+            bucket = int(hashlib.sha256(f"held-out:{row.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             (held if bucket < held_out_fraction else train).append(i)
         return train, held
 
