@@ -68,3 +68,18 @@ def test_regenerated_responses_are_the_targets_greedy_output(target, tmp_path):
             assert torch.allclose(example.features.double(), teacher, atol=2e-2, rtol=1e-2)
     finally:
         target.model.float()
+
+
+def test_held_out_split_is_independent_of_processing_order(tmp_path):
+    """Data is regenerated in sha256(id) order; the held-out split must not follow it."""
+    import hashlib
+
+    from specflash.train.regenerate import write_shard
+
+    ids = sorted((f"sharegpt:{i}" for i in range(400)), key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    rows = [{"id": i, "source": "x", "input_ids": [1, 2, 3], "num_prompt_tokens": 1} for i in ids]
+    write_shard(tmp_path, 0, rows)
+    train, held = ShardDataset([tmp_path]).split(0.1)
+    assert 20 <= len(held) <= 60 and len(train) + len(held) == 400
+    first_tenth = set(range(40))
+    assert len(first_tenth & set(held)) < 20  # the first processed rows are mostly training rows
