@@ -85,8 +85,15 @@ def load_drafter(path: str | Path, target: TargetModel) -> DFlashDrafter:
     return drafter
 
 
-DRAFT_CHOICES_HELP = ("none (plain decoding), random (a random drafter: a testing aid), ngram "
-                      "(prompt lookup), or a drafter folder / hub id")
+DRAFT_CHOICES_HELP = ("default (the drafter shipped for the target), none (plain decoding), random (a random "
+                      "drafter: a testing aid), ngram (prompt lookup), or a drafter folder / hub id")
+
+
+def default_draft(target_name: str) -> str:
+    """What an omitted --draft means: the shipped drafter when the target has one, else none."""
+    from .drafters import shipped_drafter
+
+    return "default" if shipped_drafter(target_name) is not None else "none"
 
 
 def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
@@ -99,6 +106,14 @@ def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
         return DFlashProposer(random_drafter(target, seed=seed, block_size=max(block_size or 16, 2)), target)
     if key == "ngram":
         return NgramProposer()
+    if key == "default":
+        from .drafters import shipped_drafter
+
+        folder = shipped_drafter(target.name)
+        if folder is None:
+            raise InputError(f"no drafter is shipped for target {target.name!r}; pass --draft none, random, ngram "
+                             "or a drafter folder (train one with `specflash train`)")
+        return DFlashProposer(load_drafter(folder, target), target)
     if not draft.strip():
         raise InputError(f"--draft is empty; choose {DRAFT_CHOICES_HELP}")
     return DFlashProposer(load_drafter(draft, target), target)

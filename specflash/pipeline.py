@@ -52,8 +52,13 @@ class Pipeline:
         self.decoder = SpeculativeDecoder(target, proposer, block_size)
 
     @classmethod
-    def load(cls, target: str, draft: str | None = "none", device: str = "cpu", dtype: str | None = "auto",
+    def load(cls, target: str, draft: str | None = None, device: str = "cpu", dtype: str | None = "auto",
              block_size: int | None = None, seed: int = 0) -> "Pipeline":
+        """draft None: the drafter shipped for `target` if there is one, else plain decoding."""
+        if draft is None:
+            from .loading import default_draft
+
+            draft = default_draft(target)
         target_model = TargetModel.from_pretrained(target, dtype=parse_dtype(dtype, device), device=device)
         proposer = build_proposer(draft, target_model, seed=seed, block_size=block_size)
         return cls(target_model, proposer, block_size)

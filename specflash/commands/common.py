@@ -20,8 +20,9 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"registered name (see `specflash models`), local folder or hub id (default {DEFAULT_TARGET})")
-    g.add_argument("--draft", default="none",
-                   help="none (plain decoding, default), random (randomly initialised drafter: a testing aid), "
+    g.add_argument("--draft", default=None,
+                   help="default (the drafter shipped for the target; the default when one exists), none (plain "
+                        "decoding; the default otherwise), random (randomly initialised drafter: a testing aid), "
                         "ngram (prompt lookup), or a DFlash drafter folder / hub id")
     g.add_argument("--block-size", type=int, default=None,
                    help="tokens verified per step (anchor + drafts); default: the drafter's block_size "
@@ -29,3 +30,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+
+
+def resolve_draft_flag(args: argparse.Namespace) -> str:
+    """Fill in an omitted --draft: the shipped drafter for the target, else none."""
+    if args.draft is None:
+        from ..loading import default_draft
+
+        args.draft = default_draft(args.target)
+    return args.draft

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from .common import add_model_flags, add_sampling_flags
+from .common import add_model_flags, add_sampling_flags, resolve_draft_flag
 
 
 def register(sub) -> None:
@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..pipeline import Pipeline
 
+    resolve_draft_flag(args)
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass some text with --prompt")
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
