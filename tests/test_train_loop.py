@@ -26,7 +26,7 @@ def config(setup, out, **changes):
     root, folder, _, data = setup
     base = dict(data=[str(data)], out=str(root / out), target=str(folder), num_layers=1, block_size=8,
                 anchors_per_sequence=32, epochs=50, lr=3e-3, grad_accum=2, draft_vocab=0, held_out_fraction=0.2,
-                eval_every=0, save_every=10_000, eval_sequences=32)
+                eval_every=0, save_every=10_000, eval_sequences=32, precision="fp32")
     base.update(changes)
     return TrainConfig(**base)
 
@@ -65,7 +65,7 @@ def test_ddp_two_processes_equal_one_process_with_the_combined_batch(setup):
     root, folder, _, data = setup
     common = ["train", "fit", "--data", str(data), "--target", str(folder), "--num-layers", "1", "--block-size",
               "8", "--anchors", "16", "--draft-vocab", "0", "--max-steps", "2", "--eval-every", "0", "--lr", "1e-3",
-              "--threads", "1"]
+              "--threads", "1", "--precision", "fp32"]
     assert main(common + ["--out", str(root / "single"), "--grad-accum", "2"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",

@@ -58,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
     init: str = "random"  # or "target": copy the target's last layers
+    precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
     extra: dict = field(default_factory=dict)
@@ -76,6 +77,26 @@ def init_distributed() -> tuple[int, int]:
             backend = "nccl" if torch.cuda.is_available() else "gloo"
             torch.distributed.init_process_group(backend=backend)
     return _rank_world()
+
+
+def cpu_has_bf16_units() -> bool:
+    """True on CPUs with native bf16 matrix instructions (AMX or AVX512-BF16); elsewhere bf16
+    matmuls are emulated and much slower than fp32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    if precision != "auto":
+        raise InputError(f"unknown precision {precision!r}; choose auto, fp32 or bf16")
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_bf16_units())
 
 
 def data_layer_ids(folders: list[str]) -> list[int] | None:
@@ -147,6 +168,10 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         self.train_seconds = 0.0
+        self.bf16 = use_bf16(config.precision, self.target.device)
+
+    def _autocast(self):
+        return torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
     # ------------------------------------------------------------ checkpoint
     @property
@@ -232,8 +257,9 @@ class Trainer:
                                      self._anchor_generator(self.step, index))
             if anchors.numel() == 0:
                 continue
-            hidden, blocks = self._draft_hidden(example, anchors)
-            loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset)
+            with self._autocast():
+                hidden, blocks = self._draft_hidden(example, anchors)
+                loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset)
             (loss / len(indices)).backward()
             total_loss += loss.item() / len(indices)
             tokens += example.input_ids.numel()
@@ -262,9 +288,10 @@ class Trainer:
                 continue
             stride = max(1, math.ceil(anchors.numel() / max_blocks_per_sequence))
             anchors = anchors[::stride]
-            hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter)
+            with self._autocast():
+                hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter)
+                logits = self.drafter.compute_logits(hidden, self.target.lm_head)  # [Q, V]
             b = self.config.block_size
-            logits = self.drafter.compute_logits(hidden, self.target.lm_head)  # [Q, V]
             pred = logits.argmax(-1).view(-1, b)[:, 1:].cpu()
             truth = blocks.labels.view(-1, b)[:, 1:]
             # Only blocks whose positions are all response tokens are scored.
@@ -371,7 +398,7 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "data": data_summary(trainer),
         "hyperparameters": {k: getattr(cfg, k) for k in (
             "num_layers", "block_size", "anchors_per_sequence", "epochs", "lr", "warmup_fraction", "weight_decay",
-            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "init", "seed")} | {
+            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "init", "precision", "seed")} | {
             "world_size": trainer.world, "target_layer_ids": list(trainer.drafter.target_layer_ids)},
         "steps": trainer.step,
         "total_steps": trainer.total_steps,
