@@ -7,7 +7,9 @@
   that proposed a token there and accepted[i] the steps that accepted it;
 - time to first token (TTFT) = prefill plus choosing the first token;
 - time per output token (TPOT) = decode-phase wall time (after the first token) divided
-  by the tokens produced in that phase; tokens_per_s = 1 / TPOT (decode phase).
+  by the tokens produced in that phase; tokens_per_s = 1 / TPOT (decode phase). The first
+  step delivers one token in our loop; a runtime that verifies drafts in its first
+  forward (e.g. Hugging Face prompt lookup) may deliver several: `first_step_tokens`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ class SpecStats:
     num_new_tokens: int = 0
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
+    first_step_tokens: int = 1  # tokens delivered by the first step (counted in TTFT, not TPOT)
 
     def record_step(self, num_drafted: int, num_accepted: int) -> None:
         self.acceptance_lengths.append(num_accepted + 1)
@@ -52,7 +55,7 @@ class SpecStats:
 
     @property
     def tpot_s(self) -> float | None:
-        decode_tokens = self.num_new_tokens - 1
+        decode_tokens = self.num_new_tokens - self.first_step_tokens
         if decode_tokens <= 0:
             return None
         return self.decode_time_s / decode_tokens

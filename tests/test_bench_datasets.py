@@ -1,0 +1,80 @@
+"""Prompt sets: the fixed train / eval split, the published wording, prompts files, and a
+clear message for hub sets that cannot be reached."""
+
+import json
+
+import pytest
+
+from specflash.bench import datasets as ds
+from specflash.errors import InputError
+
+
+@pytest.mark.parametrize("name", ["humaneval", "sharegpt"])
+def test_train_and_eval_splits_partition_the_set_and_never_share_a_prompt(name):
+    train, evals, every = (ds.load_prompts(name, split) for split in ("train", "eval", "all"))
+    assert len(train) + len(evals) == len(every)
+    assert train and evals
+    assert not {p.text.strip() for p in train} & {p.text.strip() for p in evals}
+    assert all(p.split == "eval" for p in evals) and all(p.split == "train" for p in train)
+
+
+def test_split_is_a_stateless_function_of_the_key():
+    assert ds.split_of("humaneval", "HumanEval/0") == ds.split_of("humaneval", "HumanEval/0")
+    share = sum(ds.split_of("sharegpt", f"prompt {i}") == "eval" for i in range(4000)) / 4000
+    assert share == pytest.approx(ds.EVAL_FRACTION["sharegpt"], abs=0.02)
+
+
+def test_humaneval_uses_the_published_wording():
+    prompts = ds.load_prompts("humaneval", "all")
+    assert len(prompts) == 164
+    first = prompts[0]
+    assert first.id == "HumanEval/0"
+    assert first.text.startswith("Write a solution to the following problem and make sure that it passes the "
+                                 "tests:\n```python\n")
+    assert first.text.endswith("```")
+
+
+def test_sharegpt_recovers_the_truncated_file():
+    prompts = ds.load_prompts("sharegpt", "all")
+    assert 10_000 < len(prompts) < 11_200  # first user turns, de-duplicated
+    assert all(p.text.strip() for p in prompts)
+
+
+def test_selection_is_fixed_by_its_seed():
+    prompts = ds.load_prompts("humaneval")
+    assert [p.id for p in ds.select(prompts, 3)] == [p.id for p in ds.select(prompts, 3)]
+    assert [p.id for p in ds.select(prompts, 3)] != [p.id for p in ds.select(prompts, 4)]
+
+
+def test_prompts_file_takes_prompts_and_messages(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": "Hello"}) + "\n\n" + json.dumps(
+        {"id": "chat-1", "messages": [{"role": "system", "content": "Be brief."},
+                                      {"role": "user", "content": "Hi"}]}) + "\n")
+    prompts = ds.load_prompts_file(path)
+    assert [p.id for p in prompts] == ["1", "chat-1"]
+    assert prompts[0].turns == ("Hello",) and prompts[1].messages[1]["content"] == "Hi"
+
+
+@pytest.mark.parametrize("line, words", [("not json", "not valid JSON"), ('{"text": "x"}', "prompt"),
+                                         ('{"messages": [{"role": "user"}]}', "content")])
+def test_prompts_file_errors_name_the_line(tmp_path, line, words):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(line + "\n")
+    with pytest.raises(InputError, match=words) as err:
+        ds.load_prompts_file(path)
+    assert "bad.jsonl:1" in str(err.value)
+
+
+def test_unreachable_hub_set_says_which_set_and_why(monkeypatch):
+    monkeypatch.setattr(ds, "_hub_problem", lambda repo: "the hub is not reachable from here (ConnectError)")
+    with pytest.raises(ds.DatasetUnavailable, match="dataset gsm8k needs the Hugging Face hub.*openai/gsm8k.*"
+                                                     "not reachable"):
+        ds.load_prompts("gsm8k")
+
+
+def test_test_sets_have_no_training_split_and_unknown_names_fail():
+    with pytest.raises(InputError, match="test set"):
+        ds.load_prompts("math500", split="train")
+    with pytest.raises(InputError, match="unknown dataset"):
+        ds.load_prompts("nope")
