@@ -37,6 +37,7 @@ def test_zlab_loads_our_drafter_and_decodes_the_same_tokens(tmp_path):
     assert loaded["compared_tensors"] == loaded["file_tensors"] > 0
     assert loaded["max_abs_weight_diff"] == 0.0
     assert conf["versions"]["dflash"] == "0.1.0"
+    assert conf["drafter_forward"]["max_abs_diff"] < 1e-5 * max(1.0, conf["drafter_forward"]["mean_abs"])
     drafts = conf["warmup_drafts"]
     assert drafts["blocks_compared"] > 0 and drafts["blocks_equal"] == drafts["blocks_compared"]
     assert conf["warmup_same_tokens"] is True

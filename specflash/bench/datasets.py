@@ -186,15 +186,15 @@ DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
 def _load_hub(name: str) -> tuple[BenchPrompt, ...]:
     spec = HUB_SETS[name]
     where = f"{spec.path}" + (f" ({spec.config})" if spec.config else "") + f", split {spec.split}"
+    problem = _hub_problem(spec.path)
+    if problem:
+        raise DatasetUnavailable(f"dataset {name} needs the Hugging Face hub ({where}): {problem}. Use an "
+                                 f"offline set ({', '.join(OFFLINE_SETS)}) or --prompts-file")
     try:
         import datasets
     except ImportError:
         raise DatasetUnavailable(f"dataset {name} comes from the Hugging Face hub ({where}) and needs the "
                                  "`datasets` package: pip install 'specflash[bench]'") from None
-    problem = _hub_problem(spec.path)
-    if problem:
-        raise DatasetUnavailable(f"dataset {name} needs the Hugging Face hub ({where}): {problem}. Use an "
-                                 f"offline set ({', '.join(OFFLINE_SETS)}) or --prompts-file")
     try:
         args = (spec.path, spec.config) if spec.config else (spec.path,)
         rows = datasets.load_dataset(*args, split=spec.split)

@@ -197,6 +197,22 @@ class ZlabMethod(Method):
         self.load_report = self.runtime.load_report
         self.stop_token_ids = list(ctx.target.eos_token_ids)
 
+    def check_drafter(self, folder: Path, workdir: Path, seed: int = 0) -> dict:
+        """Both runtimes' drafter forward on the same random inputs (40 context features, one
+        block at the positions after them): how far apart are the hidden states?"""
+        from ..drafter import DFlashDrafter
+
+        drafter = DFlashDrafter.from_pretrained(folder, dtype=torch.float32)
+        generator = torch.Generator().manual_seed(seed)
+        features = torch.randn(1, 40, drafter.fc.weight.shape[1], generator=generator)  # [1, c, K*H_t]
+        embeds = torch.randn(1, self.block_size, drafter.config.hidden_size, generator=generator) * 0.05
+        with torch.inference_mode():
+            hidden = drafter(embeds, torch.arange(40, 40 + self.block_size)[None], features,
+                             torch.arange(40)[None], drafter.new_cache(capacity=64))  # [1, q, H]
+        path = Path(workdir) / "drafter-io.pt"
+        torch.save({"features": features, "block_embeds": embeds, "hidden": hidden}, path)
+        return self.runtime.generate({"op": "drafter_io", "path": str(path.resolve())})
+
     def run(self, prompt_ids: list[int], config: DecodeConfig, record_drafts: bool = False) -> Run:
         from .zlab import ZlabUnavailable
 

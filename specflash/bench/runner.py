@@ -28,7 +28,7 @@ from pathlib import Path
 from ..config import DecodeConfig
 from ..errors import InputError
 from . import figures
-from .datasets import BenchPrompt, DatasetUnavailable, load_prompts, load_prompts_file, select
+from .datasets import DATASETS, BenchPrompt, DatasetUnavailable, load_prompts, load_prompts_file, select
 from .methods import BenchContext, Method, MethodUnavailable, Run, build_method
 from .names import DEFAULT_METHODS, METHODS
 
@@ -146,7 +146,8 @@ def _choose_prompts(opts: BenchOptions, target, result: BenchResult) -> dict[str
     sets: dict[str, list[BenchPrompt]] = {}
     sources: list[tuple[str, object]] = [(name, None) for name in dict.fromkeys(opts.datasets)]
     if opts.prompts_file:
-        sources.append((Path(opts.prompts_file).stem or "file", opts.prompts_file))
+        stem = Path(opts.prompts_file).stem or "file"
+        sources.append((f"file:{stem}" if stem in DATASETS else stem, opts.prompts_file))
     limit = min(opts.max_prompt_tokens, target.max_context - opts.max_new_tokens - 1)
     for name, path in sources:
         try:
@@ -328,17 +329,26 @@ def _warm_up(methods: dict[str, Method], req: Request, config: DecodeConfig, opt
         for name in list(methods):
             try:
                 run = methods[name].run(req.prompt_ids, warm, record_drafts=record and name in ("zlab", "dflash"))
-            except MethodUnavailable as exc:
-                _drop(methods, name, f"failed in warm-up: {exc}", result)
+            except Exception as exc:  # one method failing must not stop the others
+                _drop(methods, name, f"failed in warm-up: {_why(exc)}", result)
                 continue
             if record and name in ("zlab", "dflash"):
                 drafts[name] = run
     if "zlab" in result.methods:
         conf = {"loaded": result.methods["zlab"].get("load"), "versions": result.methods["zlab"].get("versions")}
+        try:
+            conf["drafter_forward"] = methods["zlab"].check_drafter(result.draft_folder, result.out_dir)
+        except Exception as exc:  # a failed check is a finding, not a crash
+            conf["drafter_forward"] = {"error": _why(exc)}
         if "zlab" in drafts and "dflash" in drafts:
             conf["warmup_drafts"] = _compare_drafts(drafts["dflash"].drafts, drafts["zlab"].drafts)
             conf["warmup_same_tokens"] = drafts["dflash"].token_ids == drafts["zlab"].token_ids
         result.conformance = conf
+
+
+def _why(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    return text if isinstance(exc, MethodUnavailable) else f"{type(exc).__name__}: {text}"
 
 
 def _drop(methods: dict[str, Method], name: str, reason: str, result: BenchResult) -> None:
@@ -358,8 +368,8 @@ def _run_interleaved(methods: dict[str, Method], req: Request, config: DecodeCon
         bar.set_postfix_str(f"{req.dataset} {req.prompt.id} {name}", refresh=False)
         try:
             runs[name] = methods[name].run(req.prompt_ids, config)
-        except MethodUnavailable as exc:
-            _drop(methods, name, f"failed on {req.dataset}/{req.prompt.id}: {exc}", result)
+        except Exception as exc:  # one method failing must not stop the others
+            _drop(methods, name, f"failed on {req.dataset}/{req.prompt.id}: {_why(exc)}", result)
         bar.update(1)
     return {name: runs[name] for name in names if name in runs}  # back in the listed order
 

@@ -7,7 +7,8 @@ Protocol: JSON lines. stdin line 1 is the setup {"target", "draft", "device", "d
 {"error"}). Then one request per line {"prompt_ids", "max_new_tokens", "temperature",
 "top_p", "top_k", "seed", "stop_token_ids", "record_drafts"}, each answered with
 {"token_ids", "time_to_first_token_s", "decode_time_s", "acceptance_lengths", "drafts"}.
-Everything else the libraries print goes to stderr.
+A line {"op": "drafter_io", "path"} runs the drafter alone on inputs specflash saved
+there and answers how far its hidden states are from specflash's. Everything else the libraries print goes to stderr.
 
 What it changes in the runtime, in memory only (the package files stay as installed):
 `dflash.model._cuda_time` calls `torch.cuda.synchronize()` before reading the clock;
@@ -122,6 +123,27 @@ def _generate(dm, target, draft, block_size, req: dict) -> dict:
     }
 
 
+def _drafter_io(draft, path: str) -> dict:
+    """Run the drafter on inputs saved by specflash ({"features", "block_embeds"} and
+    specflash's own output "hidden"): context at positions 0..c-1, block at c..c+q-1."""
+    import torch
+
+    import dflash.model as dm
+
+    io = torch.load(path)
+    param = next(draft.parameters())
+    features = io["features"].to(param.device, param.dtype)
+    embeds = io["block_embeds"].to(param.device, param.dtype)
+    c, q = features.shape[1], embeds.shape[1]
+    positions = torch.arange(c + q, device=param.device)[None]
+    with torch.no_grad():
+        hidden = draft(target_hidden=features, noise_embedding=embeds, position_ids=positions,
+                       past_key_values=dm._make_cache(draft.config), use_cache=True)
+    ours = io["hidden"].to(hidden.device, hidden.dtype)
+    return {"max_abs_diff": float((hidden - ours).abs().max()), "mean_abs": float(ours.abs().mean()),
+            "context_tokens": c, "block_tokens": q}
+
+
 def main() -> int:
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the libraries print goes to stderr
@@ -143,7 +165,11 @@ def main() -> int:
         if not line.strip():
             continue
         try:
-            send(_generate(dm, target, draft, block_size, json.loads(line)))
+            request = json.loads(line)
+            if request.get("op") == "drafter_io":
+                send(_drafter_io(draft, request["path"]))
+                continue
+            send(_generate(dm, target, draft, block_size, request))
         except Exception as exc:
             send({"error": f"{type(exc).__name__}: {exc}"})
     return 0
