@@ -64,3 +64,20 @@ def test_draft_comparison_counts_equal_blocks_on_their_common_prefix():
     theirs = [[1, 2, 3], [4, 9], [6, 7], [8]]
     assert _compare_drafts(ours, theirs) == {"blocks_specflash": 3, "blocks_zlab": 4, "blocks_compared": 3,
                                              "blocks_equal": 2}
+
+
+def test_tokens_past_max_new_tokens_are_dropped_and_counted():
+    from types import SimpleNamespace
+
+    def generate(ids, streamer, max_new_tokens, **kwargs):  # overshoots by 2, in chunks of 1 and 9
+        new = torch.arange(100, 100 + max_new_tokens + 2)[None]
+        streamer.put(ids)
+        streamer.put(new[:, :1])
+        streamer.put(new[:, 1:])
+        return torch.cat([ids, new], dim=1)
+
+    target = SimpleNamespace(set_taps=lambda taps: None, eos_token_ids=(2,), device=torch.device("cpu"),
+                             model=SimpleNamespace(generate=generate))
+    run = HFMethod("hf-ngram", target, lookup_tokens=7).run([5, 6], DecodeConfig(max_new_tokens=8))
+    assert run.token_ids == list(range(100, 108)) and run.tokens_past_limit == 2
+    assert run.stats.num_new_tokens == 8 and run.stats.acceptance_lengths == [1, 9]

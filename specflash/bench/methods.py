@@ -41,6 +41,7 @@ class Run:
     token_ids: list[int]
     stats: SpecStats
     drafts: list[list[int]] | None = None  # greedy draft tokens per verify step, when recorded
+    tokens_past_limit: int = 0  # tokens a runtime returned beyond max_new_tokens (dropped)
 
 
 @dataclass
@@ -122,6 +123,10 @@ class HFMethod(Method):
             t0 = time.perf_counter()
             out = target.model.generate(ids, attention_mask=torch.ones_like(ids), streamer=clock, **kwargs)
         tokens = out[0, len(prompt_ids):].tolist()
+        # transformers 5.2's prompt lookup does not cap its candidates by the room left, so an
+        # accepted block can end past max_new_tokens; the same-output check compares what was asked.
+        extra = max(0, len(tokens) - config.max_new_tokens)
+        tokens = tokens[:config.max_new_tokens]
         stats = SpecStats(num_new_tokens=len(tokens))
         if clock.chunks:
             stats.time_to_first_token_s = clock.chunks[0][0] - t0
@@ -129,7 +134,7 @@ class HFMethod(Method):
             stats.first_step_tokens = clock.chunks[0][1]
             if self.has_drafts:
                 stats.acceptance_lengths.extend(n for _, n in clock.chunks)
-        return Run(tokens, stats)
+        return Run(tokens, stats, tokens_past_limit=extra)
 
 
 # ------------------------------------------------------------------ specflash

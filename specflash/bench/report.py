@@ -60,6 +60,11 @@ def _details(result: BenchResult) -> list[str]:
     lines = []
     for name, per_set in result.summary.items():
         for dataset, f in per_set.items():
+            if f.get("requests_past_limit"):
+                lines.append(f"- {name} / {dataset}: {f['requests_past_limit']} request(s) returned more than "
+                             f"{result.options.max_new_tokens} tokens; the extra tokens were dropped before the "
+                             "same-output check (transformers' prompt lookup does not cap its candidates by the "
+                             "room left)")
             if not f["acceptance_histogram"]:
                 continue
             total = sum(f["acceptance_histogram"].values())
@@ -99,7 +104,7 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
             "the baseline's (temperature 0).", ""]
     details = _details(result)
     if details:
-        out += ["Acceptance (pooled over all verify steps):", "", *details, ""]
+        out += ["Acceptance (pooled over all verify steps) and notes:", "", *details, ""]
     if result.conformance:
         out += ["z-lab reference runtime conformance:", "", "```json",
                 json.dumps(result.conformance, indent=2), "```", ""]

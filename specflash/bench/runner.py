@@ -216,6 +216,7 @@ def _record(req: Request, method: Method, run: Run, baseline: Run | None, greedy
            "num_prompt_tokens": len(req.prompt_ids), "token_ids": run.token_ids}
     rec.update(run.stats.to_dict())
     rec["first_step_tokens"] = run.stats.first_step_tokens
+    rec["tokens_past_limit"] = run.tokens_past_limit
     if greedy and baseline is not None:
         where = figures.first_mismatch(run.token_ids, baseline.token_ids)
         rec["matches_baseline"], rec["first_mismatch"] = where is None, where
@@ -299,7 +300,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
                         for name, run in runs.items():
                             rec = _record(req, methods[name], run, base, greedy)
                             jsonl.write(json.dumps(rec) + "\n")
-                            samples[name][dataset].append((run.stats, rec["matches_baseline"]))
+                            samples[name][dataset].append((run.stats, rec["matches_baseline"], run.tokens_past_limit))
                         jsonl.flush()
                         if "zlab" in runs and "dflash" in runs:
                             agree_with_dflash["compared"] += 1
@@ -381,10 +382,11 @@ def _summarize(result: BenchResult, samples: dict, methods: dict[str, Method], g
             continue  # dropped mid-run: reported in skipped_methods
         result.summary[name] = {}
         for dataset, items in per_set.items():
-            stats = [s for s, _ in items]
+            stats = [s for s, _, _ in items]
             fig = figures.summarize(stats, methods[name].has_drafts)
-            fig["mismatches"] = sum(1 for _, same in items if same is False) if greedy and baseline in methods \
+            fig["mismatches"] = sum(1 for _, same, _ in items if same is False) if greedy and baseline in methods \
                 else None
+            fig["requests_past_limit"] = sum(1 for _, _, extra in items if extra)
             result.summary[name][dataset] = fig
     for name, per_set in result.summary.items():
         for dataset, fig in per_set.items():

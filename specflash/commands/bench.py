@@ -37,7 +37,10 @@ Figures, per method and dataset:
              expected 0; null when sampling)
 Timing: each method first decodes the first request untimed (--warmup), then all
 methods run request by request, interleaved (A B C A B C ...), starting method
-rotating, so machine drift hits all alike.
+rotating, so machine drift hits all alike. hf and hf-ngram are timed by a streamer
+(TTFT from the generate() call to the first streamed chunk; a first chunk of several
+tokens counts in TTFT, not TPOT). On a shared machine prefer --threads 1: two
+processes each spinning two threads on two cores make every timing noisy.
 
 Output: a markdown table on stdout; a results folder (--out, default
 results/bench/<time>) with samples.jsonl (one line per method and request),
@@ -54,8 +57,11 @@ $SPECFLASH_HOME/venvs/zlab (pip install "dflash[local]==0.1.0" from PyPI; its to
 is 2.13.0, the version specflash pins; extra pip arguments in SPECFLASH_ZLAB_PIP_ARGS),
 in a subprocess fed the same target folder, drafter folder and prompt token ids. With
 --draft random the random drafter is saved once (bf16, the published format) and both
-dflash and zlab load that folder. At temperature 0 the warm-up also compares the two
-runtimes' draft tokens block by block.
+dflash and zlab load that folder. Conformance (summary.json "zlab_conformance"): the
+runtime's missing / unexpected weights and largest weight difference after loading,
+both drafters' hidden states on the same random inputs, and at temperature 0 the two
+runtimes' draft tokens block by block in the warm-up. Without CUDA the driver swaps
+the runtime's CUDA-synchronising clock for time.perf_counter, in memory only.
 
 Example:
   specflash bench --target {DEFAULT_TARGET} --draft random \\
