@@ -1,0 +1,337 @@
+"""The decoding side of the server: one thread owns the model and runs every request.
+
+Requests (`Job`s) wait in a FIFO queue for one of `max_concurrency` slots. The worker
+thread advances the jobs in the slots one decode step (one target forward) at a time,
+round-robin, so every client streams while others run. No two jobs ever share a
+forward pass, so each job's tokens are exactly what it would get alone (batching is
+left to the production engines; see `specflash export`). Each slot has its own
+`SpeculativeDecoder` and its own shallow copy of the proposer: the drafter's weights
+are shared, and the per-generation state (context cache, history) is rebuilt by the
+proposer's `reset` at the start of every generation.
+
+Text is assembled here (`TextAssembler`): deltas hold back an incomplete UTF-8
+character and any tail that could begin a stop string; the first stop string ends
+the job. A job whose client went away is cancelled between two steps, which frees
+its slot at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+
+from ..config import DecodeConfig
+from ..decode import SpeculativeDecoder
+from ..errors import SpecflashError
+from ..metrics import SpecStats
+from ..pipeline import Pipeline
+from .stats import ServerMetrics
+
+logger = logging.getLogger("specflash.serve")
+
+
+class QueueFullError(RuntimeError):
+    """Every slot is busy and the waiting queue is full."""
+
+
+class TextAssembler:
+    """Token ids in, text deltas out, cut at the first stop string.
+
+    `push(tokens, final)` returns the new text that is safe to send: it never sends
+    an incomplete UTF-8 character (decoded as U+FFFD) nor a tail that may turn out
+    to be the start of a stop string, unless `final`. After a stop string is found,
+    `stopped` is True and `text` ends just before it.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()):
+        self._decode = decode
+        self.stop = tuple(s for s in stop if s)
+        self._longest = max((len(s) for s in self.stop), default=0)
+        self.tokens: list[int] = []
+        self.text = ""  # the text sent so far
+        self.stopped = False
+
+    def _held_back(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        for n in range(min(self._longest - 1, len(text)), 0, -1):
+            tail = text[-n:]
+            if any(s.startswith(tail) for s in self.stop):
+                return n
+        return 0
+
+    def push(self, tokens: Sequence[int], final: bool = False) -> str:
+        if self.stopped:
+            return ""
+        self.tokens.extend(int(t) for t in tokens)
+        full = self._decode(self.tokens)
+        if not final:
+            full = full.rstrip("\ufffd")  # an incomplete multi-byte character: wait for the rest
+        if len(full) < len(self.text):
+            return ""
+        if self.stop:
+            start = max(0, len(self.text) - self._longest + 1)
+            hits = [i for i in (full.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                end = max(min(hits), len(self.text))
+                self.stopped = True
+                delta, self.text = full[len(self.text):end], full[:end]
+                return delta
+        end = len(full) if final else len(full) - self._held_back(full)
+        end = max(end, len(self.text))
+        delta, self.text = full[len(self.text):end], full[:end]
+        return delta
+
+
+@dataclass
+class Event:
+    """What a job reports to its client after a step."""
+
+    text: str  # new text (may be empty)
+    finish_reason: str | None = None  # "stop", "length" when done; "abort" when cancelled
+    error: str | None = None  # set when the job failed
+    status: int = 500  # HTTP status of `error`
+
+
+@dataclass(eq=False)  # jobs are compared by identity (two jobs may hold equal requests)
+class Job:
+    """One generation request on its way through the engine."""
+
+    prompt_ids: list[int]
+    config: DecodeConfig
+    stop: tuple[str, ...] = ()
+    loop: asyncio.AbstractEventLoop | None = None
+    created: float = field(default_factory=time.perf_counter)
+    # Filled in by the engine thread.
+    stats: SpecStats = field(default_factory=SpecStats)
+    num_tokens: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    verify_steps: int = 0
+    finish_reason: str | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    text: str = ""
+
+    def __post_init__(self) -> None:
+        self.cancelled = threading.Event()
+        self._queue: asyncio.Queue[Event] | None = asyncio.Queue() if self.loop is not None else None
+        self._steps = None
+        self._assembler: TextAssembler | None = None
+        self.on_event: Callable[[Event], None] | None = None  # for callers without an event loop
+
+    @property
+    def tau(self) -> float | None:
+        return self.stats.tau
+
+    def deliver(self, event: Event) -> None:
+        if self.on_event is not None:
+            self.on_event(event)
+        if self._queue is None or self.loop is None:
+            return
+        try:
+            self.loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody listens any more
+            pass
+
+    async def events(self) -> AsyncIterator[Event]:
+        """The job's events, ending with the one that has a finish_reason or an error."""
+        assert self._queue is not None, "create the Job with loop=asyncio.get_running_loop()"
+        while True:
+            event = await self._queue.get()
+            yield event
+            if event.finish_reason is not None or event.error is not None:
+                return
+
+
+class Engine:
+    """Owns the pipeline; runs jobs on one worker thread (see the module docstring)."""
+
+    def __init__(self, pipe: Pipeline, max_concurrency: int = 8, max_queue: int = 256,
+                 metrics: ServerMetrics | None = None, torch_threads: int | None = None):
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (got {max_queue})")
+        self.pipe = pipe
+        self.max_concurrency = max_concurrency
+        self.max_queue = max_queue
+        self.metrics = metrics if metrics is not None else ServerMetrics(pipe.block_size)
+        self.torch_threads = torch_threads
+        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._active: list[Job] = []
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # --------------------------------------------------------------- control
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="specflash-decode", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+        with self._cond:
+            pending = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+            self._active.clear()
+        for job in pending:
+            self._close(job)
+            self._finish(job, "error", Event("", error="the server is shutting down", status=503))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def num_running(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if len(self._waiting) + len(self._active) >= self.max_queue + self.max_concurrency:
+                raise QueueFullError(f"{len(self._active)} requests running and {len(self._waiting)} waiting")
+            self._waiting.append(job)
+            self._update_gauges()
+            self._cond.notify()
+
+    def cancel(self, job: Job) -> None:
+        """Ask for `job` to end (its client went away); its slot frees before the next step."""
+        if job.finished_at is not None:
+            return
+        job.cancelled.set()
+        with self._cond:
+            self._cond.notify()
+
+    def decode_text(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.pipe.target.decode(ids)
+
+    # ----------------------------------------------------------------- work
+    def _loop(self) -> None:
+        if self.torch_threads:
+            # Leave a core to the HTTP event loop: OpenMP workers that spin while the loop
+            # needs the CPU slow decoding down many times over (measured on 2 cores).
+            import torch
+
+            torch.set_num_threads(self.torch_threads)
+        while True:
+            with self._cond:
+                while not self._stopping and not self._waiting and not self._active:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+            self.run_once()
+
+    def run_once(self) -> bool:
+        """Admit waiting jobs into free slots, then advance every running job one step.
+        Returns False when there was nothing to do."""
+        with self._cond:
+            while self._waiting and len(self._active) < self.max_concurrency:
+                job = self._waiting.popleft()
+                if job.cancelled.is_set():
+                    self._finish(job, "abort", Event("", finish_reason="abort"))
+                    continue
+                self._active.append(job)
+            active = list(self._active)
+            self._update_gauges()
+        for job in active:
+            self._advance(job)
+        return bool(active)
+
+    def _new_decoder(self) -> SpeculativeDecoder:
+        base = self.pipe.decoder
+        proposer = copy.copy(base.proposer) if base.proposer is not None else None
+        return SpeculativeDecoder(base.target, proposer, base.block_size)
+
+    def _advance(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            self._close(job)
+            self._retire(job, "abort", Event("", finish_reason="abort"))
+            return
+        try:
+            if job._steps is None:
+                job._assembler = TextAssembler(self.decode_text, job.stop)
+                job._steps = self._new_decoder().steps(job.prompt_ids, job.config, job.stats)
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+                verify = False
+            else:
+                verify = True
+            step = next(job._steps)
+        except SpecflashError as exc:  # a request the checks before the queue let through
+            self._close(job)
+            self._retire(job, "error", Event("", error=str(exc), status=400))
+            return
+        except Exception as exc:  # noqa: BLE001 - a bug must fail one request, not the server
+            logger.exception("generation failed")
+            self._close(job)
+            self._retire(job, "error", Event("", error=f"internal error: {type(exc).__name__}: {exc}", status=500))
+            return
+        now = time.perf_counter()
+        if job.first_token_at is None:
+            job.first_token_at = now
+        job.num_tokens += len(step.tokens)
+        if verify:
+            job.verify_steps += 1
+            job.drafted += step.num_drafted
+            job.accepted += step.num_accepted
+        self.metrics.record_step(step.num_drafted, step.num_accepted, len(step.tokens), verify)
+        assembler = job._assembler
+        delta = assembler.push(step.tokens, final=step.finish_reason is not None)
+        job.text = assembler.text
+        reason = "stop" if assembler.stopped else step.finish_reason
+        if reason is None:
+            job.deliver(Event(delta))
+            return
+        self._close(job)
+        self._retire(job, reason, Event(delta, finish_reason=reason))
+
+    def _close(self, job: Job) -> None:
+        if job._steps is not None:
+            try:
+                job._steps.close()
+            except Exception:  # noqa: BLE001
+                logger.exception("closing a generation failed")
+            job._steps = None
+
+    def _retire(self, job: Job, reason: str, event: Event | None) -> None:
+        with self._cond:
+            if job in self._active:
+                self._active.remove(job)
+            self._update_gauges()
+        self._finish(job, reason, event)
+
+    def _finish(self, job: Job, reason: str, event: Event | None) -> None:
+        job.finished_at = time.perf_counter()
+        job.finish_reason = reason
+        m = self.metrics
+        m.requests_finished.inc(finish_reason=reason)
+        if reason in ("stop", "length") and job.first_token_at is not None:
+            m.time_to_first_token.observe(job.first_token_at - job.created)
+            if job.num_tokens > 1:
+                m.time_per_output_token.observe((job.finished_at - job.first_token_at) / (job.num_tokens - 1))
+            m.request_latency.observe(job.finished_at - job.created)
+        if event is not None:
+            job.deliver(event)
+
+    def _update_gauges(self) -> None:
+        self.metrics.requests_running.set(len(self._active))
+        self.metrics.requests_waiting.set(len(self._waiting))
