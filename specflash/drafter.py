@@ -199,6 +199,10 @@ class DFlashDrafter(nn.Module):
         self.layers = nn.ModuleList(DraftLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config)
+        # Per-feature divisor applied before fc (training-time reparametrisation: target hidden
+        # states have massive outlier dimensions). Not a weight: save_pretrained folds it into
+        # fc.weight, so checkpoints keep the published format and load with scale 1.
+        self.register_buffer("feature_scale", torch.ones(config.num_features * h), persistent=False)
 
     # --------------------------------------------------------------- helpers
     @property
@@ -235,7 +239,13 @@ class DFlashDrafter(nn.Module):
 
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """Concatenated target features [b, c, K*H_t] -> context features [b, c, H]."""
-        return self.hidden_norm(self.fc(features))
+        return self.hidden_norm(self.fc(features / self.feature_scale))
+
+    def published_state_dict(self) -> dict[str, torch.Tensor]:
+        """Weights under the published names, with feature_scale folded into fc.weight."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("rotary.")}
+        state["fc.weight"] = state["fc.weight"] / self.feature_scale.to(state["fc.weight"].dtype)[None, :]
+        return state
 
     def compute_logits(self, hidden: torch.Tensor, lm_head) -> torch.Tensor:
         """Drafter output [.., H] -> logits [.., V] with the target's LM head (a callable)."""
@@ -317,8 +327,7 @@ class DFlashDrafter(nn.Module):
 
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.state_dict().items()
-                 if not k.startswith("rotary.")}
+        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.published_state_dict().items()}
         save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
         config = self.config.to_dict()
         config["torch_dtype"] = str(dtype).removeprefix("torch.")

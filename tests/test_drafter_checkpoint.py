@@ -211,3 +211,19 @@ def test_config_round_trip_keeps_unknown_keys():
     out = DrafterConfig.from_dict(data).to_dict()
     assert out["custom_key"] == 7 and out["dflash_config"]["extra_flag"] is True
     assert out["dflash_config"]["target_layer_ids"] == [1, 3]
+
+
+def test_feature_scale_is_folded_into_fc_on_save(tmp_path, targets):
+    """Training divides features by their RMS; the saved fc.weight absorbs it, so the
+    published format (no extra tensor) reproduces the same outputs."""
+    target = targets("llama")
+    drafter = tiny_drafter(target).float()
+    drafter.feature_scale.copy_(torch.rand(drafter.feature_scale.shape) * 50 + 0.5)
+    drafter.save_pretrained(tmp_path / "d", dtype=torch.float32)
+    loaded = DFlashDrafter.from_pretrained(tmp_path / "d")
+    assert torch.equal(loaded.feature_scale, torch.ones_like(loaded.feature_scale))
+    features = torch.randn(1, 9, drafter.fc.in_features) * 30
+    block = torch.randn(1, 4, 64)
+    args = (block, torch.arange(9, 13)[None], features, torch.arange(9)[None])
+    with torch.no_grad():
+        assert torch.allclose(drafter(*args), loaded(*args), atol=1e-5)

@@ -58,6 +58,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
     init: str = "random"  # or "target": copy the target's last layers
+    standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
@@ -151,6 +152,8 @@ class Trainer:
             generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
         if config.init == "target":
             init_from_target(self.drafter, self.target)
+        if config.standardize_features:
+            self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
         self.model = self.drafter
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.drafter)
@@ -173,6 +176,22 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.bf16)
 
+    def feature_rms(self, indices: list[int]) -> torch.Tensor:
+        """[K*H] root-mean-square of each feature dimension over some training sequences
+        (the first position, often an attention sink with huge activations, left out)."""
+        total = None
+        count = 0
+        for index in indices:
+            features = self._features(self.dataset[index])[1:].double()
+            if features.numel() == 0:
+                continue
+            part = features.pow(2).sum(0)
+            total = part if total is None else total + part
+            count += features.shape[0]
+        if total is None:
+            return torch.ones(self.drafter.feature_scale.shape)
+        return (total / count).sqrt().clamp_min(1e-3).float()
+
     # ------------------------------------------------------------ checkpoint
     @property
     def checkpoint_path(self) -> Path:
@@ -183,7 +202,8 @@ class Trainer:
             return
         path = self.checkpoint_path
         path.parent.mkdir(parents=True, exist_ok=True)
-        state = {"drafter": self.drafter.state_dict(), "optimizer": self.optimizer.state_dict(), "step": self.step,
+        state = {"drafter": self.drafter.state_dict(), "feature_scale": self.drafter.feature_scale,
+                 "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                  "config": dataclasses.asdict(self.config), "drafter_config": self.drafter.config.to_dict()}
         tmp = path.with_suffix(".tmp")
@@ -195,6 +215,8 @@ class Trainer:
             return False
         state = torch.load(self.checkpoint_path, map_location=self.target.device, weights_only=False)
         self.drafter.load_state_dict(state["drafter"])
+        if "feature_scale" in state:
+            self.drafter.feature_scale.copy_(state["feature_scale"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
