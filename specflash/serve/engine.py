@@ -110,9 +110,6 @@ class Job:
     # Filled in by the engine thread.
     stats: SpecStats = field(default_factory=SpecStats)
     num_tokens: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    verify_steps: int = 0
     finish_reason: str | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -128,6 +125,19 @@ class Job:
     @property
     def tau(self) -> float | None:
         return self.stats.tau
+
+    # Derived from the decoder's own SpecStats (one record per verify step).
+    @property
+    def verify_steps(self) -> int:
+        return self.stats.num_steps
+
+    @property
+    def drafted(self) -> int:
+        return sum(self.stats.drafted_per_position)
+
+    @property
+    def accepted(self) -> int:
+        return sum(self.stats.accepted_per_position)
 
     def deliver(self, event: Event) -> None:
         if self.on_event is not None:
@@ -289,10 +299,6 @@ class Engine:
         if job.first_token_at is None:
             job.first_token_at = now
         job.num_tokens += len(step.tokens)
-        if verify:
-            job.verify_steps += 1
-            job.drafted += step.num_drafted
-            job.accepted += step.num_accepted
         self.metrics.record_step(step.num_drafted, step.num_accepted, len(step.tokens), verify)
         assembler = job._assembler
         delta = assembler.push(step.tokens, final=step.finish_reason is not None)
