@@ -131,7 +131,7 @@ def run_data(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     import json
 
-    from ..train.loop import TrainConfig, Trainer, export_run, init_distributed
+    from ..train.loop import TrainConfig, Trainer, export_run, init_distributed, shutdown_distributed
 
     _threads(args)
     rank, _world = init_distributed()
@@ -143,7 +143,10 @@ def run_fit(args: argparse.Namespace) -> int:
                          save_every=args.save_every,
                          seed=args.seed)
     trainer = Trainer(config)
-    trainer.fit(resume=args.resume)
+    try:
+        trainer.fit(resume=args.resume)
+    finally:
+        shutdown_distributed()
     if rank == 0:
         folder = export_run(trainer, command="specflash " + " ".join(sys.argv[1:]))
         print(json.dumps({"drafter": str(folder), "step": trainer.step, "total_steps": trainer.total_steps}))

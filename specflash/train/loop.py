@@ -76,8 +76,19 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not torch.distributed.is_initialized():
             backend = "nccl" if torch.cuda.is_available() else "gloo"
+            if backend == "gloo" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
+                # All ranks on this machine: talk over loopback rather than whatever interface the
+                # hostname resolves to (in containers and sandboxes that one may not accept connections).
+                os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
             torch.distributed.init_process_group(backend=backend)
     return _rank_world()
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group explicitly: a gloo group torn down at interpreter exit can
+    abort the process (SIGABRT) while its peers are still finishing."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def cpu_has_bf16_units() -> bool:
