@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .acceptance import greedy_accept, rejection_accept
+from .blockpolicy import FixedBlock
 from .config import DecodeConfig
 from .errors import ContextLengthError, InputError
 from .metrics import SpecStats
@@ -90,9 +91,14 @@ def _truncate(tokens: list[int], stop_ids: frozenset[int], room: int) -> tuple[l
 
 
 class SpeculativeDecoder:
-    """Runs a target with an optional proposer; block_size 1 or no proposer = plain decoding."""
+    """Runs a target with an optional proposer; block_size 1 or no proposer = plain decoding.
 
-    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
+    block_size is the most tokens one step verifies (anchor + drafts); `policy` picks how
+    many drafts each step actually verifies (`blockpolicy.FixedBlock`: all of them, the
+    default; `AutoBlock`: what the cost model says pays, 0 included)."""
+
+    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
+                 policy=None):
         if block_size is None:
             block_size = getattr(proposer, "block_size", 8) if proposer is not None else 1
         if block_size < 1:
@@ -100,6 +106,7 @@ class SpeculativeDecoder:
         self.target = target
         self.proposer = proposer if block_size > 1 else None
         self.block_size = block_size
+        self.policy = policy if policy is not None else FixedBlock()
 
     def _prompt_tensor(self, prompt_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().to(self.target.device)
@@ -115,7 +122,7 @@ class SpeculativeDecoder:
     def steps(self, prompt_ids: Sequence[int] | torch.Tensor, config: DecodeConfig,
               stats: SpecStats | None = None) -> Iterator[Step]:
         """Yield one Step per target forward until a stop token or a length limit."""
-        target, proposer = self.target, self.proposer
+        target, proposer, policy = self.target, self.proposer, self.policy
         # Without a proposer every step is plain decoding, whatever block was asked for.
         block_size = (config.block_size or self.block_size) if proposer is not None else 1
         prompt = self._prompt_tensor(prompt_ids)
@@ -146,6 +153,8 @@ class SpeculativeDecoder:
                 remaining = config.max_new_tokens - produced
                 num_drafts = min(block_size - 1, remaining - 1, max_context - 2 - start)
                 if proposer is not None and num_drafts > 0:
+                    num_drafts = policy.choose(num_drafts)
+                if proposer is not None and num_drafts > 0:
                     proposal = proposer.propose(anchor, start, num_drafts, sampler)
                     drafts = proposal.tokens[:num_drafts].to(target.device)
                     draft_probs = proposal.probs[: drafts.shape[0]] if proposal.probs is not None else None
@@ -166,6 +175,7 @@ class SpeculativeDecoder:
                 if proposer is not None:
                     feats = out.features[:, : a + 1] if out.features is not None else None
                     proposer.commit(block[: a + 1], feats)
+                    policy.observe(k, a)
                 stats.record_step(k, a)
                 new_tokens = drafts[:a].tolist() + [verdict.next_token]
                 new_tokens, reason = _truncate(new_tokens, stop_ids, remaining)

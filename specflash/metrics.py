@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 @dataclass
 class SpecStats:
     acceptance_lengths: list[int] = field(default_factory=list)
+    drafted_per_step: list[int] = field(default_factory=list)  # drafts verified by each step (0: plain)
     drafted_per_position: list[int] = field(default_factory=list)
     accepted_per_position: list[int] = field(default_factory=list)
     num_new_tokens: int = 0
@@ -29,6 +30,7 @@ class SpecStats:
 
     def record_step(self, num_drafted: int, num_accepted: int) -> None:
         self.acceptance_lengths.append(num_accepted + 1)
+        self.drafted_per_step.append(num_drafted)
         grow = num_drafted - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position.extend([0] * grow)
@@ -78,6 +80,7 @@ class SpecStats:
             "num_steps": self.num_steps,
             "tau": self.tau,
             "acceptance_lengths": list(self.acceptance_lengths),
+            "drafted_per_step": list(self.drafted_per_step),
             "acceptance_histogram": {str(k): v for k, v in self.histogram().items()},
             "drafted_per_position": list(self.drafted_per_position),
             "accepted_per_position": list(self.accepted_per_position),

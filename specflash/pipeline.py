@@ -46,26 +46,39 @@ class TextDelta:
 
 
 class Pipeline:
-    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None):
+    def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
+                 policy=None):
         self.target = target
         self.proposer = proposer
-        self.decoder = SpeculativeDecoder(target, proposer, block_size)
+        self.decoder = SpeculativeDecoder(target, proposer, block_size, policy)
 
     @classmethod
     def load(cls, target: str, draft: str | None = None, device: str = "cpu", dtype: str | None = "auto",
-             block_size: int | None = None, seed: int = 0) -> "Pipeline":
-        """draft None: the drafter shipped for `target` if there is one, else plain decoding."""
+             block_size: int | str | None = "auto", seed: int = 0, log=None) -> "Pipeline":
+        """draft None: the drafter shipped for `target` if there is one, else plain decoding.
+        block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
+        (fixed), or None (the drafter's own block, fixed)."""
+        from .blockpolicy import make_policy, parse_block_size
+
+        block_size = parse_block_size(block_size)
         if draft is None:
             from .loading import default_draft
 
             draft = default_draft(target)
         target_model = TargetModel.from_pretrained(target, dtype=parse_dtype(dtype, device), device=device)
-        proposer = build_proposer(draft, target_model, seed=seed, block_size=block_size)
-        return cls(target_model, proposer, block_size)
+        numeric = block_size if isinstance(block_size, int) else None
+        proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)
+        size, policy = make_policy(block_size, target_model, proposer, log=log)
+        return cls(target_model, proposer, size, policy)
 
     @property
     def block_size(self) -> int:
         return self.decoder.block_size
+
+    @property
+    def block_policy(self) -> str:
+        """'auto' or 'fixed' (plain decoding counts as fixed)."""
+        return self.decoder.policy.name
 
     def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:
         if isinstance(prompt, list):

@@ -59,14 +59,38 @@ def test_last_line_has_the_documented_shape(greedy_run):
     for method, per_set in doc["methods"].items():
         assert list(per_set) == ["two"]
         fig = per_set["two"]
-        assert set(fig) == {"prompts", "tau", "tpot_s", "tokens_per_s", "speedup", "mismatches"}
+        assert set(fig) == {"prompts", "tau", "efficiency", "tpot_s", "tokens_per_s", "speedup", "mismatches"}
         assert fig["prompts"] == 2
+        if method in ("ar", "dflash", "ngram"):  # our loop: forwards' share of the decode time
+            assert 0 < fig["efficiency"] < 2
+        else:
+            assert fig["efficiency"] is None
         assert fig["tpot_s"] > 0 and fig["tokens_per_s"] > 0 and fig["speedup"] > 0
         if method in ("hf", "ar"):
             assert fig["tau"] is None
         else:
             assert fig["tau"] >= 1.0
     assert doc["methods"]["hf"]["two"]["speedup"] == pytest.approx(1.0)
+
+
+def test_block_sizes_compare_in_one_run(capsys, folder, prompts_file, tmp_path):
+    lines, _ = bench(capsys, folder, prompts_file, tmp_path, "--draft", "random",
+                     "--methods", "hf,dflash@2,dflash@4,dflash@auto")
+    doc = json.loads(lines[-1])
+    assert set(doc["methods"]) == {"hf", "dflash@2", "dflash@4", "dflash@auto"}
+    assert all(f["two"]["mismatches"] == 0 for f in doc["methods"].values())
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method_info"]["dflash@auto"]["block_policy"] == "auto"
+    assert summary["method_info"]["dflash@2"]["block_size"] == 2
+    # A random drafter is never right: fixed blocks verify drafts every step, auto learns to skip them.
+    assert summary["methods"]["dflash@4"]["two"]["drafts_per_step"] == pytest.approx(3.0, abs=0.6)
+    assert summary["methods"]["dflash@auto"]["two"]["drafts_per_step"] < 3.0
+
+
+def test_bad_method_block_suffix_is_an_input_error(capsys, folder, prompts_file, tmp_path):
+    code = main(["bench", "--target", folder, "--prompts-file", prompts_file, "--datasets", "",
+                 "--methods", "hf,dflash@0", "--no-progress", "--out", str(tmp_path)])
+    assert code == 2 and "dflash@0" in capsys.readouterr().err
 
 
 def test_every_method_gives_the_baselines_tokens_at_temperature_zero(greedy_run):

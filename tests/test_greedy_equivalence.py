@@ -1,5 +1,6 @@
 """At temperature 0 speculative output equals plain greedy decoding (HF generate), token
-for token, on every supported family, block size, prompt length and stop condition."""
+for token, on every supported family, block size, prompt length and stop condition, and
+for every way of choosing how many drafts a step verifies (fixed, auto, arbitrary)."""
 
 import pytest
 import torch
@@ -7,7 +8,9 @@ import torch
 from specflash.config import DecodeConfig
 from specflash.decode import SpeculativeDecoder
 from specflash.proposers import DFlashProposer, NgramProposer, OracleProposer
-from tiny import FAMILIES, hf_greedy, tiny_drafter
+from tiny import FAMILIES, hf_greedy, policy_for, tiny_drafter
+
+POLICIES = ("fixed", "auto", "random")
 
 BLOCK_SIZES = (1, 2, 4, 16)
 PROMPT_LENGTHS = (1, 7, 40)
@@ -21,12 +24,14 @@ def _prompt(length: int, seed: int) -> list[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("prompt_length", PROMPT_LENGTHS)
-def test_dflash_greedy_matches_hf_generate(targets, family, block_size, prompt_length):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_dflash_greedy_matches_hf_generate(targets, family, block_size, prompt_length, policy):
     target = targets(family)
     prompt = _prompt(prompt_length, seed=prompt_length)
     reference = hf_greedy(target, prompt, MAX_NEW)
     drafter = tiny_drafter(target, block_size=16)
-    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target), block_size)
+    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target), block_size,
+                                 policy_for(policy, block_size))
     result = decoder.generate(prompt, DecodeConfig(max_new_tokens=MAX_NEW, stop_token_ids=()))
     assert result.token_ids == reference
     assert result.finish_reason == "length"
@@ -34,7 +39,8 @@ def test_dflash_greedy_matches_hf_generate(targets, family, block_size, prompt_l
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("block_size", (2, 4, 16))
-def test_stop_token_output_matches_hf_generate(targets, family, block_size):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_stop_token_output_matches_hf_generate(targets, family, block_size, policy):
     target = targets(family)
     prompt = _prompt(9, seed=3)
     free = hf_greedy(target, prompt, MAX_NEW)
@@ -43,7 +49,7 @@ def test_stop_token_output_matches_hf_generate(targets, family, block_size):
     assert reference[-1] == stop and len(reference) < MAX_NEW
     oracle = OracleProposer(prompt + free, target.vocab_rows)  # long accepted blocks cross the stop token
     for proposer in (oracle, DFlashProposer(tiny_drafter(target), target)):
-        decoder = SpeculativeDecoder(target, proposer, block_size)
+        decoder = SpeculativeDecoder(target, proposer, block_size, policy_for(policy, block_size))
         result = decoder.generate(prompt, DecodeConfig(max_new_tokens=MAX_NEW, stop_token_ids=(stop,)))
         assert result.token_ids == reference
         assert result.finish_reason == "stop"
@@ -51,22 +57,25 @@ def test_stop_token_output_matches_hf_generate(targets, family, block_size):
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("max_new", (1, 2, 5, 16, 21))
-def test_max_new_tokens_mid_block_with_full_acceptance(targets, family, max_new):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_max_new_tokens_mid_block_with_full_acceptance(targets, family, max_new, policy):
     target = targets(family)
     prompt = _prompt(11, seed=max_new)
     reference = hf_greedy(target, prompt, max_new)
-    decoder = SpeculativeDecoder(target, OracleProposer(prompt + reference, target.vocab_rows), 16)
+    decoder = SpeculativeDecoder(target, OracleProposer(prompt + reference, target.vocab_rows), 16,
+                                 policy_for(policy, 16))
     result = decoder.generate(prompt, DecodeConfig(max_new_tokens=max_new, stop_token_ids=()))
     assert result.token_ids == reference
     assert len(result.token_ids) == max_new
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ngram_greedy_matches_hf_generate(targets, family):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_ngram_greedy_matches_hf_generate(targets, family, policy):
     target = targets(family)
     prompt = _prompt(30, seed=5) * 2  # repetition gives prompt lookup something to find
     reference = hf_greedy(target, prompt, MAX_NEW)
-    decoder = SpeculativeDecoder(target, NgramProposer(), 6)
+    decoder = SpeculativeDecoder(target, NgramProposer(), 6, policy_for(policy, 6))
     result = decoder.generate(prompt, DecodeConfig(max_new_tokens=MAX_NEW, stop_token_ids=()))
     assert result.token_ids == reference
 

@@ -3,7 +3,6 @@ equals one process with the combined batch, and export writes a loadable drafter
 
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -76,11 +75,12 @@ def test_ddp_two_processes_equal_one_process_with_the_combined_batch(setup):
               "--threads", "1", "--precision", "fp32"]
     assert main(common + ["--out", str(root / "single"), "--grad-accum", "2"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
-                           "127.0.0.1", "--master-port", str(free_port()), "-m", "specflash.cli", *common, "--out", str(root / "ddp"), "--grad-accum", "1"],
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                "--master-port", str(free_port())]
+    done = subprocess.run([*launcher, "-m", "specflash.cli", *common, "--out", str(root / "ddp"), "--grad-accum", "1"],
                           capture_output=True, text=True, env=env, timeout=300)
-    assert done.returncode == 0, "\n".join(
-        line for line in done.stderr.splitlines() if re.search(r"error|terminate|what\(\)|abort", line, re.I))
+    # Rank errors come first in torchrun's stderr, its own traceback last.
+    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-800:]
     single = torch.load(root / "single" / "checkpoints" / "last.pt", weights_only=False)
     ddp = torch.load(root / "ddp" / "checkpoints" / "last.pt", weights_only=False)
     assert single["step"] == ddp["step"] == 2

@@ -114,3 +114,32 @@ def tiny_model_folder(path, family: str = "llama", max_positions: int = 512, dty
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+class RandomDrafts:
+    """A block policy that verifies an arbitrary number of drafts each step (0 included):
+    the loop must stay lossless whatever a policy picks."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0):
+        self._rng = torch.Generator().manual_seed(seed)
+
+    def choose(self, max_drafts: int) -> int:
+        return int(torch.randint(0, max_drafts + 1, (), generator=self._rng))
+
+    def observe(self, num_drafted: int, num_accepted: int) -> None:
+        pass
+
+
+def policy_for(name: str, block_size: int):
+    """fixed / auto (on a synthetic cost curve where the choice moves with acceptance) / random."""
+    from specflash.blockpolicy import AutoBlock, FixedBlock
+    from specflash.costmodel import StepCosts
+
+    if name == "fixed":
+        return FixedBlock()
+    if name == "auto":
+        costs = StepCosts({1: 1.0, 4: 1.3, 16: 2.4}, draft=0.2)
+        return AutoBlock(costs, max(block_size - 1, 0), probe_every=3)
+    return RandomDrafts()

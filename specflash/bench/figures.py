@@ -10,7 +10,11 @@ method on one dataset:
 - TPOT = mean over requests of the request's TPOT, with its spread (min / median / max);
   tokens_per_s = 1 / mean TPOT; TTFT = mean over requests;
 - speedup = baseline mean TPOT / method mean TPOT on the same dataset;
-- mismatches = requests whose tokens differ from the baseline's (temperature 0 only).
+- mismatches = requests whose tokens differ from the baseline's (temperature 0 only);
+- efficiency (our loop only) = the time the bare forwards of every step would take by the
+  measured cost model (`costmodel`: t_draft + t_verify(k + 1) per step, t_verify(1) for a
+  plain step) summed over requests / the measured decode time summed over requests. For a
+  fixed block B it is achieved tokens/s over tau / (t_draft + t_verify(B)).
 """
 
 from __future__ import annotations
@@ -47,7 +51,18 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def summarize(stats: Sequence[SpecStats], has_drafts: bool) -> dict:
+def efficiency(stats: Sequence[SpecStats], costs) -> float | None:
+    """Engine efficiency over requests (see the module docstring); None without a cost model."""
+    if costs is None:
+        return None
+    from ..costmodel import modeled_time_s
+
+    ideal = sum(modeled_time_s(costs, s.drafted_per_step) for s in stats)
+    actual = sum(s.decode_time_s for s in stats if s.drafted_per_step)
+    return ideal / actual if actual > 0 else None
+
+
+def summarize(stats: Sequence[SpecStats], has_drafts: bool, costs=None) -> dict:
     """The figures of one method on one dataset (see the module docstring)."""
     tpots = [s.tpot_s for s in stats if s.tpot_s is not None]
     taus = [s.tau for s in stats if s.tau is not None]
@@ -56,6 +71,10 @@ def summarize(stats: Sequence[SpecStats], has_drafts: bool) -> dict:
     return {
         "prompts": len(stats),
         "tau": _mean(taus) if has_drafts else None,
+        "efficiency": efficiency(stats, costs),
+        "drafts_per_step": (statistics.fmean(pool_steps) if (pool_steps := [k for s in stats for k in
+                                                                             s.drafted_per_step]) else None)
+        if has_drafts else None,
         "tpot_s": mean_tpot,
         "tpot_s_spread": spread(tpots),
         "tokens_per_s": 1.0 / mean_tpot if mean_tpot else None,

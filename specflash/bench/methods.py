@@ -52,7 +52,7 @@ class BenchContext:
     target_folder: Path
     draft_folder: Path | None  # None: no DFlash drafter (reason in draft_problem)
     draft_problem: str | None = None
-    block_size: int | None = None  # verify width for dflash / zlab (None: the drafter's)
+    block_size: int | str | None = None  # dflash: int, 'auto' or None (= auto); zlab: int or the drafter's
     ngram_block_size: int = 8
     device: str = "cpu"
     dtype: str = "float32"
@@ -163,17 +163,29 @@ class _Recorder:
 
 
 class SpecflashMethod(Method):
-    def __init__(self, name: str, target: TargetModel, proposer: Proposer | None, block_size: int):
+    """Our loop. `block` is an int (fixed), 'auto' (cost-aware, see `blockpolicy`) or None
+    (the proposer's own block, fixed). `costs` (the cost model: bare forward times) gives
+    the engine efficiency of every run."""
+
+    def __init__(self, name: str, target: TargetModel, proposer: Proposer | None, block: int | str | None,
+                 say=None):
+        from ..blockpolicy import make_policy
+        from ..costmodel import load_or_measure
+
         self.name = name
         self.target = target
         self.proposer = proposer
-        self.block_size = block_size
+        self.block_size, self.policy = make_policy(block, target, proposer, log=say)
+        self.policy_name = self.policy.name if proposer is not None else "fixed"
         self.has_drafts = proposer is not None
-        self.decoder = SpeculativeDecoder(target, proposer, block_size)
+        self.decoder = SpeculativeDecoder(target, proposer, self.block_size, self.policy)
+        self.costs = getattr(self.policy, "costs", None) or load_or_measure(
+            target, proposer, max_tokens=max(self.block_size, 1), log=say)
 
     def run(self, prompt_ids: list[int], config: DecodeConfig, record_drafts: bool = False) -> Run:
         if record_drafts and self.proposer is not None:
             recorder = _Recorder(self.proposer)
+            # Fixed block: every step drafts, so the drafts line up with the reference runtime's.
             result = SpeculativeDecoder(self.target, recorder, self.block_size).generate(prompt_ids, config)
             return Run(result.token_ids, result.stats, recorder.drafts)
         result = self.decoder.generate(prompt_ids, config)
@@ -192,8 +204,9 @@ class ZlabMethod(Method):
             raise MethodUnavailable(f"needs a DFlash drafter folder ({ctx.draft_problem})")
         try:
             python = ctx.zlab_python or ensure_zlab_python(ctx.zlab_venv, say=ctx.say)
+            block = ctx.block_size if isinstance(ctx.block_size, int) else None  # auto: the drafter's block
             setup = {"target": str(ctx.target_folder), "draft": str(ctx.draft_folder), "device": ctx.device,
-                     "dtype": ctx.dtype, "threads": ctx.threads, "block_size": ctx.block_size}
+                     "dtype": ctx.dtype, "threads": ctx.threads, "block_size": block}
             self.runtime = ZlabRuntime(python, setup, ctx.workdir / "zlab-driver.log")
         except ZlabUnavailable as exc:
             raise MethodUnavailable(str(exc)) from None
@@ -245,27 +258,31 @@ class ZlabMethod(Method):
 
 # ------------------------------------------------------------------ factory
 def build_method(name: str, ctx: BenchContext) -> Method:
-    """The method called `name`, ready to run; MethodUnavailable says why it cannot."""
+    """The method called `name` (optionally NAME@B), ready to run; MethodUnavailable says why it cannot."""
     from ..loading import build_proposer
+    from .names import split_method
 
+    base, block = split_method(name)
     target = ctx.target
-    if name == "hf":
+    if base == "hf":
         return HFMethod("hf", target)
-    if name == "hf-ngram":
+    if base == "hf-ngram":
         return HFMethod("hf-ngram", target, lookup_tokens=ctx.ngram_block_size - 1)
-    if name == "ar":
-        return SpecflashMethod("ar", target, None, 1)
-    if name == "ngram":
-        return SpecflashMethod("ngram", target, build_proposer("ngram", target), ctx.ngram_block_size)
-    if name == "dflash":
+    if base == "ar":
+        return SpecflashMethod("ar", target, None, 1, say=ctx.say)
+    if base == "ngram":
+        return SpecflashMethod(name, target, build_proposer("ngram", target),
+                               block if block is not None else ctx.ngram_block_size, say=ctx.say)
+    if base == "dflash":
         if ctx.draft_folder is None:
             raise MethodUnavailable(f"needs a DFlash drafter ({ctx.draft_problem})")
+        block = block if block is not None else (ctx.block_size or "auto")
         try:
-            proposer = build_proposer(str(ctx.draft_folder), target, block_size=ctx.block_size)
+            numeric = block if isinstance(block, int) else None
+            proposer = build_proposer(str(ctx.draft_folder), target, block_size=numeric)
         except CheckpointError as exc:
             raise MethodUnavailable(str(exc)) from None
-        block = ctx.block_size or proposer.block_size
-        return SpecflashMethod("dflash", target, proposer, block)
-    if name == "zlab":
+        return SpecflashMethod(name, target, proposer, block, say=ctx.say)
+    if base == "zlab":
         return ZlabMethod(ctx)
     raise MethodUnavailable(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

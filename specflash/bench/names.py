@@ -3,10 +3,30 @@
 METHODS: dict[str, str] = {
     "hf": "Hugging Face generate with KV cache (greedy or sampled): the default baseline",
     "ar": "specflash's own loop with block size 1 (plain decoding)",
-    "dflash": "specflash's DFlash loop with --draft and --block-size (default: the drafter's block size)",
+    "dflash": "specflash's DFlash loop with --draft and --block-size (default auto: cost-aware drafts per step "
+              "up to the drafter's block size)",
     "ngram": "specflash's prompt-lookup proposer, --ngram-block-size tokens per verify step",
     "hf-ngram": "Hugging Face generate(prompt_lookup_num_tokens=--ngram-block-size - 1, max_matching_ngram_size=3)",
     "zlab": "the z-lab reference runtime dflash==0.1.0 (Transformers backend) in its own venv, on the same "
             "target, drafter folder and prompt ids",
 }
 DEFAULT_METHODS = ("hf", "ar", "dflash", "ngram", "hf-ngram")
+
+
+def split_method(spec: str) -> tuple[str, int | str | None]:
+    """'dflash@8' -> ('dflash', 8); 'dflash@auto' -> ('dflash', 'auto'); 'hf' -> ('hf', None).
+
+    The suffix sets the block size of one method instance, so one run can compare several
+    (e.g. dflash@4,dflash@8,dflash@16,dflash@auto); it applies to dflash and ngram."""
+    base, sep, block = spec.partition("@")
+    if not sep:
+        return spec, None
+    if block.strip().lower() == "auto":
+        return base, "auto"
+    try:
+        value = int(block)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"method {spec!r}: the part after @ must be 'auto' or an integer >= 1")
+    return base, value

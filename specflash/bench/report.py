@@ -28,7 +28,8 @@ def last_line(result: BenchResult) -> dict:
     """The documented last line of stdout (a fixed shape scripts can rely on)."""
     opts = result.options
     methods = {
-        name: {dataset: {"prompts": f["prompts"], "tau": f["tau"], "tpot_s": f["tpot_s"],
+        name: {dataset: {"prompts": f["prompts"], "tau": f["tau"], "efficiency": f.get("efficiency"),
+                         "tpot_s": f["tpot_s"],
                          "tokens_per_s": f["tokens_per_s"], "speedup": f["speedup"], "mismatches": f["mismatches"]}
                for dataset, f in per_set.items()}
         for name, per_set in result.summary.items()
@@ -40,19 +41,21 @@ def last_line(result: BenchResult) -> dict:
 
 def markdown_table(result: BenchResult) -> str:
     base = result.options.baseline
-    rows = ["| method | dataset | prompts | tau | TPOT ms mean | TPOT ms min / median / max | TTFT ms | tok/s "
-            f"| speedup vs {base} | mismatches |",
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = ["| method | dataset | prompts | tau | drafts/step | efficiency | TPOT ms mean | TPOT ms min / median / max "
+            f"| TTFT ms | tok/s | speedup vs {base} | mismatches |",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, per_set in result.summary.items():
         for dataset, f in per_set.items():
             s = f["tpot_s_spread"]
             rows.append(
-                f"| {name} | {dataset} | {f['prompts']} | {_num(f['tau'], '.2f')} | {_num(f['tpot_s'], '.1f', 1e3)} "
+                f"| {name} | {dataset} | {f['prompts']} | {_num(f['tau'], '.2f')} "
+                f"| {_num(f.get('drafts_per_step'), '.1f')} | {_num(f.get('efficiency'), '.2f')} "
+                f"| {_num(f['tpot_s'], '.1f', 1e3)} "
                 f"| {_num(s['min'], '.1f', 1e3)} / {_num(s['median'], '.1f', 1e3)} / {_num(s['max'], '.1f', 1e3)} "
                 f"| {_num(f['time_to_first_token_s'], '.0f', 1e3)} | {_num(f['tokens_per_s'], '.1f')} "
                 f"| {_num(f['speedup'], '.2f')}x | {'-' if f['mismatches'] is None else f['mismatches']} |")
     for name, reason in result.skipped_methods.items():
-        rows.append(f"| {name} | skipped | | | | | | | | {reason.replace('|', '/')} |")
+        rows.append(f"| {name} | skipped | | | | | | | | | | {reason.replace('|', '/')} |")
     return "\n".join(rows)
 
 
@@ -101,7 +104,9 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
             "tau = mean over requests of (accepted drafts + 1) per verify step (drafting methods only); TPOT = "
             "decode-phase time / tokens after the first (prefill excluded), mean over requests; tok/s = 1 / mean "
             "TPOT; speedup = baseline mean TPOT / method mean TPOT; mismatches = requests whose tokens differ from "
-            "the baseline's (temperature 0).", ""]
+            "the baseline's (temperature 0); drafts/step = mean drafts verified per step (auto may verify 0); "
+            "efficiency = time the bare forwards would take by the measured cost model / measured decode time "
+            "(our loop only; 1.0 = no engine overhead).", ""]
     details = _details(result)
     if details:
         out += ["Acceptance (pooled over all verify steps) and notes:", "", *details, ""]

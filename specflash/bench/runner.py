@@ -30,7 +30,7 @@ from ..errors import InputError
 from . import figures
 from .datasets import DATASETS, BenchPrompt, DatasetUnavailable, load_prompts, load_prompts_file, select
 from .methods import BenchContext, Method, MethodUnavailable, Run, build_method
-from .names import DEFAULT_METHODS, METHODS
+from .names import DEFAULT_METHODS, METHODS, split_method
 
 
 def _say(msg: str) -> None:
@@ -53,7 +53,7 @@ class BenchOptions:
     seed: int = 0
     chat: bool = True
     baseline: str = "hf"
-    block_size: int | None = None
+    block_size: int | str | None = None  # dflash: None = auto
     ngram_block_size: int = 8
     warmup: int = 1
     warmup_tokens: int = 32
@@ -69,9 +69,17 @@ class BenchOptions:
     command: str = ""
 
     def validate(self) -> None:
-        unknown = [m for m in self.methods if m not in METHODS]
+        unknown = []
+        for spec in self.methods:
+            try:
+                base, block = split_method(spec)
+            except ValueError as exc:
+                raise InputError(str(exc)) from None
+            if base not in METHODS or (block is not None and base not in ("dflash", "ngram")):
+                unknown.append(spec)
         if unknown:
-            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+            raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} "
+                             "(dflash and ngram also as NAME@B with B an integer or auto, e.g. dflash@8)")
         if not self.methods:
             raise InputError("--methods is empty; name at least one of " + ", ".join(METHODS))
         if self.baseline not in METHODS:
@@ -84,8 +92,9 @@ class BenchOptions:
                                  ("--max-prompt-tokens", self.max_prompt_tokens, 1)):
             if value < low:
                 raise InputError(f"{name} must be >= {low} (got {value})")
-        if self.block_size is not None and self.block_size < 1:
-            raise InputError(f"--block-size must be >= 1 (got {self.block_size})")
+        if self.block_size is not None and self.block_size != "auto" and (
+                not isinstance(self.block_size, int) or self.block_size < 1):
+            raise InputError(f"--block-size must be auto or an integer >= 1 (got {self.block_size})")
         if self.draft.strip().lower() == "ngram":
             raise InputError("for bench, --draft names the DFlash drafter (random, none, a folder or a hub id); "
                              "prompt lookup is measured by the ngram and hf-ngram methods")
@@ -184,7 +193,8 @@ def _drafter_folder(opts: BenchOptions, target, workdir: Path) -> tuple[Path | N
         from ..loading import random_drafter
 
         folder = workdir / "drafter-random"
-        random_drafter(target, seed=opts.seed, block_size=max(opts.block_size or 16, 2)).save_pretrained(folder)
+        block = opts.block_size if isinstance(opts.block_size, int) else 16
+        random_drafter(target, seed=opts.seed, block_size=max(block, 2)).save_pretrained(folder)
         return folder, None
     if key == "default":
         from ..drafters import shipped_drafter
@@ -251,7 +261,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
                                                                   result.skipped_datasets.items()))
 
     draft_folder, draft_problem = None, None
-    if {"dflash", "zlab"} & set(opts.methods):
+    if {"dflash", "zlab"} & {split_method(m)[0] for m in opts.methods}:
         draft_folder, draft_problem = _drafter_folder(opts, target, out_dir)
         result.draft_folder = str(draft_folder) if draft_folder else None
     ctx = BenchContext(target=target, target_folder=resolve_model(opts.target), draft_folder=draft_folder,
@@ -269,7 +279,8 @@ def run_bench(opts: BenchOptions) -> BenchResult:
             result.skipped_methods[name] = str(exc)
             _say(f"specflash: skipping method {name}: {exc}")
             continue
-        info = {"description": METHODS[name], "block_size": methods[name].block_size}
+        info = {"description": METHODS[split_method(name)[0]], "block_size": methods[name].block_size,
+                "block_policy": getattr(methods[name], "policy_name", "fixed")}
         if name == "zlab":
             info.update(versions=methods[name].versions, load=methods[name].load_report)
         result.methods[name] = info
@@ -383,7 +394,7 @@ def _summarize(result: BenchResult, samples: dict, methods: dict[str, Method], g
         result.summary[name] = {}
         for dataset, items in per_set.items():
             stats = [s for s, _, _ in items]
-            fig = figures.summarize(stats, methods[name].has_drafts)
+            fig = figures.summarize(stats, methods[name].has_drafts, getattr(methods[name], "costs", None))
             fig["mismatches"] = sum(1 for _, same, _ in items if same is False) if greedy and baseline in methods \
                 else None
             fig["requests_past_limit"] = sum(1 for _, _, extra in items if extra)

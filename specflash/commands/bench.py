@@ -8,7 +8,7 @@ import shlex
 from ..bench.datasets import DATASETS, EVAL_FRACTION, HUB_SETS, OFFLINE_SETS
 from ..bench.names import DEFAULT_METHODS, METHODS
 from ..models import DEFAULT_TARGET
-from .common import add_sampling_flags
+from .common import add_sampling_flags, block_size_arg
 
 DESCRIPTION = """\
 Run several decoding methods on the same target, prompts and settings, and report
@@ -33,6 +33,11 @@ Figures, per method and dataset:
   TPOT       decode-phase time / tokens after the first (prefill excluded; TTFT shown
              apart), mean over requests, with min / median / max; tok/s = 1 / TPOT
   speedup    baseline mean TPOT / method mean TPOT (--baseline, default hf)
+  efficiency (our loop: ar, ngram, dflash) time the bare forwards of every step would
+             take by the cost model (t_draft + t_verify(k+1); measured once per model and
+             machine, cached in $SPECFLASH_HOME/costs) / measured decode time; for a fixed
+             block B: achieved tok/s over tau / (t_draft + t_verify(B))
+  drafts/step mean drafts verified per step (--block-size auto may verify 0)
   mismatches requests whose tokens differ from the baseline's (temperature 0;
              expected 0; null when sampling)
 Timing: each method first decodes the first request untimed (--warmup), then all
@@ -47,7 +52,8 @@ results/bench/<time>) with samples.jsonl (one line per method and request),
 summary.json, report.md, speedup.png, acceptance_histogram.png,
 position_acceptance.png; and as the LAST line of stdout one JSON document:
   {{"target": str, "draft": str, "block_size": int|"auto", "machine": {{...}},
-   "methods": {{METHOD: {{DATASET: {{"prompts": int, "tau": float|null, "tpot_s": float,
+   "methods": {{METHOD: {{DATASET: {{"prompts": int, "tau": float|null, "efficiency": float|null,
+   "tpot_s": float,
    "tokens_per_s": float, "speedup": float, "mismatches": int|null}}}}}}}}
 A method that cannot run (no drafter, venv build failure, ...) is reported as skipped
 with its reason on stderr, in the table and in summary.json.
@@ -90,9 +96,11 @@ def register(sub) -> None:
                         "zlab builds a 1.4 GB venv on first use)")
     g.add_argument("--baseline", default="hf", choices=list(METHODS),
                    help="method whose TPOT and tokens the others are compared with; always run (default hf)")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="verify width of dflash and zlab (anchor + drafts); default: the drafter's block_size "
-                        "(16 for random)")
+    g.add_argument("--block-size", type=block_size_arg, default=None,
+                   help="verify width of dflash (anchor + drafts): auto (the default: cost-aware drafts per step up "
+                        "to the drafter's block_size) or an integer; zlab gets the integer or the drafter's "
+                        "block_size. Compare several in one run with methods NAME@B, e.g. "
+                        "--methods hf,dflash@4,dflash@8,dflash@16,dflash@auto")
     g.add_argument("--ngram-block-size", type=int, default=8,
                    help="verify width of ngram; hf-ngram gets prompt_lookup_num_tokens = this - 1 (default 8)")
     d = p.add_argument_group("prompts")

@@ -24,12 +24,23 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="default (the drafter shipped for the target; the default when one exists), none (plain "
                         "decoding; the default otherwise), random (randomly initialised drafter: a testing aid), "
                         "ngram (prompt lookup), or a DFlash drafter folder / hub id")
-    g.add_argument("--block-size", type=int, default=None,
-                   help="tokens verified per step (anchor + drafts); default: the drafter's block_size "
-                        "(16 for random, 8 for ngram); 1 = plain decoding")
+    g.add_argument("--block-size", type=block_size_arg, default="auto",
+                   help="tokens verified per step (anchor + drafts): auto (default: the cost model and the running "
+                        "acceptance pick 0..B-1 drafts each step, B = the drafter's block_size; costs are measured "
+                        "once per model and machine and cached) or a fixed integer; 1 = plain decoding")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+
+
+def block_size_arg(value: str) -> int | str:
+    """argparse type of --block-size: 'auto' or an integer (checked >= 1 where it is used)."""
+    if value.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1 (got {value!r})") from None
 
 
 def resolve_draft_flag(args: argparse.Namespace) -> str:

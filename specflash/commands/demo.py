@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import DEFAULT_TARGET, resolve_draft_flag
+from .common import DEFAULT_TARGET, block_size_arg, resolve_draft_flag
 
 
 def register(sub) -> None:
@@ -17,7 +17,8 @@ def register(sub) -> None:
     p.add_argument("--draft", default=None,
                    help="drafter: default (shipped for the target), random, ngram or a folder (default: the "
                         "shipped drafter, else random)")
-    p.add_argument("--block-size", type=int, default=None, help="verify width (default: the drafter's)")
+    p.add_argument("--block-size", type=block_size_arg, default="auto",
+                   help="auto (default: cost-aware drafts per step) or a fixed verify width")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three built-in)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt (default 96)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
@@ -32,6 +33,7 @@ def run(args: argparse.Namespace) -> int:
     from ..decode import SpeculativeDecoder
     from ..demo import DEMO_PROMPTS, format_table, marked_text, run_demo
     from ..errors import InputError
+    from ..blockpolicy import make_policy
     from ..loading import build_proposer
     from ..target import TargetModel
 
@@ -47,11 +49,13 @@ def run(args: argparse.Namespace) -> int:
     prompts = tuple(args.prompt) if args.prompt else DEMO_PROMPTS
     print(f"loading {args.target} ...", file=sys.stderr)
     target = TargetModel.from_pretrained(args.target)
-    proposer = build_proposer(args.draft, target, block_size=args.block_size)
-    decoder = SpeculativeDecoder(target, proposer, args.block_size)
+    numeric = args.block_size if isinstance(args.block_size, int) else None
+    proposer = build_proposer(args.draft, target, block_size=numeric)
+    size, policy = make_policy(args.block_size, target, proposer, log=lambda m: print(m, file=sys.stderr))
+    decoder = SpeculativeDecoder(target, proposer, size, policy)
     rows = run_demo(target, decoder, prompts, args.max_new_tokens)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(f"\ntarget {args.target}, draft {args.draft}, block {decoder.block_size}, "
+    print(f"\ntarget {args.target}, draft {args.draft}, block {decoder.block_size} {decoder.policy.name}, "
           f"{args.max_new_tokens} new tokens, greedy\n")
     print(format_table(rows))
     mark = "underlined" if color else "in «»"

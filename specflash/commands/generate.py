@@ -27,6 +27,12 @@ def register(sub) -> None:
     gen.set_defaults(handler=run)
 
 
+def block_label(pipe) -> str:
+    if pipe.proposer is None:
+        return "plain decoding"
+    return f"block {pipe.block_size}" + (" auto" if pipe.block_policy == "auto" else "")
+
+
 def run(args: argparse.Namespace) -> int:
     from ..config import DecodeConfig
     from ..errors import InputError
@@ -36,14 +42,15 @@ def run(args: argparse.Namespace) -> int:
     if not args.prompt.strip():
         raise InputError("the prompt is empty; pass some text with --prompt")
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, block_size=args.block_size, seed=args.seed)
+                          top_k=args.top_k, seed=args.seed)
     pipe = Pipeline.load(args.target, draft=args.draft, device=args.device, dtype=args.dtype,
-                         block_size=args.block_size, seed=args.seed)
+                         block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
     prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}] \
         if args.system and args.chat else args.prompt
     if args.json:
         result = pipe.generate(prompt, config, chat=args.chat)
-        payload = {"target": args.target, "draft": args.draft, "block_size": pipe.block_size}
+        payload = {"target": args.target, "draft": args.draft, "block_size": pipe.block_size,
+                   "block_policy": pipe.block_policy}
         payload.update(result.to_dict())
         print(json.dumps(payload))
         return 0
@@ -57,5 +64,5 @@ def run(args: argparse.Namespace) -> int:
     tau = f"{stats.tau:.2f}" if stats.tau is not None else "-"
     rate = f"{stats.tokens_per_s:.1f}" if stats.tokens_per_s else "-"
     print(f"[{stats.num_new_tokens} tokens, tau {tau}, {rate} tokens/s decode, "
-          f"first token {stats.time_to_first_token_s * 1000:.0f} ms, block {pipe.block_size}]", file=sys.stderr)
+          f"first token {stats.time_to_first_token_s * 1000:.0f} ms, {block_label(pipe)}]", file=sys.stderr)
     return 0

@@ -42,6 +42,10 @@ def register(sub) -> None:
     data.add_argument("--thinking", choices=["on", "off", "auto"], default="auto",
                       help="thinking switch for chat templates that have one (enable_thinking); must match "
                            "how the drafter will be used")
+    data.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                      help="target precision while regenerating (default float32, as `generate` on CPU); "
+                           "bfloat16 is ~2x faster on CPUs with AMX / AVX512-BF16 and on GPUs, at the price of "
+                           "responses that occasionally differ from the float32 target's")
     data.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     data.set_defaults(handler=run_data)
 
@@ -99,13 +103,15 @@ def run_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
+    import torch
+
     from ..config import default_target_layer_ids
     from ..target import TargetModel
     from ..train.prompts import load_training_prompts
     from ..train.regenerate import RegenConfig, regenerate
 
     _threads(args)
-    target = TargetModel.from_pretrained(args.target)
+    target = TargetModel.from_pretrained(args.target, dtype=getattr(torch, args.dtype))
     if args.layer_ids:
         layer_ids = tuple(int(x) for x in args.layer_ids.split(","))
     else:
@@ -121,7 +127,7 @@ def run_data(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": args.target, "layer_ids": list(layer_ids), "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "thinking": args.thinking}
+            "thinking": args.thinking, "dtype": args.dtype}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     stats = regenerate(target, records, out, config, total=len(records))
     print(json.dumps(stats))

@@ -51,12 +51,19 @@ class DFlashProposer:
     def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
         drafter, target, cache = self.drafter, self.target, self._cache
         device = target.device
-        pending = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)
+        if not self._pending:  # nothing committed since the last proposal (a repeated call)
+            pending = torch.zeros((1, 0, drafter.fc.in_features), dtype=drafter.fc.weight.dtype, device=device)
+        else:
+            pending = self._pending[0] if len(self._pending) == 1 else torch.cat(self._pending, dim=1)
         self._pending = []
         n_ctx = pending.shape[1]
         if cache.length + n_ctx != position:
             raise RuntimeError(f"drafter context out of sync: {cache.length} cached + {n_ctx} pending "
                                f"!= anchor position {position}")
+        # The drafter always fills its whole training block (bidirectional attention makes a
+        # shorter block a different input); the caller gets the first num_tokens drafts.
+        wanted = num_tokens
+        num_tokens = max(num_tokens, drafter.block_size - 1)
         ids = torch.full((1, num_tokens + 1), drafter.mask_token_id, dtype=torch.long, device=device)
         ids[0, 0] = anchor
         embeds = target.embed_raw(ids)  # [1, k+1, H]
@@ -67,7 +74,7 @@ class DFlashProposer:
         positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
         feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
         hidden = drafter(embeds.to(param_dtype), positions, pending.to(param_dtype), feature_positions, cache)
-        logits = drafter.compute_logits(hidden[0, 1:].to(target.dtype), target.lm_head)  # [k, V]
+        logits = drafter.compute_logits(hidden[0, 1:wanted + 1].to(target.dtype), target.lm_head)  # [k, V]
         if sampler.greedy:
             return Proposal(logits.argmax(dim=-1))
         probs = sampler.probs(logits)  # [k, V]

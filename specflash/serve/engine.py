@@ -270,7 +270,7 @@ class Engine:
     def _new_decoder(self) -> SpeculativeDecoder:
         base = self.pipe.decoder
         proposer = copy.copy(base.proposer) if base.proposer is not None else None
-        return SpeculativeDecoder(base.target, proposer, base.block_size)
+        return SpeculativeDecoder(base.target, proposer, base.block_size, base.policy)
 
     def _advance(self, job: Job) -> None:
         if job.cancelled.is_set():
