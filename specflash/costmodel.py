@@ -190,27 +190,20 @@ def costs_dir() -> Path:
 
 def cost_key(target, proposer, max_tokens: int) -> str:
     """Everything a measurement depends on: model, proposer, device, dtype, threads, machine."""
+    from .bench.machine import machine_info
+
     drafter = getattr(proposer, "drafter", None)
     parts = {
         "target": str(getattr(target, "name", "")), "target_layers": target.num_layers,
         "hidden": target.hidden_size, "proposer": getattr(proposer, "name", "none"),
         "drafter": json.dumps(drafter.config.to_dict(), sort_keys=True, default=str) if drafter is not None else "",
         "device": str(target.device), "dtype": str(target.dtype), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "machine": platform.machine(), "cpu": _cpu_name(), "max_tokens": max_tokens,
+        "torch": torch.__version__, "machine": platform.machine(), "cpu": machine_info()["cpu"],
+        "max_tokens": max_tokens,
     }
     if target.device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(target.device)
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool = False,

@@ -132,6 +132,19 @@ def register(sub) -> None:
                    help="where the reference runtime's venv lives or is built (default $SPECFLASH_HOME/venvs/zlab)")
     z.add_argument("--zlab-python", default=None,
                    help="use this interpreter (with dflash==0.1.0 installed) instead of building a venv")
+    s = p.add_argument_group("synthetic acceptance (engine efficiency without real weights, e.g. on a GPU)")
+    s.add_argument("--synthetic", default=None, metavar="SHAPE",
+                   help="instead of the comparison: a random target of this shape (qwen3-8b, qwen3-4b, "
+                        "llama-3.1-8b, smollm2-135m, tiny) and a random drafter whose tokens come from an oracle "
+                        "right with probability --accept; reports tau, speedup over plain decoding, efficiency "
+                        "and the verify-cost curve")
+    s.add_argument("--accept", type=_floats, default=(0.6, 0.8, 0.95),
+                   help="comma-separated probabilities that a draft token is right (default 0.6,0.8,0.95)")
+    s.add_argument("--synthetic-blocks", type=_csv, default=("4", "8", "16", "auto"),
+                   help="block sizes to run for each probability (default 4,8,16,auto)")
+    s.add_argument("--draft-layers", type=int, default=None,
+                   help="drafter layers (default: 5 for 8B / 4B shapes, else 1)")
+    s.add_argument("--prompt-tokens", type=int, default=128, help="random prompt length (default 128)")
     p.set_defaults(handler=run)
 
 
@@ -156,8 +169,65 @@ def canonical_command(args: argparse.Namespace) -> str:
     return shlex.join(parts)
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values or any(not 0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"probabilities must be in [0, 1], got {text!r}")
+    return values
+
+
+def run_synthetic_command(args: argparse.Namespace) -> int:
+    import json
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    from ..bench.synthetic import SHAPES, render, run_synthetic
+    from ..blockpolicy import parse_block_size
+    from ..errors import InputError
+    from ..pipeline import parse_dtype
+
+    if args.synthetic not in SHAPES:
+        raise InputError(f"unknown --synthetic shape {args.synthetic!r}; choose from {', '.join(SHAPES)}")
+    blocks = [parse_block_size(b) for b in args.synthetic_blocks]
+    if any(b == 1 for b in blocks):
+        raise InputError("--synthetic-blocks: a block of 1 drafts nothing; use 2 or more, or auto")
+    for name in ("num_prompts", "max_new_tokens", "prompt_tokens"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"--device {args.device}: no CUDA device is available on this machine")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    size = max([b for b in blocks if isinstance(b, int)] + [16])
+    result = run_synthetic(args.synthetic, list(args.accept), blocks, device=args.device,
+                           dtype=parse_dtype(args.dtype, args.device), num_prompts=min(args.num_prompts, 64),
+                           prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
+                           draft_layers=args.draft_layers, block_size=size, seed=args.seed,
+                           say=lambda m: print(m, file=sys.stderr, flush=True))
+    text = render(result)
+    from dataclasses import asdict
+
+    out = Path(args.out or Path("results") / "bench" / f"synthetic-{args.synthetic}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.md").write_text(text)
+    doc = asdict(result)
+    (out / "summary.json").write_text(json.dumps(doc, indent=2) + "\n")
+    print(text)
+    print(f"results: {out} (report.md, summary.json)")
+    print(json.dumps(doc))
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     import json
+
+    if args.synthetic:
+        return run_synthetic_command(args)
 
     from ..bench.report import markdown_table, write_results
     from ..bench.runner import BenchOptions, run_bench
