@@ -82,6 +82,22 @@ def test_dflash_sampling_matches_target_distribution(small_target, temperature, 
     assert 0.05 < rate < 0.95, f"first-draft acceptance {rate:.2f}"
 
 
+def test_sampling_stays_lossless_when_the_policy_varies_the_drafts_per_step(small_target):
+    """A block policy (auto, or any) may verify 0..B-1 drafts each step: still the target's distribution."""
+    from tiny import RandomDrafts
+
+    target = small_target
+    drafter = tiny_drafter(target, num_layers=1, block_size=4, seed=7)
+    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target), 4, RandomDrafts(seed=3))
+    counts = torch.zeros(VOCAB, VOCAB)
+    for seed in range(RUNS):
+        result = decoder.generate(PROMPT, DecodeConfig(max_new_tokens=3, temperature=1.0, seed=seed,
+                                                       stop_token_ids=()))
+        counts[result.token_ids[1], result.token_ids[2]] += 1
+    pvalue = chi_square_pvalue(counts, exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
+    assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
+
+
 def test_ngram_sampling_matches_target_distribution(small_target):
     """Deterministic proposals (q is a point mass) are lossless too."""
     target = small_target

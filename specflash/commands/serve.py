@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
 
     resolve_draft_flag(args)  # an omitted --draft: the drafter shipped for the target, else none
     pipe = Pipeline.load(args.target, draft=args.draft, device=args.device, dtype=args.dtype,
-                         block_size=args.block_size, seed=args.seed)
+                         block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
     name = args.served_model_name or args.target
     settings = ServeSettings(model_name=name, draft=args.draft, aliases=(args.target,), api_key=api_key,
                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
@@ -86,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"specflash: serving {name!r} (draft {args.draft}, block {pipe.block_size}, context "
+        print(f"specflash: serving {name!r} (draft {args.draft}, block {pipe.block_size} {pipe.block_policy}, context "
               f"{pipe.target.max_context}) on http://{host}:{port}/v1"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
 
