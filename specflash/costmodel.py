@@ -40,6 +40,7 @@ class StepCosts:
     verify: dict[int, float]
     draft: float
     context: int = 0  # cached tokens in front of the measured forwards
+    noisy: bool = False  # the timings spread widely: the machine was busy while measuring
 
     def __post_init__(self):
         if not self.verify or 1 not in self.verify:
@@ -67,12 +68,12 @@ class StepCosts:
 
     def to_dict(self) -> dict:
         return {"verify": {str(k): v for k, v in sorted(self.verify.items())}, "draft": self.draft,
-                "context": self.context}
+                "context": self.context, "noisy": self.noisy}
 
     @classmethod
     def from_dict(cls, data: dict) -> StepCosts:
         return cls({int(k): float(v) for k, v in data["verify"].items()}, float(data["draft"]),
-                   int(data.get("context", 0)))
+                   int(data.get("context", 0)), bool(data.get("noisy", False)))
 
 
 def expected_tokens(accept: Sequence[float], num_drafts: int) -> float:
@@ -120,15 +121,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median_time(fn, repeats: int, device: torch.device) -> float:
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn, device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
 
 
 def default_sizes(max_tokens: int) -> list[int]:
@@ -136,11 +134,39 @@ def default_sizes(max_tokens: int) -> list[int]:
     return sorted(s for s in sizes if s <= max_tokens)
 
 
+def non_decreasing(values: dict[int, float]) -> dict[int, float]:
+    """Least-squares non-decreasing fit over sorted keys (pool adjacent violators): a
+    longer forward never costs less, whatever noise the timings caught."""
+    keys = sorted(values)
+    blocks: list[list[float]] = []  # [sum, count]
+    for k in keys:
+        blocks.append([values[k], 1.0])
+        while len(blocks) > 1 and blocks[-2][0] / blocks[-2][1] > blocks[-1][0] / blocks[-1][1]:
+            total, count = blocks.pop()
+            blocks[-1][0] += total
+            blocks[-1][1] += count
+    fitted: list[float] = []
+    for total, count in blocks:
+        fitted += [total / count] * int(count)
+    return dict(zip(keys, fitted))
+
+
+def relative_spread(times: list[float]) -> float:
+    """Interquartile range / median of repeated timings (0 = perfectly steady)."""
+    q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
+    return (q[2] - q[0]) / max(q[1], 1e-12)
+
+
 @torch.inference_mode()
 def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 256, repeats: int = 7,
-                  warmup: int = 2, seed: int = 0) -> StepCosts:
+                  warmup: int = 2, seed: int = 0, noise_limit: float = 0.5) -> StepCosts:
     """Time target forwards of 1..max_tokens tokens after `context` cached tokens, and one
-    proposer call for a full block (max_tokens - 1 drafts) at the same position."""
+    proposer call for a full block (max_tokens - 1 drafts) at the same position.
+
+    Sizes are timed round-robin (a burst of other work hits all alike), medians taken, and
+    verify costs made non-decreasing in the number of tokens. `noisy` is set when the
+    repeats of some size spread by more than `noise_limit` (interquartile range / median):
+    another process was competing for the cores."""
     from .sampling import Sampler
 
     device = target.device
@@ -151,7 +177,7 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
     target.set_taps(proposer.layer_ids if proposer is not None else ())
     cache = target.new_cache()
     out = target.forward(prompt[None], cache, logits_to_keep=1)
-    verify: dict[int, float] = {}
+    jobs = {}
     for n in default_sizes(max_tokens):
         block = torch.randint(0, high, (1, n), generator=generator).to(device)
 
@@ -159,22 +185,23 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
             target.forward(block, cache)
             target.crop_cache(cache, context)
 
-        for _ in range(warmup):
-            run()
-        verify[n] = _median_time(run, repeats, device)
-    draft = 0.0
+        jobs[n] = run
     if proposer is not None and max_tokens > 1:
         sampler = Sampler.create(0.0, 0, 1.0, seed, device=device)
         proposer.reset(prompt, out.features)
         anchor = int(prompt[-1])
-
-        def propose():
-            proposer.propose(anchor, context, max_tokens - 1, sampler)
-
-        for _ in range(warmup):
-            propose()
-        draft = _median_time(propose, repeats, device)
-    return StepCosts(verify, draft, context)
+        jobs["draft"] = lambda: proposer.propose(anchor, context, max_tokens - 1, sampler)
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
+    times: dict = {key: [] for key in jobs}
+    for _ in range(repeats):
+        for key, fn in jobs.items():
+            times[key].append(_timed(fn, device))
+    noisy = any(relative_spread(t) > noise_limit for t in times.values())
+    verify = non_decreasing({n: statistics.median(t) for n, t in times.items() if n != "draft"})
+    draft = statistics.median(times["draft"]) if "draft" in times else 0.0
+    return StepCosts(verify, draft, context, noisy)
 
 
 # -------------------------------------------------------------------- caching
@@ -208,7 +235,9 @@ def cost_key(target, proposer, max_tokens: int) -> str:
 
 def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool = False,
                     log=None) -> StepCosts:
-    """The cached cost model for this target / proposer / machine, measured on first use."""
+    """The cached cost model for this target / proposer / machine, measured on first use
+    (set SPECFLASH_REFRESH_COSTS=1, or pass refresh, to measure again)."""
+    refresh = refresh or os.environ.get("SPECFLASH_REFRESH_COSTS", "") not in ("", "0")
     path = costs_dir() / f"{cost_key(target, proposer, max_tokens)}.json"
     if path.exists() and not refresh:
         try:
@@ -218,6 +247,13 @@ def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool =
     if log is not None:
         log(f"measuring step costs for {getattr(target, 'name', 'target')} (once per model and machine) ...")
     costs = measure_costs(target, proposer, max_tokens=max_tokens)
+    if costs.noisy:
+        costs = measure_costs(target, proposer, max_tokens=max_tokens)  # one more try
+    if costs.noisy:
+        if log is not None:
+            log("warning: the machine was busy while step costs were measured (timings spread widely); using "
+                "them for this run only, not caching them")
+        return costs
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".{os.getpid()}.tmp")
     tmp.write_text(json.dumps(costs.to_dict(), indent=1) + "\n")

@@ -9,7 +9,7 @@ import pytest
 
 from specflash.blockpolicy import AutoBlock, FixedBlock, make_policy, parse_block_size
 from specflash.costmodel import (StepCosts, best_num_drafts, engine_efficiency, expected_tokens, load_or_measure,
-                                 measure_costs, modeled_time_s)
+                                 measure_costs, modeled_time_s, non_decreasing, relative_spread)
 from specflash.errors import InputError
 from specflash.proposers import DFlashProposer
 from tiny import tiny_drafter
@@ -66,6 +66,24 @@ def test_verify_cost_interpolates_and_extrapolates():
     assert StepCosts.from_dict(json.loads(json.dumps(costs.to_dict()))) == costs
 
 
+def test_verify_costs_are_fitted_non_decreasing():
+    rng = random.Random(2)
+    for _ in range(200):
+        raw = {n: rng.uniform(0.1, 3.0) for n in (1, 2, 3, 4, 6, 8, 12, 16)}
+        fitted = non_decreasing(raw)
+        values = [fitted[n] for n in sorted(fitted)]
+        assert values == sorted(values)
+        assert sum(values) == pytest.approx(sum(raw.values()))  # pooling keeps the total (least squares)
+    steady = {1: 1.0, 4: 1.2, 16: 2.0}
+    assert non_decreasing(steady) == steady
+    assert non_decreasing({1: 1.0, 2: 3.0, 4: 1.0}) == {1: 1.0, 2: 2.0, 4: 2.0}
+
+
+def test_busy_machine_timings_are_flagged_noisy():
+    assert relative_spread([1.0, 1.01, 0.99, 1.0, 1.02]) < 0.1
+    assert relative_spread([1.0, 5.0, 1.1, 9.0, 0.9, 6.0]) > 0.5
+
+
 def test_efficiency_is_modeled_time_over_measured_time():
     costs = StepCosts({1: 1.0, 16: 3.0}, draft=1.0)
     steps = [15, 15, 0, 15]
@@ -115,18 +133,40 @@ def test_parse_block_size_accepts_auto_and_positive_integers():
             parse_block_size(bad)
 
 
-def test_measured_costs_are_cached_per_model_and_machine(targets, tmp_path, monkeypatch):
+def test_measure_costs_times_every_size_and_the_drafter(targets):
+    target = targets("llama")
+    proposer = DFlashProposer(tiny_drafter(target, block_size=8), target)
+    costs = measure_costs(target, proposer, max_tokens=8, context=20, repeats=3, warmup=1)
+    assert set(costs.verify) == {1, 2, 3, 4, 6, 8} and costs.draft > 0
+    values = [costs.verify[n] for n in sorted(costs.verify)]
+    assert values[0] > 0 and values == sorted(values)
+
+
+def test_steady_costs_are_cached_and_noisy_ones_are_not(targets, tmp_path, monkeypatch):
+    import specflash.costmodel as costmodel
+
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
     target = targets("llama")
     proposer = DFlashProposer(tiny_drafter(target, block_size=8), target)
-    costs = measure_costs(target, proposer, max_tokens=8, context=20, repeats=2, warmup=1)
-    assert set(costs.verify) == {1, 2, 3, 4, 6, 8} and costs.draft > 0
-    assert all(v > 0 for v in costs.verify.values())
+    calls = []
+    outcome = {"noisy": False}
+
+    def fake_measure(*args, **kwargs):
+        calls.append(1)
+        return StepCosts({1: 1.0, 8: 2.0}, 0.5, 20, outcome["noisy"])
+
+    monkeypatch.setattr(costmodel, "measure_costs", fake_measure)
     first = load_or_measure(target, proposer, max_tokens=8)
-    files = list(tmp_path.glob("*.json"))
-    assert len(files) == 1
-    assert load_or_measure(target, proposer, max_tokens=8) == first  # read back, not measured again
+    assert load_or_measure(target, proposer, max_tokens=8) == first and len(calls) == 1  # read back
+    assert len(list(tmp_path.glob("*.json"))) == 1
     size, policy = make_policy("auto", target, proposer)
     assert size == 8 and isinstance(policy, AutoBlock) and policy.costs == first
     assert isinstance(make_policy(4, target, proposer)[1], FixedBlock)
     assert make_policy("auto", target, None)[0] == 1
+    # A busy machine: measured twice, used, never cached.
+    outcome["noisy"] = True
+    other = DFlashProposer(tiny_drafter(target, block_size=4), target)
+    warnings = []
+    costs = load_or_measure(target, other, max_tokens=4, log=warnings.append)
+    assert costs.noisy and len(calls) == 3 and "busy" in warnings[-1]
+    assert len(list(tmp_path.glob("*.json"))) == 1
