@@ -75,12 +75,18 @@ def test_ddp_two_processes_equal_one_process_with_the_combined_batch(setup):
               "--threads", "1", "--precision", "fp32"]
     assert main(common + ["--out", str(root / "single"), "--grad-accum", "2"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                "--master-port", str(free_port())]
-    done = subprocess.run([*launcher, "-m", "specflash.cli", *common, "--out", str(root / "ddp"), "--grad-accum", "1"],
-                          capture_output=True, text=True, env=env, timeout=300)
-    # Rank errors come first in torchrun's stderr, its own traceback last.
-    assert done.returncode == 0, done.stderr[:3000] + "\n...\n" + done.stderr[-800:]
+    errors = []
+    for _attempt in range(2):  # one retry: gloo has aborted at start-up on a loaded 2-core CI machine
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
+                    "127.0.0.1", "--master-port", str(free_port())]
+        done = subprocess.run([*launcher, "-m", "specflash.cli", *common, "--out", str(root / "ddp"),
+                               "--grad-accum", "1", "--no-resume"], capture_output=True, text=True, env=env,
+                              timeout=300)
+        if done.returncode == 0:
+            break
+        # Rank errors come first in torchrun's stderr, its own traceback last.
+        errors.append(done.stderr[:3000] + "\n...\n" + done.stderr[-800:])
+    assert done.returncode == 0, "\n=====\n".join(errors)
     single = torch.load(root / "single" / "checkpoints" / "last.pt", weights_only=False)
     ddp = torch.load(root / "ddp" / "checkpoints" / "last.pt", weights_only=False)
     assert single["step"] == ddp["step"] == 2
