@@ -107,6 +107,15 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
             "the baseline's (temperature 0); drafts/step = mean drafts verified per step (auto may verify 0); "
             "efficiency = time the bare forwards would take by the measured cost model / measured decode time "
             "(our loop only; 1.0 = no engine overhead).", ""]
+    costs = [(k, v["costs"]) for k, v in result.methods.items() if v.get("costs")]
+    if costs:
+        out += ["Cost model (bare forwards after a 256-token context, ms; the basis of efficiency and of "
+                "`auto`):", ""]
+        for name, c in costs:
+            curve = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in c["verify"].items())
+            out.append(f"- {name}: t_verify(n) {{{curve}}}; t_draft {c['draft'] * 1e3:.1f}"
+                       + (" (measured on a busy machine)" if c.get("noisy") else ""))
+        out.append("")
     details = _details(result)
     if details:
         out += ["Acceptance (pooled over all verify steps) and notes:", "", *details, ""]

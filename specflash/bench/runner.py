@@ -281,6 +281,8 @@ def run_bench(opts: BenchOptions) -> BenchResult:
             continue
         info = {"description": METHODS[split_method(name)[0]], "block_size": methods[name].block_size,
                 "block_policy": getattr(methods[name], "policy_name", "fixed")}
+        if getattr(methods[name], "costs", None) is not None:
+            info["costs"] = methods[name].costs.to_dict()
         if name == "zlab":
             info.update(versions=methods[name].versions, load=methods[name].load_report)
         result.methods[name] = info
