@@ -83,3 +83,48 @@ def test_held_out_split_is_independent_of_processing_order(tmp_path):
     assert 20 <= len(held) <= 60 and len(train) + len(held) == 400
     first_tenth = set(range(40))
     assert len(first_tenth & set(held)) < 20  # the first processed rows are mostly training rows
+
+
+def _with_answers(records):
+    from dataclasses import replace
+
+    return [replace(r, response=f"The {r.messages[0][1].split()[-1]} answer, {i}.") for i, r in enumerate(records)]
+
+
+def test_human_fraction_keeps_existing_answers_teacher_forced(target, tmp_path):
+    records = _with_answers(prompt_records(16))
+    config = RegenConfig(max_new_tokens=12, batch_size=4, layer_ids=(1, 3), human_fraction=0.5)
+    stats = regenerate(target, records, tmp_path, config, progress=False)
+    data = ShardDataset([tmp_path])
+    by_id = {r.id: r for r in records}
+    kinds = {data.rows[i].id: data.rows[i].response_from for i in range(len(data))}
+    expected = {r.id: "human" if regen.keeps_human_answer(r, 0.5) else "target" for r in records}
+    assert kinds == expected and 0 < stats["human"] < len(records)
+    for i in range(len(data)):
+        row, example = data.rows[i], data[i]
+        if row.response_from != "human":
+            continue
+        prompt = list(row.input_ids[:row.num_prompt_tokens])
+        answer = list(row.input_ids[row.num_prompt_tokens:])
+        assert answer == regen.encode_answer(target, by_id[row.id], prompt, 12)[0]
+        assert target.decode(answer).startswith(by_id[row.id].response[:8])
+        target.set_taps((1, 3))
+        teacher = target.forward(example.input_ids[None, :-1]).features[0]
+        assert torch.allclose(example.features.float(), teacher, atol=2e-2, rtol=1e-2)
+
+
+def test_human_answers_never_enter_the_held_out_split(target, tmp_path):
+    records = _with_answers(prompt_records(24))
+    regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=8, batch_size=8, human_fraction=1.0),
+               progress=False)
+    data = ShardDataset([tmp_path])
+    train, held = data.split(0.5)
+    assert held == [] and sorted(train) == list(range(len(data)))
+
+
+def test_answer_tokens_end_where_the_chat_template_closes_the_turn(target):
+    record = _with_answers(prompt_records(1))[0]
+    prompt = encode_record(target, record)
+    ids, reason = regen.encode_answer(target, record, prompt, 64)
+    assert reason == "stop" and ids[-1] in target.eos_token_ids
+    assert regen.encode_answer(target, record, prompt, 3) == (ids[:3], "length")

@@ -57,6 +57,9 @@ class BenchPrompt:
         and the baseline method's answers to them.
     messages: a fixed conversation (``--prompts-file`` lines with "messages"); the
         model answers it as a whole (one request).
+    reference: an existing (human-written) answer to the first turn, when the set has
+        one (ShareGPT's first assistant turn, a prompts file's "response"); training may
+        teacher-force it instead of regenerating (`specflash train data --human-fraction`).
     """
 
     dataset: str
@@ -64,6 +67,7 @@ class BenchPrompt:
     turns: tuple[str, ...] = ()
     messages: tuple[dict, ...] = field(default=())
     split: str = "eval"  # "train" or "eval" (see `split_of`)
+    reference: str | None = None
 
     @property
     def text(self) -> str:
@@ -147,7 +151,10 @@ def _sharegpt_all() -> tuple[BenchPrompt, ...]:
         if not key or key in seen:
             continue
         seen.add(key)
-        out.append(BenchPrompt("sharegpt", str(conv.get("id", len(out))), (prompt,), split=split_of("sharegpt", key)))
+        answer = turns[1] if len(turns) > 1 and turns[1].get("from") in ("gpt", "assistant") else {}
+        reference = (answer.get("value") or "").strip() or None
+        out.append(BenchPrompt("sharegpt", str(conv.get("id", len(out))), (prompt,), split=split_of("sharegpt", key),
+                               reference=reference))
     return tuple(out)
 
 
@@ -231,7 +238,8 @@ def _hub_problem(repo_id: str) -> str | None:
 # ---------------------------------------------------------------- prompts files
 def load_prompts_file(path: str | Path) -> list[BenchPrompt]:
     """JSONL, one object per line: {"prompt": "..."} or {"messages": [{"role", "content"}, ...]};
-    an optional "id" names the line (default: its line number)."""
+    an optional "id" names the line (default: its line number), an optional "response" is an
+    existing answer (used only by training's --human-fraction)."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -249,14 +257,15 @@ def load_prompts_file(path: str | Path) -> list[BenchPrompt]:
         if not isinstance(obj, dict):
             raise InputError(f"{where} must be a JSON object with \"prompt\" or \"messages\"")
         pid = str(obj.get("id", number))
+        reference = obj.get("response") if isinstance(obj.get("response"), str) and obj["response"].strip() else None
         if isinstance(obj.get("prompt"), str) and obj["prompt"].strip():
-            out.append(BenchPrompt("file", pid, (obj["prompt"],)))
+            out.append(BenchPrompt("file", pid, (obj["prompt"],), reference=reference))
         elif isinstance(obj.get("messages"), list) and obj["messages"]:
             msgs = obj["messages"]
             if not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
                        for m in msgs):
                 raise InputError(f"{where}: every message needs string \"role\" and \"content\"")
-            out.append(BenchPrompt("file", pid, messages=tuple(dict(m) for m in msgs)))
+            out.append(BenchPrompt("file", pid, messages=tuple(dict(m) for m in msgs), reference=reference))
         else:
             raise InputError(f"{where} needs a non-empty \"prompt\" string or \"messages\" list")
     if not out:

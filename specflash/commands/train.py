@@ -46,6 +46,11 @@ def register(sub) -> None:
                       help="target precision while regenerating (default float32, as `generate` on CPU); "
                            "bfloat16 is ~2x faster on CPUs with AMX / AVX512-BF16 and on GPUs, at the price of "
                            "responses that occasionally differ from the float32 target's")
+    data.add_argument("--human-fraction", type=float, default=0.0,
+                      help="share (0-1) of the prompts that come with an existing answer (ShareGPT's first "
+                           "assistant turn, a JSONL 'response') that keep it, teacher-forced in one forward "
+                           "instead of regenerated: much cheaper, but the drafter then learns some text the "
+                           "target would not write (default 0: every response from the target)")
     data.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     data.set_defaults(handler=run_data)
 
@@ -110,6 +115,10 @@ def run_data(args: argparse.Namespace) -> int:
     from ..train.prompts import load_training_prompts
     from ..train.regenerate import RegenConfig, regenerate
 
+    from ..errors import InputError
+
+    if not 0.0 <= args.human_fraction <= 1.0:
+        raise InputError(f"--human-fraction must be between 0 and 1, got {args.human_fraction}")
     _threads(args)
     target = TargetModel.from_pretrained(args.target, dtype=getattr(torch, args.dtype))
     if args.layer_ids:
@@ -122,12 +131,12 @@ def run_data(args: argparse.Namespace) -> int:
     config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          max_prompt_tokens=args.max_prompt_tokens, layer_ids=layer_ids,
-                         template_kwargs=template_kwargs)
+                         template_kwargs=template_kwargs, human_fraction=args.human_fraction)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": args.target, "layer_ids": list(layer_ids), "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "thinking": args.thinking, "dtype": args.dtype}
+            "thinking": args.thinking, "dtype": args.dtype, "human_fraction": args.human_fraction}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     stats = regenerate(target, records, out, config, total=len(records))
     print(json.dumps(stats))

@@ -15,7 +15,8 @@ def _record(prompt) -> PromptRecord:
         messages = tuple((m["role"], m["content"]) for m in prompt.messages)
     else:
         messages = (("user", prompt.turns[0]),)
-    return PromptRecord(id=f"{prompt.dataset}:{prompt.id}", source=prompt.dataset, messages=messages)
+    return PromptRecord(id=f"{prompt.dataset}:{prompt.id}", source=prompt.dataset, messages=messages,
+                        response=prompt.reference)
 
 
 def load_training_prompts(sources: list[str], limit: int | None = None) -> list[PromptRecord]:

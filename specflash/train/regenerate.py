@@ -12,6 +12,11 @@ With `layer_ids`, the tapped target features that generation computes anyway are
 too (`OUT/shard-NNNNN.features.safetensors`, one float16 tensor [len(input_ids) - 1, K*H]
 per row, keyed by row number): the training objective needs exactly these, so no second
 teacher-forced pass over the data is needed.
+When regeneration is too slow for the budget, `human_fraction` of the prompts that come
+with an existing answer (ShareGPT's first assistant turn, a JSONL "response") keep that
+answer instead (teacher forcing: one batched forward, no decoding), marked
+`"response_from": "human"`; which prompts is fixed by a hash of their id, so a resumed run
+picks the same ones.
 A shard is written whole (features first, then the JSONL by rename), so a killed run
 loses at most the shard in progress; on restart the ids already present are skipped (no
 duplicates, no gaps).
@@ -19,6 +24,7 @@ duplicates, no gaps).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -57,6 +63,7 @@ class RegenConfig:
     max_prompt_tokens: int = 768
     shard_size: int = 64
     layer_ids: tuple[int, ...] = ()  # target layers whose features to keep (empty: none)
+    human_fraction: float = 0.0  # share of prompts with an existing answer that keep it
     template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
 
 
@@ -65,6 +72,61 @@ def encode_record(target: TargetModel, record: PromptRecord, template_kwargs: di
     if record.chat:
         return target.encode_messages(record.as_messages(), **(template_kwargs or {}))
     return target.encode_prompt(record.messages[-1][1], chat=False)
+
+
+def keeps_human_answer(record: PromptRecord, fraction: float) -> bool:
+    """Whether `record` is teacher-forced on its existing answer: it has one and its id's
+    hash falls below `fraction` (a fixed choice, the same on every resumed run)."""
+    if not record.response or fraction <= 0:
+        return False
+    digest = hashlib.sha256(f"human:{record.id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64 < fraction
+
+
+def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], max_tokens: int,
+                  template_kwargs: dict | None = None) -> tuple[list[int], str]:
+    """Ids of the record's existing answer as the chat template closes an assistant turn
+    (end-of-turn token included), capped at max_tokens; ("stop" | "length")."""
+    ids: list[int] | None = None
+    if record.chat:
+        messages = record.as_messages() + [{"role": "assistant", "content": record.response}]
+        full = target.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
+                                                    **(template_kwargs or {}))
+        if isinstance(full, dict) or hasattr(full, "keys"):
+            full = full["input_ids"]
+        full = [int(i) for i in full]
+        if full[:len(prompt)] == prompt:
+            ids = full[len(prompt):]
+            # Stop after the first end-of-turn token: what the target emits to end its answer.
+            ends = [i for i, t in enumerate(ids) if t in target.eos_token_ids]
+            if ends:
+                ids = ids[:ends[0] + 1]
+    if ids is None:  # a template that rewrites earlier turns: the answer's own tokens
+        ids = list(target.tokenizer(record.response, add_special_tokens=False)["input_ids"])
+    if len(ids) > max_tokens:
+        return ids[:max_tokens], "length"
+    return ids, "stop"
+
+
+@torch.inference_mode()
+def teacher_force_batch(target: TargetModel, sequences: list[list[int]]) -> list[torch.Tensor | None]:
+    """One left-padded forward over whole sequences; per sequence the tapped features
+    [len(seq) - 1, K*H] of every token but the last (None when nothing is tapped)."""
+    device = target.device
+    pad_id = int(getattr(target.tokenizer, "pad_token_id", None) or 0)
+    width = max(len(s) for s in sequences)
+    n = len(sequences)
+    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros((n, width), dtype=torch.long, device=device)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, device=device)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = target.forward(ids, None, logits_to_keep=1, attention_mask=mask, position_ids=positions)
+    if out.features is None:
+        return [None] * n
+    feats = out.features.to(torch.float16)  # [n, width, F]
+    return [feats[row, width - len(seq): width - 1].cpu() for row, seq in enumerate(sequences)]
 
 
 def done_ids(out_dir: Path) -> set[str]:
@@ -170,16 +232,23 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
     seen = done_ids(out_dir)
     shard_index = _next_shard_index(out_dir)
     generator = torch.Generator(device=target.device).manual_seed(config.seed + shard_index)
-    stats = {"done": 0, "already_present": 0, "too_long": 0, "response_tokens": 0}
+    stats = {"done": 0, "already_present": 0, "too_long": 0, "response_tokens": 0,
+             "human": 0, "human_response_tokens": 0}
     target.set_taps(config.layer_ids)
     keep_features = bool(config.layer_ids)
     pending: list[dict] = []
     pending_features: list[torch.Tensor] = []
     bar = tqdm(total=total, desc="regenerating", unit="prompt", disable=not progress, dynamic_ncols=True)
     bar.update(len(seen))
+    Item = tuple[PromptRecord, list[int]]
 
-    def batches() -> Iterator[list[tuple[PromptRecord, list[int]]]]:
-        group: list[tuple[PromptRecord, list[int]]] = []
+    def windows(group: list[Item]) -> Iterator[list[Item]]:
+        group.sort(key=lambda item: len(item[1]))  # sorted by length: less padding
+        for i in range(0, len(group), config.batch_size):
+            yield group[i:i + config.batch_size]
+
+    def batches() -> Iterator[tuple[str, list[Item]]]:
+        groups: dict[str, list[Item]] = {"target": [], "human": []}
         for record in records:
             if record.id in seen:
                 stats["already_present"] += 1
@@ -189,32 +258,42 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
                 stats["too_long"] += 1
                 bar.update(1)
                 continue
-            group.append((record, prompt))
-            if len(group) == config.batch_size * 4:  # sort a window by length: less padding
-                group.sort(key=lambda item: len(item[1]))
-                for i in range(0, len(group), config.batch_size):
-                    yield group[i:i + config.batch_size]
-                group = []
-        group.sort(key=lambda item: len(item[1]))
-        for i in range(0, len(group), config.batch_size):
-            yield group[i:i + config.batch_size]
+            kind = "human" if keeps_human_answer(record, config.human_fraction) else "target"
+            groups[kind].append((record, prompt))
+            if len(groups[kind]) == config.batch_size * 4:
+                yield from ((kind, b) for b in windows(groups[kind]))
+                groups[kind] = []
+        for kind, group in groups.items():
+            yield from ((kind, b) for b in windows(group))
 
-    for batch in batches():
-        outputs = generate_batch(target, [p for _, p in batch], config, generator)
+    def flush(force: bool = False) -> None:
+        nonlocal shard_index, pending, pending_features
+        if pending and (force or len(pending) >= config.shard_size):
+            write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
+            shard_index += 1
+            pending, pending_features = [], []
+
+    for kind, batch in batches():
+        if kind == "human":
+            room = [max(1, min(config.max_new_tokens, target.max_context - len(p) - 1)) for _, p in batch]
+            answers = [encode_answer(target, r, p, m, config.template_kwargs) for (r, p), m in zip(batch, room)]
+            features = teacher_force_batch(target, [p + a for (_, p), (a, _) in zip(batch, answers)])
+            outputs = [(a, reason, f) for (a, reason), f in zip(answers, features)]
+        else:
+            outputs = generate_batch(target, [p for _, p in batch], config, generator)
         for (record, prompt), (response, reason, features) in zip(batch, outputs):
             pending.append({"id": record.id, "source": record.source, "input_ids": prompt + response,
-                            "num_prompt_tokens": len(prompt), "response_from": "target", "finish_reason": reason})
+                            "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason})
             if keep_features:
                 pending_features.append(features)
             stats["done"] += 1
             stats["response_tokens"] += len(response)
+            if kind == "human":
+                stats["human"] += 1
+                stats["human_response_tokens"] += len(response)
         bar.update(len(batch))
         bar.set_postfix(tokens=stats["response_tokens"])
-        if len(pending) >= config.shard_size:
-            write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
-            shard_index += 1
-            pending, pending_features = [], []
-    if pending:
-        write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
+        flush()
+    flush(force=True)
     bar.close()
     return stats

@@ -67,14 +67,17 @@ class ShardDataset:
 
     def split(self, held_out_fraction: float, exclude_ids: set[str] | None = None) -> tuple[list[int], list[int]]:
         """Deterministic split by a hash of each id: (train indices, held-out indices).
-        Rows whose id is in `exclude_ids` (e.g. benchmark prompts) are in neither."""
+        Rows whose id is in `exclude_ids` (e.g. benchmark prompts) are in neither; rows with
+        a human (teacher-forced) answer always train, since the held-out estimate compares
+        the drafter with the target's own continuation."""
         train, held = [], []
         for i, row in enumerate(self.rows):
             if exclude_ids and row.id in exclude_ids:
                 continue
             # Salted: data is often processed in sha256(id) order, which must not decide the split.
             bucket = int(hashlib.sha256(f"held-out:{row.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            (held if bucket < held_out_fraction else train).append(i)
+            held_out = bucket < held_out_fraction and row.response_from == "target"
+            (held if held_out else train).append(i)
         return train, held
 
     def token_counts(self, indices: list[int], vocab_size: int) -> torch.Tensor:
