@@ -59,3 +59,22 @@ def test_cli_random_draft_prints_the_same_tokens_as_none(capsys, smollm2, refere
         assert main(args + ["--draft", draft]) == 0
         outputs[draft] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert outputs["random"]["token_ids"] == outputs["none"]["token_ids"] == references[PROMPTS[0]][1]
+
+
+@pytest.mark.parametrize("block", [16, 4])
+def test_shipped_drafter_output_equals_hf_greedy(smollm2, references, block):
+    from specflash.drafters import shipped_drafter
+
+    assert shipped_drafter("smollm2-135m-instruct") is not None
+    decoder = SpeculativeDecoder(smollm2, build_proposer("default", smollm2, block_size=block), block)
+    for prompt, (ids, reference) in references.items():
+        result = decoder.generate(ids, DecodeConfig(max_new_tokens=NEW))
+        assert result.token_ids == reference, prompt
+
+
+def test_shipped_drafter_with_auto_block_prints_the_greedy_tokens(capsys, smollm2, references):
+    args = ["generate", "--target", "smollm2-135m-instruct", "--prompt", PROMPTS[1], "--json",
+            "--max-new-tokens", str(NEW), "--draft", "default", "--block-size", "auto"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["token_ids"] == references[PROMPTS[1]][1]

@@ -61,6 +61,16 @@ def chi_square_pvalue(counts: torch.Tensor, probs: torch.Tensor) -> float:
     return float(chisquare(obs, exp).pvalue)
 
 
+def sampled_pairs(decoder) -> torch.Tensor:
+    """[V, V] counts of (token 2, token 3) over RUNS seeds at temperature 1."""
+    counts = torch.zeros(VOCAB, VOCAB)
+    for seed in range(RUNS):
+        result = decoder.generate(PROMPT, DecodeConfig(max_new_tokens=3, temperature=1.0, seed=seed,
+                                                       stop_token_ids=()))
+        counts[result.token_ids[1], result.token_ids[2]] += 1
+    return counts
+
+
 @pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 4, 1.0), (1.0, 0, 0.7)])
 def test_dflash_sampling_matches_target_distribution(small_target, temperature, top_k, top_p):
     target = small_target
@@ -89,12 +99,7 @@ def test_sampling_stays_lossless_when_the_policy_varies_the_drafts_per_step(smal
     target = small_target
     drafter = tiny_drafter(target, num_layers=1, block_size=4, seed=7)
     decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target), 4, RandomDrafts(seed=3))
-    counts = torch.zeros(VOCAB, VOCAB)
-    for seed in range(RUNS):
-        result = decoder.generate(PROMPT, DecodeConfig(max_new_tokens=3, temperature=1.0, seed=seed,
-                                                       stop_token_ids=()))
-        counts[result.token_ids[1], result.token_ids[2]] += 1
-    pvalue = chi_square_pvalue(counts, exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
+    pvalue = chi_square_pvalue(sampled_pairs(decoder), exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
     assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
 
 
@@ -102,12 +107,7 @@ def test_ngram_sampling_matches_target_distribution(small_target):
     """Deterministic proposals (q is a point mass) are lossless too."""
     target = small_target
     decoder = SpeculativeDecoder(target, _FixedProposer([5, 2]), 3)
-    counts = torch.zeros(VOCAB, VOCAB)
-    for seed in range(RUNS):
-        result = decoder.generate(PROMPT, DecodeConfig(max_new_tokens=3, temperature=1.0, seed=seed,
-                                                       stop_token_ids=()))
-        counts[result.token_ids[1], result.token_ids[2]] += 1
-    pvalue = chi_square_pvalue(counts, exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
+    pvalue = chi_square_pvalue(sampled_pairs(decoder), exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
     assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"
 
 

@@ -112,16 +112,8 @@ def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], 
 def teacher_force_batch(target: TargetModel, sequences: list[list[int]]) -> list[torch.Tensor | None]:
     """One left-padded forward over whole sequences; per sequence the tapped features
     [len(seq) - 1, K*H] of every token but the last (None when nothing is tapped)."""
-    device = target.device
-    pad_id = int(getattr(target.tokenizer, "pad_token_id", None) or 0)
-    width = max(len(s) for s in sequences)
-    n = len(sequences)
-    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n, width), dtype=torch.long, device=device)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, device=device)
-        mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    ids, mask, positions = left_padded(target, sequences)
+    n, width = ids.shape
     out = target.forward(ids, None, logits_to_keep=1, attention_mask=mask, position_ids=positions)
     if out.features is None:
         return [None] * n
@@ -161,6 +153,23 @@ def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torc
     return path
 
 
+def _pad_id(target: TargetModel) -> int:
+    return int(getattr(target.tokenizer, "pad_token_id", None) or 0)
+
+
+def left_padded(target: TargetModel, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sequences right-aligned in one batch: ids, attention mask (0 = padding) and
+    position ids, each [n, max length]."""
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), _pad_id(target), dtype=torch.long, device=target.device)
+    mask = torch.zeros_like(ids)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(seq, device=target.device)
+        mask[row, width - len(seq):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    return ids, mask, positions
+
+
 @torch.inference_mode()
 def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenConfig,
                    generator: torch.Generator | None = None) -> list[tuple[list[int], str, torch.Tensor | None]]:
@@ -171,16 +180,10 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
     every token fed to the target (None when target.taps is empty)."""
     device = target.device
     eos = torch.tensor(sorted(target.eos_token_ids) or [-1], device=device)
-    pad_id = int(getattr(target.tokenizer, "pad_token_id", None) or 0)
-    width = max(len(p) for p in prompts)
-    n = len(prompts)
-    ids = torch.full((n, width), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros((n, width), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.tensor(prompt, device=device)
-        mask[row, width - len(prompt):] = 1
+    pad_id = _pad_id(target)
+    ids, mask, positions = left_padded(target, prompts)
+    n, width = ids.shape
     cache = target.new_cache()
-    positions = (mask.cumsum(-1) - 1).clamp_min(0)
     out_tokens = torch.full((n, config.max_new_tokens), pad_id, dtype=torch.long, device=device)
     finished = torch.zeros(n, dtype=torch.bool, device=device)
     lengths = torch.full((n,), config.max_new_tokens, dtype=torch.long, device=device)
