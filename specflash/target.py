@@ -204,11 +204,14 @@ class TargetModel:
             return self.encode_messages(messages)
         return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
-    def encode_messages(self, messages: list[dict[str, str]], **template_kwargs: Any) -> list[int]:
+    def encode_messages(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                        **template_kwargs: Any) -> list[int]:
+        """Chat-template ids of `messages`; with add_generation_prompt the opening of the
+        assistant turn the model answers in (False: a finished conversation)."""
         if not messages:
             raise InputError("messages is empty; give at least one {'role': 'user', 'content': ...}")
-        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                 **template_kwargs)
+        ids = self.tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
+                                                 tokenize=True, **template_kwargs)
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
         return [int(i) for i in ids]

@@ -111,11 +111,10 @@ def run_data(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import default_target_layer_ids
+    from ..errors import InputError
     from ..target import TargetModel
     from ..train.prompts import load_training_prompts
     from ..train.regenerate import RegenConfig, regenerate
-
-    from ..errors import InputError
 
     if not 0.0 <= args.human_fraction <= 1.0:
         raise InputError(f"--human-fraction must be between 0 and 1, got {args.human_fraction}")

@@ -90,11 +90,7 @@ def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], 
     ids: list[int] | None = None
     if record.chat:
         messages = record.as_messages() + [{"role": "assistant", "content": record.response}]
-        full = target.tokenizer.apply_chat_template(messages, add_generation_prompt=False, tokenize=True,
-                                                    **(template_kwargs or {}))
-        if isinstance(full, dict) or hasattr(full, "keys"):
-            full = full["input_ids"]
-        full = [int(i) for i in full]
+        full = target.encode_messages(messages, add_generation_prompt=False, **(template_kwargs or {}))
         if full[:len(prompt)] == prompt:
             ids = full[len(prompt):]
             # Stop after the first end-of-turn token: what the target emits to end its answer.
