@@ -2,9 +2,10 @@
 
 A verify step that checks k drafts costs
 
-    step(k) = t_draft * [k > 0] + t_verify(k + 1)
+    step(k) = t_draft(k) * [k > 0] + t_verify(k + 1)
 
-(the drafter proposes its whole block in one forward whatever k is; k = 0 is a plain
+(the drafter runs its whole block in one forward whatever k is, but the LM head only over
+the k drafts the step verifies, so t_draft grows a little with k; k = 0 is a plain
 decoding step). With a_i = P(draft i accepted | drafts 1..i-1 accepted), the step
 delivers on average
 
@@ -35,12 +36,14 @@ import torch
 @dataclass(frozen=True)
 class StepCosts:
     """Measured seconds: `verify` maps tokens fed to one target forward (incl. LM head) to
-    its median time; `draft` is one proposer call for a full block."""
+    its median time; `draft` is one proposer call for a full block; `drafts`, when
+    measured, maps the number of drafts asked of the proposer to its median time."""
 
     verify: dict[int, float]
     draft: float
     context: int = 0  # cached tokens in front of the measured forwards
     noisy: bool = False  # the timings spread widely: the machine was busy while measuring
+    drafts: dict[int, float] | None = None
 
     def __post_init__(self):
         if not self.verify or 1 not in self.verify:
@@ -49,31 +52,52 @@ class StepCosts:
     def verify_s(self, tokens: int) -> float:
         """Cost of a `tokens`-token target forward, linear between measured sizes and
         extrapolated from the last two beyond them."""
-        sizes = sorted(self.verify)
-        if tokens in self.verify:
-            return self.verify[tokens]
-        lo = max((s for s in sizes if s < tokens), default=sizes[0])
-        hi = min((s for s in sizes if s > tokens), default=None)
-        if hi is None:
-            if len(sizes) == 1:
-                return self.verify[lo]
-            a, b = sizes[-2], sizes[-1]
-            slope = (self.verify[b] - self.verify[a]) / (b - a)
-            return self.verify[b] + slope * (tokens - b)
-        frac = (tokens - lo) / (hi - lo)
-        return self.verify[lo] + frac * (self.verify[hi] - self.verify[lo])
+        return interpolate(self.verify, tokens)
+
+    def draft_s(self, num_drafts: int) -> float:
+        """Cost of one proposer call asked for `num_drafts` drafts (0 for none)."""
+        if num_drafts <= 0:
+            return 0.0
+        if not self.drafts:
+            return self.draft
+        return min(interpolate(self.drafts, num_drafts), max(self.drafts.values()))
 
     def step_s(self, num_drafts: int) -> float:
-        return (self.draft if num_drafts > 0 else 0.0) + self.verify_s(num_drafts + 1)
+        return self.draft_s(num_drafts) + self.verify_s(num_drafts + 1)
 
     def to_dict(self) -> dict:
-        return {"verify": {str(k): v for k, v in sorted(self.verify.items())}, "draft": self.draft,
+        data = {"verify": {str(k): v for k, v in sorted(self.verify.items())}, "draft": self.draft,
                 "context": self.context, "noisy": self.noisy}
+        if self.drafts:
+            data["drafts"] = {str(k): v for k, v in sorted(self.drafts.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> StepCosts:
+        drafts = data.get("drafts")
         return cls({int(k): float(v) for k, v in data["verify"].items()}, float(data["draft"]),
-                   int(data.get("context", 0)), bool(data.get("noisy", False)))
+                   int(data.get("context", 0)), bool(data.get("noisy", False)),
+                   {int(k): float(v) for k, v in drafts.items()} if drafts else None)
+
+
+def interpolate(values: dict[int, float], n: int) -> float:
+    """values at measured sizes -> value at n: linear between sizes, extrapolated from the
+    last two beyond them, the first one below them."""
+    sizes = sorted(values)
+    if n in values:
+        return values[n]
+    lo = max((s for s in sizes if s < n), default=sizes[0])
+    hi = min((s for s in sizes if s > n), default=None)
+    if hi is None:
+        if len(sizes) == 1:
+            return values[lo]
+        a, b = sizes[-2], sizes[-1]
+        slope = (values[b] - values[a]) / (b - a)
+        return values[b] + slope * (n - b)
+    if n < lo:
+        return values[lo]
+    frac = (n - lo) / (hi - lo)
+    return values[lo] + frac * (values[hi] - values[lo])
 
 
 def expected_tokens(accept: Sequence[float], num_drafts: int) -> float:
@@ -160,8 +184,8 @@ def relative_spread(times: list[float]) -> float:
 @torch.inference_mode()
 def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 256, repeats: int = 7,
                   warmup: int = 2, seed: int = 0, noise_limit: float = 0.5) -> StepCosts:
-    """Time target forwards of 1..max_tokens tokens after `context` cached tokens, and one
-    proposer call for a full block (max_tokens - 1 drafts) at the same position.
+    """Time target forwards of 1..max_tokens tokens after `context` cached tokens, and
+    proposer calls for 1..max_tokens - 1 drafts at the same position.
 
     Sizes are timed round-robin (a burst of other work hits all alike), medians taken, and
     verify costs made non-decreasing in the number of tokens. `noisy` is set when the
@@ -190,7 +214,8 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
         sampler = Sampler.create(0.0, 0, 1.0, seed, device=device)
         proposer.reset(prompt, out.features)
         anchor = int(prompt[-1])
-        jobs["draft"] = lambda: proposer.propose(anchor, context, max_tokens - 1, sampler)
+        for k in default_sizes(max_tokens - 1):
+            jobs[("draft", k)] = lambda k=k: proposer.propose(anchor, context, k, sampler)
     for _ in range(warmup):
         for fn in jobs.values():
             fn()
@@ -199,9 +224,10 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
         for key, fn in jobs.items():
             times[key].append(_timed(fn, device))
     noisy = any(relative_spread(t) > noise_limit for t in times.values())
-    verify = non_decreasing({n: statistics.median(t) for n, t in times.items() if n != "draft"})
-    draft = statistics.median(times["draft"]) if "draft" in times else 0.0
-    return StepCosts(verify, draft, context, noisy)
+    verify = non_decreasing({n: statistics.median(t) for n, t in times.items() if isinstance(n, int)})
+    drafts = non_decreasing({key[1]: statistics.median(t) for key, t in times.items() if isinstance(key, tuple)})
+    draft = drafts[max(drafts)] if drafts else 0.0
+    return StepCosts(verify, draft, context, noisy, drafts or None)
 
 
 # -------------------------------------------------------------------- caching
@@ -218,6 +244,7 @@ def costs_dir() -> Path:
 def cost_key(target, proposer, max_tokens: int) -> str:
     """Everything a measurement depends on: model, proposer, device, dtype, threads, machine."""
     from .bench.machine import machine_info
+    from .kernels import uses_small_batch_kernel
 
     drafter = getattr(proposer, "drafter", None)
     parts = {
@@ -227,6 +254,8 @@ def cost_key(target, proposer, max_tokens: int) -> str:
         "device": str(target.device), "dtype": str(target.dtype), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "cpu": machine_info()["cpu"],
         "max_tokens": max_tokens,
+        # The kernel choice for few-row LM heads changes verify costs (kernels.py).
+        "kernels": "small-batch-head/1" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
     }
     if target.device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(target.device)

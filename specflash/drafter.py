@@ -7,7 +7,15 @@ A stack of Qwen3-style decoder layers with no embedding and no LM head of its ow
 - the block ([anchor, MASK, ...] embedded with the target's embedding) attends to all
   context keys plus all block keys (bidirectional inside the block for
   `full_attention` layers; causal with a window for `sliding_attention` layers);
-- output: final `norm`; the caller applies the target's LM head.
+- output: final `norm`; the caller applies the target's LM head, or only its rows of
+  the drafter's reduced draft vocabulary when it has one (`draft_vocab`).
+
+Draft vocabulary: a drafter trained with its loss over the N most frequent target output
+tokens never learned to push the other logits down, so at inference it proposes only
+from those N tokens (also N/V of the LM head cost). The ids live in `draft_vocab.json`
+beside the weights, not in model.safetensors, since vLLM stops at an unknown tensor: the
+engines and the z-lab runtime load the same folder and use the full LM head, which is
+still lossless (every draft is verified), only a little slower.
 
 Weight names match the published checkpoints (`fc.weight`, `hidden_norm.weight`,
 `layers.{i}.self_attn.q_proj.weight`, ..., `norm.weight`), so z-lab drafters load here
@@ -30,6 +38,8 @@ from .errors import CheckpointError
 WEIGHTS_NAME = "model.safetensors"
 WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 CONFIG_NAME = "config.json"
+DRAFT_VOCAB_NAME = "draft_vocab.json"
+DRAFT_VOCAB_FORMAT = "specflash.draft_vocab/1"
 
 
 class RMSNorm(nn.Module):
@@ -203,6 +213,19 @@ class DFlashDrafter(nn.Module):
         # states have massive outlier dimensions). Not a weight: save_pretrained folds it into
         # fc.weight, so checkpoints keep the published format and load with scale 1.
         self.register_buffer("feature_scale", torch.ones(config.num_features * h), persistent=False)
+        self.draft_vocab: torch.Tensor | None = None  # [N] sorted target ids the drafter proposes from
+
+    def set_draft_vocab(self, ids: torch.Tensor | list[int] | None) -> "DFlashDrafter":
+        """Restrict proposals to these target token ids (None: the full vocabulary)."""
+        if ids is None:
+            self.draft_vocab = None
+            return self
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().unique()  # sorted, distinct
+        if ids.numel() == 0 or int(ids.min()) < 0 or int(ids.max()) >= self.config.vocab_size:
+            raise CheckpointError(f"draft vocabulary ids must lie in 0..{self.config.vocab_size - 1} "
+                                  f"(vocab_size of config.json) and not be empty")
+        self.draft_vocab = ids
+        return self
 
     # --------------------------------------------------------------- helpers
     @property
@@ -332,6 +355,12 @@ class DFlashDrafter(nn.Module):
         config = self.config.to_dict()
         config["torch_dtype"] = str(dtype).removeprefix("torch.")
         (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+        vocab_file = folder / DRAFT_VOCAB_NAME
+        if self.draft_vocab is not None:
+            vocab_file.write_text(json.dumps({"format": DRAFT_VOCAB_FORMAT, "size": int(self.draft_vocab.numel()),
+                                              "target_ids": self.draft_vocab.tolist()}) + "\n")
+        elif vocab_file.exists():
+            vocab_file.unlink()  # a stale vocabulary of an earlier save must not restrict this drafter
         return folder
 
     @classmethod
@@ -359,7 +388,25 @@ class DFlashDrafter(nn.Module):
             raise CheckpointError(f"drafter checkpoint {folder} has weights of the wrong shape for its "
                                   f"config.json: {_short(wrong)}")
         model.load_state_dict(state, strict=False)
+        model.set_draft_vocab(read_draft_vocab(folder))
         return model.to(device=device, dtype=dtype).eval()
+
+
+def read_draft_vocab(folder: Path) -> list[int] | None:
+    """The ids of `draft_vocab.json` in a drafter folder (None when there is none)."""
+    path = Path(folder) / DRAFT_VOCAB_NAME
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        ids = [int(i) for i in data["target_ids"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{path} is not a draft vocabulary ({type(exc).__name__}: {exc}); delete it to "
+                              f"use the full vocabulary") from None
+    if data.get("format") != DRAFT_VOCAB_FORMAT or data.get("size", len(ids)) != len(ids):
+        raise CheckpointError(f"{path}: expected format {DRAFT_VOCAB_FORMAT!r} with `size` equal to the number of "
+                              f"target_ids; delete it to use the full vocabulary")
+    return ids
 
 
 def _short(items: list[str], limit: int = 4) -> str:

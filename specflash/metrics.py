@@ -9,7 +9,10 @@
 - time per output token (TPOT) = decode-phase wall time (after the first token) divided
   by the tokens produced in that phase; tokens_per_s = 1 / TPOT (decode phase). The first
   step delivers one token in our loop; a runtime that verifies drafts in its first
-  forward (e.g. Hugging Face prompt lookup) may deliver several: `first_step_tokens`.
+  forward (e.g. Hugging Face prompt lookup) may deliver several: `first_step_tokens`;
+- forward time = decode-phase wall time spent inside the drafter's and the target's
+  forwards (measured in the run itself; on CUDA after a synchronize); the rest of the
+  decode time is the engine's own overhead.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ class SpecStats:
     time_to_first_token_s: float = 0.0
     decode_time_s: float = 0.0
     first_step_tokens: int = 1  # tokens delivered by the first step (counted in TTFT, not TPOT)
+    forward_time_s: float = 0.0  # decode-phase time inside the drafter / target forwards
 
     def record_step(self, num_drafted: int, num_accepted: int) -> None:
         self.acceptance_lengths.append(num_accepted + 1)
@@ -88,4 +92,5 @@ class SpecStats:
             "decode_time_s": self.decode_time_s,
             "tpot_s": self.tpot_s,
             "tokens_per_s": self.tokens_per_s,
+            "forward_time_s": self.forward_time_s,
         }

@@ -15,6 +15,7 @@ block; the model's own masks still apply the sliding window.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
+from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
 
 
 @dataclass
@@ -42,6 +44,8 @@ class TargetModel:
         self.layers = decoder.layers
         self._embedding = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
+        if os.environ.get("SPECFLASH_KERNELS", "").lower() != "stock":
+            use_small_batch_kernel(self._head)  # few-row LM heads on the CPU: see kernels.py
         self._taps: tuple[int, ...] = ()
         self._hooks: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
@@ -93,6 +97,11 @@ class TargetModel:
         return int(self._embedding.weight.shape[0])
 
     @property
+    def output_rows(self) -> int:
+        """Logits per position (rows of the LM head)."""
+        return int(self._head.weight.shape[0])
+
+    @property
     def max_context(self) -> int:
         return int(getattr(self.config, "max_position_embeddings", None) or 2048)
 
@@ -123,13 +132,25 @@ class TargetModel:
         """[b, n] ids -> [b, n, H] plain embedding rows (no family scaling)."""
         return F.embedding(ids, self._embedding.weight)
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        """[.., H] final hidden states -> [.., V] logits (with soft-capping if the family has it)."""
-        logits = self._head(hidden)
+    def head_rows(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LM head's weight [N, H] (and bias [N]) rows of these token ids, for `lm_head(.., rows=)`."""
+        ids = ids.to(self._head.weight.device)
+        bias = self._head.bias[ids] if getattr(self._head, "bias", None) is not None else None
+        return self._head.weight[ids].detach().contiguous(), bias
+
+    def lm_head(self, hidden: torch.Tensor,
+                rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
+        """[.., H] final hidden states -> [.., V] logits (with soft-capping if the family has it);
+        with `rows` (from `head_rows`) only those N logits, [.., N]."""
+        logits = self._head(hidden) if rows is None else small_batch_linear(hidden, rows[0], rows[1])
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    def stock_kernels(self) -> stock_kernels:
+        """Context manager: run the model exactly as transformers ships it (no kernel choice)."""
+        return stock_kernels(self._head)
 
     # ------------------------------------------------------------------ taps
     def set_taps(self, layer_ids: tuple[int, ...] | list[int] | None) -> None:

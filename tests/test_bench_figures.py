@@ -69,3 +69,13 @@ def test_first_mismatch_finds_the_first_differing_token():
     assert figures.first_mismatch([1, 2, 3], [1, 2, 3]) is None
     assert figures.first_mismatch([1, 9, 3], [1, 2, 3]) == 1
     assert figures.first_mismatch([1, 2], [1, 2, 3]) == 2
+
+
+def test_efficiency_is_the_forwards_share_of_the_decode_time():
+    from specflash.bench.figures import efficiency
+
+    a = SpecStats(drafted_per_step=[3, 3], decode_time_s=2.0, forward_time_s=1.5)
+    b = SpecStats(drafted_per_step=[0, 1], decode_time_s=1.0, forward_time_s=0.9)
+    assert efficiency([a, b]) == pytest.approx(2.4 / 3.0)
+    # Other runtimes do not time their forwards: no figure rather than a made-up one.
+    assert efficiency([SpecStats(drafted_per_step=[1], decode_time_s=1.0)]) is None

@@ -20,7 +20,11 @@ def _random_costs(rng: random.Random, max_tokens: int) -> StepCosts:
     for n in sorted({1, 2, 4, 8, max_tokens}):
         verify[n] = t
         t += rng.uniform(0.0, 0.5) * n  # non-decreasing, any slope
-    return StepCosts(verify, draft=rng.uniform(0.0, 1.5))
+    draft = rng.uniform(0.0, 1.5)
+    drafts = None
+    if max_tokens > 2 and rng.random() < 0.5:  # per-k draft costs, growing with k
+        drafts = {1: rng.uniform(0.0, draft), max_tokens - 1: draft}
+    return StepCosts(verify, draft=draft, drafts=drafts)
 
 
 def test_best_num_drafts_matches_brute_force():
@@ -140,6 +144,24 @@ def test_measure_costs_times_every_size_and_the_drafter(targets):
     assert set(costs.verify) == {1, 2, 3, 4, 6, 8} and costs.draft > 0
     values = [costs.verify[n] for n in sorted(costs.verify)]
     assert values[0] > 0 and values == sorted(values)
+    assert set(costs.drafts) == {1, 2, 3, 4, 6, 7} and costs.draft == costs.drafts[7]
+    assert StepCosts.from_dict(costs.to_dict()) == costs
+
+
+def test_draft_cost_depends_on_the_number_of_drafts():
+    costs = StepCosts({1: 1.0, 16: 2.0}, draft=0.5, drafts={1: 0.1, 4: 0.2, 15: 0.5})
+    assert costs.draft_s(0) == 0.0 and costs.draft_s(1) == 0.1 and costs.draft_s(15) == 0.5
+    assert abs(costs.draft_s(2) - (0.1 + 0.1 / 3)) < 1e-12
+    assert costs.draft_s(20) == 0.5  # never above the full block
+    assert abs(costs.step_s(2) - (costs.draft_s(2) + costs.verify_s(3))) < 1e-12
+    # Without per-k figures (an older cache file) every step pays the full-block draft.
+    assert StepCosts({1: 1.0}, draft=0.5).draft_s(3) == 0.5
+
+
+def test_best_num_drafts_uses_per_k_draft_costs():
+    # Verifying is almost free, but the drafter's cost grows fast with k: few drafts win.
+    costs = StepCosts({1: 1.0, 16: 1.0}, draft=3.0, drafts={1: 0.05, 2: 0.1, 15: 3.0})
+    assert best_num_drafts([0.9] * 15, costs, 15) <= 4
 
 
 def test_steady_costs_are_cached_and_noisy_ones_are_not(targets, tmp_path, monkeypatch):

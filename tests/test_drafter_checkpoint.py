@@ -227,3 +227,37 @@ def test_feature_scale_is_folded_into_fc_on_save(tmp_path, targets):
     args = (block, torch.arange(9, 13)[None], features, torch.arange(9)[None])
     with torch.no_grad():
         assert torch.allclose(drafter(*args), loaded(*args), atol=1e-5)
+
+
+def test_draft_vocab_round_trips_beside_the_published_weights(tmp_path, targets):
+    import json
+
+    from safetensors import safe_open
+
+    from specflash.drafter import DRAFT_VOCAB_NAME
+
+    drafter = tiny_drafter(targets("llama")).set_draft_vocab([9, 3, 3, 40, 7])
+    drafter.save_pretrained(tmp_path / "d")
+    data = json.loads((tmp_path / "d" / DRAFT_VOCAB_NAME).read_text())
+    assert data["target_ids"] == [3, 7, 9, 40] and data["size"] == 4
+    with safe_open(str(tmp_path / "d" / "model.safetensors"), "pt") as f:
+        assert all("vocab" not in k and "d2t" not in k for k in f.keys())  # engines stop at unknown tensors
+    assert DFlashDrafter.from_pretrained(tmp_path / "d").draft_vocab.tolist() == [3, 7, 9, 40]
+    # Saving a full-vocabulary drafter into the same folder removes the stale file.
+    drafter.set_draft_vocab(None).save_pretrained(tmp_path / "d")
+    assert not (tmp_path / "d" / DRAFT_VOCAB_NAME).exists()
+    assert DFlashDrafter.from_pretrained(tmp_path / "d").draft_vocab is None
+
+
+@pytest.mark.parametrize("content, message", [
+    ("not json", "not a draft vocabulary"),
+    ('{"format": "other", "target_ids": [1]}', "expected format"),
+    ('{"format": "specflash.draft_vocab/1", "size": 1, "target_ids": [100000]}', "must lie in"),
+])
+def test_bad_draft_vocab_file_raises_checkpoint_error(tmp_path, targets, content, message):
+    from specflash.drafter import DRAFT_VOCAB_NAME
+
+    tiny_drafter(targets("llama")).save_pretrained(tmp_path / "d")
+    (tmp_path / "d" / DRAFT_VOCAB_NAME).write_text(content)
+    with pytest.raises(CheckpointError, match=message):
+        DFlashDrafter.from_pretrained(tmp_path / "d")

@@ -101,3 +101,21 @@ def test_context_limit_stops_with_length(targets):
     assert len(prompt) + len(result.token_ids) == 32
     assert result.finish_reason == "length"
     assert result.token_ids == hf_greedy(target, prompt, 12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", POLICIES)
+def test_draft_vocabulary_drafter_matches_hf_generate_and_proposes_only_its_tokens(targets, family, policy):
+    from specflash.sampling import Sampler
+
+    target = targets(family)
+    prompt = _prompt(7, seed=11)
+    vocab = list(range(0, target.vocab_rows, 3))  # a third of the tokens, most of the target's outputs outside
+    drafter = tiny_drafter(target, block_size=8).set_draft_vocab(vocab)
+    proposer = DFlashProposer(drafter, target)
+    decoder = SpeculativeDecoder(target, proposer, 8, policy_for(policy, 8))
+    result = decoder.generate(prompt, DecodeConfig(max_new_tokens=MAX_NEW, stop_token_ids=()))
+    assert result.token_ids == hf_greedy(target, prompt, MAX_NEW)
+    drafts = proposer.propose(result.token_ids[-1], len(prompt) + len(result.token_ids) - 1, 7,
+                              Sampler.create(0.0, 0, 1.0, 0))
+    assert set(drafts.tokens.tolist()) <= set(vocab)

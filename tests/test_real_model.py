@@ -32,8 +32,9 @@ def references(smollm2):
     for prompt in PROMPTS:
         ids = smollm2.encode_prompt(prompt, chat=True)
         x = torch.tensor([ids])
-        gen = smollm2.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
-                                     top_p=None, top_k=None, temperature=None)
+        with smollm2.stock_kernels():
+            gen = smollm2.model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=NEW, do_sample=False,
+                                         top_p=None, top_k=None, temperature=None)
         out[prompt] = (ids, gen[0, len(ids):].tolist())
     return out
 

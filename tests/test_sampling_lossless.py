@@ -139,3 +139,13 @@ class _FixedProposer(NgramProposer):
         return Proposal(torch.tensor(self.tokens[:num_tokens], dtype=torch.long))
 
 
+
+
+def test_sampling_is_lossless_with_a_draft_vocabulary(small_target):
+    """Drafts restricted to part of the vocabulary (q = 0 elsewhere): the residual still
+    gives the other tokens their exact probability."""
+    target = small_target
+    drafter = tiny_drafter(target, num_layers=1, block_size=4, seed=7).set_draft_vocab([0, 2, 3, 5, 8, 11])
+    decoder = SpeculativeDecoder(target, DFlashProposer(drafter, target), 4)
+    pvalue = chi_square_pvalue(sampled_pairs(decoder), exact_joint_of_tokens_2_and_3(target, 1.0, 0, 1.0))
+    assert pvalue > 1e-3, f"chi-square p = {pvalue:.2e}"

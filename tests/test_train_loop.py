@@ -113,3 +113,45 @@ def test_export_writes_a_loadable_drafter_with_a_card(setup, capsys):
     assert main(args + ["--draft", "none"]) == 0
     plain = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert spec["token_ids"] == plain["token_ids"]
+
+
+def test_export_with_a_draft_vocabulary_writes_it_and_decoding_uses_it(setup):
+    root, _, target, _ = setup
+    trainer = Trainer(config(setup, "vocab", max_steps=2, draft_vocab=64), target=target, progress=False)
+    trainer.fit()
+    out = export_run(trainer, root / "exported-vocab")
+    drafter = DFlashDrafter.from_pretrained(out)
+    assert drafter.draft_vocab is not None and torch.equal(drafter.draft_vocab, trainer.subset.ids)
+    assert "draft vocabulary: 64 of" in (out / "README.md").read_text()
+
+
+def test_init_from_an_exported_drafter_starts_from_its_function(setup):
+    root, _, target, _ = setup
+    first = Trainer(config(setup, "warm-a", max_steps=20), target=target, progress=False)
+    first.fit()
+    folder = export_run(first, root / "warm-a-drafter")
+    warm = Trainer(config(setup, "warm-b", init_from=str(folder)), target=target, progress=False)
+    cold = Trainer(config(setup, "warm-c"), target=target, progress=False)
+    exported = Trainer(config(setup, "warm-d"), target=target, progress=False)
+    exported.drafter.load_state_dict(DFlashDrafter.from_pretrained(folder).state_dict(), strict=False)
+    exported.drafter.feature_scale.fill_(1.0)
+    # Same held-out acceptance as the exported drafter itself (feature scale unfolded, bf16 weights).
+    assert warm.evaluate() == exported.evaluate() != cold.evaluate()
+
+
+def test_init_from_a_drafter_of_another_shape_is_refused(setup):
+    from specflash.errors import InputError
+
+    root, _, target, _ = setup
+    small = Trainer(config(setup, "shape-a", max_steps=1), target=target, progress=False)
+    small.fit()
+    folder = export_run(small, root / "shape-a-drafter")
+    with pytest.raises(InputError, match="block_size"):
+        Trainer(config(setup, "shape-b", block_size=4, init_from=str(folder)), target=target, progress=False)
+
+
+def test_loss_positions_out_of_range_is_refused(setup):
+    from specflash.errors import InputError
+
+    with pytest.raises(InputError, match="--loss-positions"):
+        Trainer(config(setup, "lp", loss_positions=8), target=setup[2], progress=False)

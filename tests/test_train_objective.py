@@ -118,3 +118,16 @@ def test_loss_is_weighted_mean_of_cross_entropy():
     expected = (ce * blocks.weights).sum() / blocks.weights.sum()
     assert torch.allclose(loss, expected)
     assert stats["count"].tolist() == [0, 2, 2, 2]
+
+
+def test_loss_positions_supervise_only_the_first_l_drafts():
+    ids = torch.arange(20)
+    mask = torch.ones(20, dtype=torch.bool)
+    blocks = build_blocks(ids, mask, torch.tensor([2, 9]), block_size=5, mask_token_id=0, gamma=2.0,
+                          loss_positions=2)
+    labels = blocks.labels.view(2, 5)
+    assert labels[:, 1:3].tolist() == [[3, 4], [10, 11]]
+    assert (labels[:, 0] == -100).all() and (labels[:, 3:] == -100).all()
+    w = blocks.weights.view(2, 5)
+    assert (w[:, 3:] == 0).all() and torch.allclose(w[0, 1:3], position_weights(5, 2.0)[1:3])
+    assert (position_weights(5, 2.0, loss_positions=2)[3:] == 0).all()

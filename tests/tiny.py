@@ -69,11 +69,12 @@ def tiny_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 16,
 
 
 def hf_greedy(target: TargetModel, prompt: list[int], max_new_tokens: int, eos: list[int] | None = None) -> list[int]:
-    """Plain greedy decoding with Hugging Face generate (do_sample False)."""
+    """Plain greedy decoding with Hugging Face generate (do_sample False), transformers as shipped."""
     ids = torch.tensor([prompt])
-    out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                do_sample=False, eos_token_id=eos, pad_token_id=0, top_p=None, top_k=None,
-                                temperature=None)
+    with target.stock_kernels():
+        out = target.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                                    do_sample=False, eos_token_id=eos, pad_token_id=0, top_p=None, top_k=None,
+                                    temperature=None)
     return out[0, len(prompt):].tolist()
 
 

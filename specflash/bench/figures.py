@@ -11,10 +11,15 @@ method on one dataset:
   tokens_per_s = 1 / mean TPOT; TTFT = mean over requests;
 - speedup = baseline mean TPOT / method mean TPOT on the same dataset;
 - mismatches = requests whose tokens differ from the baseline's (temperature 0 only);
-- efficiency (our loop only) = the time the bare forwards of every step would take by the
-  measured cost model (`costmodel`: t_draft + t_verify(k + 1) per step, t_verify(1) for a
-  plain step) summed over requests / the measured decode time summed over requests. For a
-  fixed block B it is achieved tokens/s over tau / (t_draft + t_verify(B)).
+- efficiency (our loop only) = the time the bare forwards of every step took, measured
+  in the run itself (drafter call + target verify forward per step, `SpecStats.forward_time_s`)
+  summed over requests / the measured decode time summed over requests: for a fixed block
+  B it is achieved tokens/s over tau / (t_draft + t_verify(B)) with the run's own per-step
+  costs, and 1 - efficiency is the share of everything else (Python, cache bookkeeping,
+  sampling, acceptance, stop checks). Measuring in-run keeps the figure honest on a
+  machine whose speed drifts between the cost-model measurement and the run;
+  `efficiency_model` is the same ratio with the forwards' times taken from the cached
+  cost model (`costmodel`: t_draft(k) + t_verify(k + 1) per step).
 """
 
 from __future__ import annotations
@@ -51,8 +56,16 @@ def _mean(values: Sequence[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def efficiency(stats: Sequence[SpecStats], costs) -> float | None:
-    """Engine efficiency over requests (see the module docstring); None without a cost model."""
+def efficiency(stats: Sequence[SpecStats]) -> float | None:
+    """Engine efficiency over requests from the run's own forward timings (module docstring);
+    None for methods that do not time their forwards (other runtimes)."""
+    timed = [s for s in stats if s.drafted_per_step and s.forward_time_s > 0]
+    actual = sum(s.decode_time_s for s in timed)
+    return sum(s.forward_time_s for s in timed) / actual if timed and actual > 0 else None
+
+
+def model_efficiency(stats: Sequence[SpecStats], costs) -> float | None:
+    """Engine efficiency with the forwards' times from the cost model; None without one."""
     if costs is None:
         return None
     from ..costmodel import modeled_time_s
@@ -71,7 +84,8 @@ def summarize(stats: Sequence[SpecStats], has_drafts: bool, costs=None) -> dict:
     return {
         "prompts": len(stats),
         "tau": _mean(taus) if has_drafts else None,
-        "efficiency": efficiency(stats, costs),
+        "efficiency": efficiency(stats),
+        "efficiency_model": model_efficiency(stats, costs),
         "drafts_per_step": (statistics.fmean(pool_steps) if (pool_steps := [k for s in stats for k in
                                                                              s.drafted_per_step]) else None)
         if has_drafts else None,

@@ -29,6 +29,7 @@ def last_line(result: BenchResult) -> dict:
     opts = result.options
     methods = {
         name: {dataset: {"prompts": f["prompts"], "tau": f["tau"], "efficiency": f.get("efficiency"),
+                         "efficiency_model": f.get("efficiency_model"),
                          "tpot_s": f["tpot_s"],
                          "tokens_per_s": f["tokens_per_s"], "speedup": f["speedup"], "mismatches": f["mismatches"]}
                for dataset, f in per_set.items()}
@@ -105,15 +106,19 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
             "decode-phase time / tokens after the first (prefill excluded), mean over requests; tok/s = 1 / mean "
             "TPOT; speedup = baseline mean TPOT / method mean TPOT; mismatches = requests whose tokens differ from "
             "the baseline's (temperature 0); drafts/step = mean drafts verified per step (auto may verify 0); "
-            "efficiency = time the bare forwards would take by the measured cost model / measured decode time "
-            "(our loop only; 1.0 = no engine overhead).", ""]
+            "efficiency = time spent in the drafter and target forwards, timed in the run itself / decode time "
+            "(our loop only; 1.0 = no engine overhead; the JSON's efficiency_model uses the cost model's times "
+            "instead).", ""]
     costs = [(k, v["costs"]) for k, v in result.methods.items() if v.get("costs")]
     if costs:
         out += ["Cost model (bare forwards after a 256-token context, ms; the basis of efficiency and of "
                 "`auto`):", ""]
         for name, c in costs:
             curve = ", ".join(f"{n}: {t * 1e3:.1f}" for n, t in c["verify"].items())
-            out.append(f"- {name}: t_verify(n) {{{curve}}}; t_draft {c['draft'] * 1e3:.1f}"
+            drafts = c.get("drafts")
+            draft = (f"t_draft(k) {{{', '.join(f'{k}: {t * 1e3:.1f}' for k, t in drafts.items())}}}" if drafts
+                     else f"t_draft {c['draft'] * 1e3:.1f}")
+            out.append(f"- {name}: t_verify(n) {{{curve}}}; {draft}"
                        + (" (measured on a busy machine)" if c.get("noisy") else ""))
         out.append("")
     details = _details(result)

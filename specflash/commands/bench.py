@@ -33,10 +33,12 @@ Figures, per method and dataset:
   TPOT       decode-phase time / tokens after the first (prefill excluded; TTFT shown
              apart), mean over requests, with min / median / max; tok/s = 1 / TPOT
   speedup    baseline mean TPOT / method mean TPOT (--baseline, default hf)
-  efficiency (our loop: ar, ngram, dflash) time the bare forwards of every step would
-             take by the cost model (t_draft + t_verify(k+1); measured once per model and
-             machine, cached in $SPECFLASH_HOME/costs) / measured decode time; for a fixed
-             block B: achieved tok/s over tau / (t_draft + t_verify(B))
+  efficiency (our loop: ar, ngram, dflash) time spent in the drafter call and the
+             target verify forward of every step, timed in the run / decode time; for a
+             fixed block B: achieved tok/s over tau / (t_draft + t_verify(B)) with the
+             run's own per-step costs. 1 - efficiency = engine overhead. The JSON's
+             efficiency_model uses the cost model's times (measured once per model and
+             machine, cached in $SPECFLASH_HOME/costs) instead
   drafts/step mean drafts verified per step (--block-size auto may verify 0)
   mismatches requests whose tokens differ from the baseline's (temperature 0;
              expected 0; null when sampling)
@@ -53,7 +55,7 @@ summary.json, report.md, speedup.png, acceptance_histogram.png,
 position_acceptance.png; and as the LAST line of stdout one JSON document:
   {{"target": str, "draft": str, "block_size": int|"auto", "machine": {{...}},
    "methods": {{METHOD: {{DATASET: {{"prompts": int, "tau": float|null, "efficiency": float|null,
-   "tpot_s": float,
+   "efficiency_model": float|null, "tpot_s": float,
    "tokens_per_s": float, "speedup": float, "mismatches": int|null}}}}}}}}
 A method that cannot run (no drafter, venv build failure, ...) is reported as skipped
 with its reason on stderr, in the table and in summary.json.

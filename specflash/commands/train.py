@@ -70,12 +70,20 @@ def register(sub) -> None:
     fit.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
     fit.add_argument("--draft-vocab", type=int, default=16384,
                      help="loss over the N most frequent target output tokens (0 = full vocabulary); the "
-                          "exported drafter always uses the full LM head")
+                          "drafter then proposes only those tokens: saved as draft_vocab.json beside the weights "
+                          "(vLLM / SGLang ignore it and use the full LM head, still lossless)")
     fit.add_argument("--gamma", type=float, default=None,
                      help="loss decay over block positions, weight exp(-(k-1)/gamma) (default: 7 for block 16, 5 for "
                           "10, 4 for 8); smaller values focus small drafters on the first positions")
+    fit.add_argument("--loss-positions", type=int, default=None,
+                     help="supervise only block positions 1..L (default: all B-1). The LM head over unsupervised "
+                          "rows is skipped, so a small L makes CPU steps much cheaper; with a small --gamma the "
+                          "later positions carry little weight anyway")
     fit.add_argument("--init", choices=["random", "target"], default="random",
                      help="random init, or copy the target's last layers into the draft layers")
+    fit.add_argument("--init-from", default=None, metavar="DRAFTER",
+                     help="warm start from an exported drafter folder of the same shape (e.g. a shipped drafter or "
+                          "RUN/drafter of an earlier run); the new run's schedule starts from step 0")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
@@ -153,8 +161,8 @@ def run_fit(args: argparse.Namespace) -> int:
                          block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
                          lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
-                         precision=args.precision, gamma=args.gamma, eval_every=args.eval_every,
-                         save_every=args.save_every,
+                         precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
+                         init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed)
     trainer = Trainer(config)
     try:

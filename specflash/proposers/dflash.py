@@ -4,7 +4,8 @@ Block = [anchor, MASK x k] at positions p..p+k, embedded with the target's embed
 rows (times the drafter's `input_embedding_scale`). Context features of every committed
 token are fused and appended to the drafter's context cache lazily, at the next
 propose; the block's own K/V are never cached. Block position i predicts the token at
-p + i (same position, no shift).
+p + i (same position, no shift). A drafter with a draft vocabulary proposes only its
+tokens, through those rows of the target's LM head (drafter.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class DFlashProposer:
         self.target = target
         self._cache = None
         self._pending: list[torch.Tensor] = []
+        self._vocab = None  # (drafter.draft_vocab, its ids on the target's device, their LM head rows)
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -46,6 +48,13 @@ class DFlashProposer:
     def commit(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
         if features is not None and features.shape[1]:
             self._pending.append(features)
+
+    def _draft_vocab(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
+        vocab = self.drafter.draft_vocab
+        if self._vocab is None or self._vocab[0] is not vocab:
+            ids = vocab.to(self.target.device)
+            self._vocab = (vocab, ids, self.target.head_rows(ids))
+        return self._vocab[1], self._vocab[2]
 
     @torch.inference_mode()
     def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
@@ -74,7 +83,16 @@ class DFlashProposer:
         positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
         feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
         hidden = drafter(embeds.to(param_dtype), positions, pending.to(param_dtype), feature_positions, cache)
-        logits = drafter.compute_logits(hidden[0, 1:wanted + 1].to(target.dtype), target.lm_head)  # [k, V]
+        hidden = hidden[0, 1:wanted + 1].to(target.dtype)  # [k, H]
+        if drafter.draft_vocab is None:
+            logits = drafter.compute_logits(hidden, target.lm_head)  # [k, V]
+        else:
+            vocab_ids, rows = self._draft_vocab()
+            sub = drafter.compute_logits(hidden, lambda h: target.lm_head(h, rows))  # [k, N]
+            if sampler.greedy:
+                return Proposal(vocab_ids[sub.argmax(dim=-1)])
+            logits = sub.new_full((sub.shape[0], target.output_rows), float("-inf"))
+            logits[:, vocab_ids] = sub  # tokens outside the draft vocabulary get probability 0
         if sampler.greedy:
             return Proposal(logits.argmax(dim=-1))
         probs = sampler.probs(logits)  # [k, V]

@@ -49,6 +49,10 @@ def write_model_card(folder: Path, drafter: DFlashDrafter, info: dict) -> Path:
         f"- block size {cfg.block_size}, mask token id {cfg.mask_token_id}",
         f"- target layers tapped: {list(cfg.target_layer_ids)} of {cfg.num_target_layers}",
         f"- {n_params / 1e6:.1f}M parameters (the target's embedding and LM head are shared, not stored)",
+        (f"- draft vocabulary: {drafter.draft_vocab.numel()} of {cfg.vocab_size} target tokens (the most frequent in "
+         "the training responses), in `draft_vocab.json`: specflash proposes only these (the rows of the target's "
+         "LM head it needs); vLLM, SGLang and the z-lab runtime ignore the file and use the full LM head, which "
+         "stays lossless" if drafter.draft_vocab is not None else "- draft vocabulary: the target's full vocabulary"),
         "",
         "## Data",
         "",

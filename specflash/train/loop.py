@@ -51,6 +51,7 @@ class TrainConfig:
     max_length: int = 1024
     draft_vocab: int = 16384  # 0: full vocabulary in the loss
     gamma: float | None = None
+    loss_positions: int | None = None  # supervise block positions 1..L only (default: all B-1)
     held_out_fraction: float = 0.03
     eval_every: int = 200
     eval_sequences: int = 32
@@ -58,6 +59,7 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
     init: str = "random"  # or "target": copy the target's last layers
+    init_from: str | None = None  # warm start: the weights of an exported drafter folder
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
@@ -139,6 +141,29 @@ def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
             drafter.norm.weight.copy_(state[norm_key])
 
 
+def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
+    """Warm start: copy every weight of an exported drafter (same shapes required). The
+    export folded the feature scale into fc.weight; it is unfolded with this run's scale, so
+    the drafter computes the same function and trains on standardized features."""
+    source = DFlashDrafter.from_pretrained(folder)
+    mine, theirs = drafter.config, source.config
+    for name in ("hidden_size", "num_hidden_layers", "block_size", "target_layer_ids", "intermediate_size",
+                 "num_attention_heads", "num_key_value_heads"):
+        a, b = getattr(mine, name, None), getattr(theirs, name, None)
+        if a != b:
+            raise InputError(f"--init-from {folder}: its {name} is {b}, this run's is {a}; "
+                             f"start from a drafter of the same shape or drop --init-from")
+    state = source.state_dict()
+    state.pop("feature_scale", None)
+    missing, unexpected = drafter.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "feature_scale"]
+    if missing or unexpected:
+        raise InputError(f"--init-from {folder}: weights do not match (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]})")
+    with torch.no_grad():
+        drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight.dtype)[None, :])
+
+
 class Trainer:
     def __init__(self, config: TrainConfig, target: TargetModel | None = None, progress: bool = True):
         self.config = config
@@ -155,6 +180,9 @@ class Trainer:
         self.train_idx, self.eval_idx = self.dataset.split(config.held_out_fraction, exclude)
         if not self.train_idx:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
+        if config.loss_positions is not None and not 1 <= config.loss_positions <= config.block_size - 1:
+            raise InputError(f"--loss-positions must be between 1 and block size - 1 = {config.block_size - 1}, "
+                             f"got {config.loss_positions}")
         layer_ids = config.target_layer_ids or data_layer_ids(config.data)
         drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
                                                    block_size=config.block_size, target_layer_ids=layer_ids)
@@ -165,6 +193,8 @@ class Trainer:
             init_from_target(self.drafter, self.target)
         if config.standardize_features:
             self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
+        if config.init_from:
+            init_from_drafter(self.drafter, config.init_from)
         self.model = self.drafter
         if self.world > 1:
             self.model = torch.nn.parallel.DistributedDataParallel(self.drafter)
@@ -174,6 +204,7 @@ class Trainer:
             counts = self.dataset.token_counts(self.train_idx, self.target.vocab_rows)
             self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
             self.subset_coverage = self.subset.coverage(counts)
+            self.drafter.set_draft_vocab(self.subset.ids)  # exported with the drafter, used at decode time
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         per_step = config.grad_accum * self.world
@@ -260,10 +291,10 @@ class Trainer:
         with torch.no_grad():
             return self.target.forward(example.input_ids[None, :-1].to(self.target.device)).features[0].float()
 
-    def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None):
+    def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None, every_position: bool = False):
         cfg = self.drafter.config
         blocks = build_blocks(example.input_ids, example.loss_mask, anchors, cfg.block_size, cfg.mask_token_id,
-                              self.config.gamma)
+                              self.config.gamma, None if every_position else self.config.loss_positions)
         features = self._features(example)  # [S-1, F]
         device = self.target.device
         embeds = self.target.embed_raw(blocks.ids[None].to(device)).float()
@@ -307,10 +338,20 @@ class Trainer:
                 "tokens": tokens, "acc_first": float(acc[0]) if acc.numel() else 0.0,
                 "acc_mean": float(acc.mean()) if acc.numel() else 0.0}
 
+    def _greedy_drafts(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [Q, H] -> [Q] the drafter's greedy tokens, from its draft vocabulary as at decode time."""
+        vocab = self.drafter.draft_vocab
+        if vocab is None:
+            return self.drafter.compute_logits(hidden, self.target.lm_head).argmax(-1)
+        if getattr(self, "_eval_rows", None) is None or self._eval_rows[0] is not vocab:
+            self._eval_rows = (vocab, self.target.head_rows(vocab))
+        logits = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, self._eval_rows[1]))  # [Q, N]
+        return vocab.to(logits.device)[logits.argmax(-1)]
+
     @torch.no_grad()
     def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64) -> dict:
         """Offline acceptance on held-out sequences: teacher-forced blocks against the
-        target's own continuation, argmax over the FULL vocabulary as at decode time."""
+        target's own continuation, argmax over the drafter's vocabulary as at decode time."""
         self.drafter.eval()
         indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
         lengths, hits_all = [], []
@@ -322,10 +363,10 @@ class Trainer:
             stride = max(1, math.ceil(anchors.numel() / max_blocks_per_sequence))
             anchors = anchors[::stride]
             with self._autocast():
-                hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter)
-                logits = self.drafter.compute_logits(hidden, self.target.lm_head)  # [Q, V]
+                hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter, every_position=True)
+                pred = self._greedy_drafts(hidden)  # [Q]
             b = self.config.block_size
-            pred = logits.argmax(-1).view(-1, b)[:, 1:].cpu()
+            pred = pred.view(-1, b)[:, 1:].cpu()
             truth = blocks.labels.view(-1, b)[:, 1:]
             # Only blocks whose positions are all response tokens are scored.
             full = (truth >= 0).all(dim=1)
@@ -431,7 +472,8 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "data": data_summary(trainer),
         "hyperparameters": {k: getattr(cfg, k) for k in (
             "num_layers", "block_size", "anchors_per_sequence", "epochs", "lr", "warmup_fraction", "weight_decay",
-            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "init", "precision", "seed")} | {
+            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "loss_positions", "init", "init_from",
+            "precision", "seed")} | {
             "world_size": trainer.world, "target_layer_ids": list(trainer.drafter.target_layer_ids)},
         "steps": trainer.step,
         "total_steps": trainer.total_steps,

@@ -5,8 +5,8 @@ For one sequence x_0..x_{S-1} with response mask m and tapped target features f_
 - block of anchor p: tokens [x_p, MASK x (B-1)] at positions p..p+B-1;
 - attention: a block sees context feature j only if j < p (strictly before its anchor),
   sees its own block bidirectionally, and never another block;
-- loss: block position k (1..B-1) predicts x_{p+k} (same position, no shift), position 0
-  and non-response tokens excluded, weighted by w_k = exp(-(k-1)/gamma);
+- loss: block position k (1..L, L <= B-1) predicts x_{p+k} (same position, no shift),
+  position 0 and non-response tokens excluded, weighted by w_k = exp(-(k-1)/gamma);
   loss = sum(w * CE) / sum(w).
 """
 
@@ -26,12 +26,18 @@ def default_gamma(block_size: int) -> float:
     return GAMMA_BY_BLOCK.get(block_size, max(1.0, block_size * 7.0 / 16.0))
 
 
-def position_weights(block_size: int, gamma: float | None = None) -> torch.Tensor:
-    """[B] weights by block position: 0 at position 0, exp(-(k-1)/gamma) at k >= 1."""
+def position_weights(block_size: int, gamma: float | None = None, loss_positions: int | None = None) -> torch.Tensor:
+    """[B] weights by block position: 0 at position 0, exp(-(k-1)/gamma) at 1 <= k <= L
+    (L = loss_positions, default B - 1: every draft position), 0 beyond L.
+
+    Cutting L saves the LM head and cross-entropy of the unsupervised rows (most of a CPU
+    training step) at positions whose decayed weight is small anyway."""
     gamma = default_gamma(block_size) if gamma is None else gamma
     k = torch.arange(block_size, dtype=torch.float32)
     w = torch.exp(-(k - 1).clamp_min(0) / gamma)
     w[0] = 0.0
+    if loss_positions is not None:
+        w[loss_positions + 1:] = 0.0
     return w
 
 
@@ -68,7 +74,7 @@ class Blocks:
 
 
 def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int,
-                 mask_token_id: int, gamma: float | None = None) -> Blocks:
+                 mask_token_id: int, gamma: float | None = None, loss_positions: int | None = None) -> Blocks:
     """input_ids, loss_mask [S]; anchors [A] -> Blocks with Q = A * B entries."""
     offsets = torch.arange(block_size)
     positions = (anchors[:, None] + offsets[None, :]).flatten()  # [Q]
@@ -77,7 +83,9 @@ def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torc
     ids[:, 0] = input_ids[anchors]
     supervised = loss_mask[positions].view(-1, block_size).clone()
     supervised[:, 0] = False
-    weights = position_weights(block_size, gamma)[None, :] * supervised
+    if loss_positions is not None:
+        supervised[:, loss_positions + 1:] = False
+    weights = position_weights(block_size, gamma, loss_positions)[None, :] * supervised
     labels = torch.where(supervised.flatten(), targets, torch.full_like(targets, -100))
     return Blocks(ids.flatten(), positions, labels, weights.flatten(), anchors, block_size)
 
@@ -96,8 +104,9 @@ class VocabSubset:
     """A reduced training vocabulary: the `ids` most frequent target output tokens.
 
     The loss is computed over these rows of the LM head only (labels outside are not
-    supervised); inference still uses the full LM head, so the exported checkpoint keeps
-    the published format."""
+    supervised), so the drafter never learns to rank the other tokens: the trainer sets
+    the same ids as the drafter's draft vocabulary, exported as draft_vocab.json beside
+    the published weights and used at decode time (drafter.py)."""
 
     def __init__(self, ids: torch.Tensor, vocab_size: int):
         self.ids = ids.long().sort().values  # [N]

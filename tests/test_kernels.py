@@ -1,0 +1,42 @@
+"""Small-batch linear kernel choice: same results as F.linear, applied only where meant."""
+
+import torch
+import torch.nn.functional as F
+
+from specflash.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel, uses_small_batch_kernel
+
+
+def test_small_batch_linear_matches_f_linear_for_every_row_count():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
+    for rows in (1, 2, 3, 5, 16, 17, 40):
+        x = torch.randn(1, rows, 64, generator=g)
+        torch.testing.assert_close(small_batch_linear(x, w, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_one_row_is_bit_identical_to_f_linear():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(1000, 96, generator=g)
+    x = torch.randn(1, 1, 96, generator=g)
+    assert torch.equal(small_batch_linear(x, w), F.linear(x, w))
+
+
+def test_gradients_flow_through_the_stock_path():
+    w = torch.randn(8, 4, requires_grad=True)
+    x = torch.randn(2, 4, requires_grad=True)
+    small_batch_linear(x, w).sum().backward()
+    assert w.grad is not None and x.grad is not None
+
+
+def test_module_routing_and_stock_kernels_context():
+    linear = torch.nn.Linear(16, 32)
+    x = torch.randn(3, 16)
+    expected = F.linear(x, linear.weight, linear.bias)
+    assert use_small_batch_kernel(linear) and uses_small_batch_kernel(linear)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(x), expected)
+        with stock_kernels(linear):
+            assert not uses_small_batch_kernel(linear)
+            torch.testing.assert_close(linear(x), expected)
+    assert uses_small_batch_kernel(linear)
+    assert not use_small_batch_kernel(torch.nn.Identity())
