@@ -76,8 +76,31 @@ def test_tokens_past_max_new_tokens_are_dropped_and_counted():
         streamer.put(new[:, 1:])
         return torch.cat([ids, new], dim=1)
 
+    from contextlib import nullcontext
+
     target = SimpleNamespace(set_taps=lambda taps: None, eos_token_ids=(2,), device=torch.device("cpu"),
-                             model=SimpleNamespace(generate=generate))
+                             model=SimpleNamespace(generate=generate), stock_kernels=nullcontext)
     run = HFMethod("hf-ngram", target, lookup_tokens=7).run([5, 6], DecodeConfig(max_new_tokens=8))
     assert run.token_ids == list(range(100, 108)) and run.tokens_past_limit == 2
     assert run.stats.num_new_tokens == 8 and run.stats.acceptance_lengths == [1, 9]
+
+
+def test_the_hf_baseline_runs_transformers_as_shipped(targets):
+    """Our few-row LM-head kernel speeds up our loop only, never the `generate` baseline."""
+    from specflash.kernels import uses_small_batch_kernel
+
+    target = targets("llama")
+    assert uses_small_batch_kernel(target._head)
+    seen = []
+    original = target.model.generate
+
+    def generate(*args, **kwargs):
+        seen.append(uses_small_batch_kernel(target._head))
+        return original(*args, **kwargs)
+
+    target.model.generate = generate
+    try:
+        HFMethod("hf", target).run([5, 6, 7], DecodeConfig(max_new_tokens=4))
+    finally:
+        del target.model.generate
+    assert seen == [False] and uses_small_batch_kernel(target._head)

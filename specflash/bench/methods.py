@@ -185,8 +185,18 @@ class SpecflashMethod(Method):
     def run(self, prompt_ids: list[int], config: DecodeConfig, record_drafts: bool = False) -> Run:
         if record_drafts and self.proposer is not None:
             recorder = _Recorder(self.proposer)
-            # Fixed block: every step drafts, so the drafts line up with the reference runtime's.
-            result = SpeculativeDecoder(self.target, recorder, self.block_size).generate(prompt_ids, config)
+            # Fixed block: every step drafts, so the drafts line up with the reference runtime's;
+            # full LM head (the published format, as the reference runtime reads the folder), not
+            # the drafter's own draft vocabulary.
+            drafter = getattr(self.proposer, "drafter", None)
+            vocab = getattr(drafter, "draft_vocab", None)
+            if vocab is not None:
+                drafter.draft_vocab = None
+            try:
+                result = SpeculativeDecoder(self.target, recorder, self.block_size).generate(prompt_ids, config)
+            finally:
+                if vocab is not None:
+                    drafter.draft_vocab = vocab
             return Run(result.token_ids, result.stats, recorder.drafts)
         result = self.decoder.generate(prompt_ids, config)
         return Run(result.token_ids, result.stats)
