@@ -255,7 +255,7 @@ def cost_key(target, proposer, max_tokens: int) -> str:
         "torch": torch.__version__, "machine": platform.machine(), "cpu": machine_info()["cpu"],
         "max_tokens": max_tokens,
         # The kernel choice for few-row LM heads changes verify costs (kernels.py).
-        "kernels": "small-batch-head/1" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
+        "kernels": "small-batch/2" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
     }
     if target.device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(target.device)

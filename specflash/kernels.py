@@ -5,13 +5,15 @@ per plain step, k + 1 per verify step, k per draft. With the MKL build of PyTorc
 AVX2 machine, `F.linear(x, W)` for 2..16 rows takes up to 2-3x as long as for one row
 (it leaves the GEMV path), while the same product written as (W @ x^T)^T stays close to
 the cost of reading W once. Measured on the 2-core AMD EPYC VM (49152 x 576 LM head of
-SmolLM2-135M, fp32, 2 threads): 1 row 9.8 vs 9.0 ms, 2 rows 20.4 vs 8.6 ms, 4 rows 25.1
-vs 8.9 ms, 8 rows 25.3 vs 14.4 ms (docs/performance.md). For one row both forms give
-bit-identical results, so the plain decoding path keeps HF's exact logits.
+SmolLM2-135M, fp32, 2 threads, weights cold in cache): 2 rows 19.7 vs 7.2 ms, 4 rows 21.9
+vs 7.3 ms, 8 rows 21.5 vs 13.6 ms; the decoder's own linears (576-1536 wide) gain at 2-4
+rows and lose at 5-8 (docs/performance.md). So the target routes its LM head for 2..16
+rows and its decoder linears for 2..4 rows (`TargetModel`); one row always takes
+`F.linear`, so plain decoding runs transformers' exact kernels and logits.
 
-`use_small_batch_kernel(linear)` re-routes one `nn.Linear` module's forward; it applies
-only to fp32 CPU inputs of at most `max_rows` rows without autograd, and everything else
-(training, prefill, GPUs) goes through `F.linear` unchanged.
+`use_small_batch_kernel(linear, max_rows)` re-routes one `nn.Linear` module's forward; it
+applies only to fp32 CPU inputs of 2..max_rows rows without autograd, and everything else
+(plain steps, training, prefill, GPUs) goes through `F.linear` unchanged.
 """
 
 from __future__ import annotations
@@ -26,10 +28,11 @@ DEFAULT_MAX_ROWS = 16
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                        max_rows: int = DEFAULT_MAX_ROWS) -> torch.Tensor:
-    """x [..., K], weight [N, K] -> [..., N]; (W @ x^T)^T for few fp32 CPU rows, else F.linear."""
+    """x [..., K], weight [N, K] -> [..., N]; (W @ x^T)^T for 2..max_rows fp32 CPU rows, else
+    F.linear (one row included: plain decoding keeps transformers' exact kernel and logits)."""
     rows = x.numel() // max(1, x.shape[-1])
     autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (rows == 0 or rows > max_rows or autograd or x.device.type != "cpu" or x.dtype != torch.float32
+    if (rows <= 1 or rows > max_rows or autograd or x.device.type != "cpu" or x.dtype != torch.float32
             or weight.dtype != torch.float32):
         return F.linear(x, weight, bias)
     out = torch.mm(weight, x.reshape(rows, x.shape[-1]).t()).t()  # [rows, N]

@@ -44,8 +44,15 @@ class TargetModel:
         self.layers = decoder.layers
         self._embedding = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
+        # Few-row verify steps on the CPU: the LM head for 2..16 rows, the decoder's linears
+        # for 2..4 rows (what measured faster, kernels.py); SPECFLASH_KERNELS=stock turns it off.
+        self._routed: list[torch.nn.Module] = []
         if os.environ.get("SPECFLASH_KERNELS", "").lower() != "stock":
-            use_small_batch_kernel(self._head)  # few-row LM heads on the CPU: see kernels.py
+            if use_small_batch_kernel(self._head, max_rows=16):
+                self._routed.append(self._head)
+            for module in decoder.modules():
+                if module is not self._head and use_small_batch_kernel(module, max_rows=4):
+                    self._routed.append(module)
         self._taps: tuple[int, ...] = ()
         self._hooks: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
@@ -150,7 +157,7 @@ class TargetModel:
 
     def stock_kernels(self) -> stock_kernels:
         """Context manager: run the model exactly as transformers ships it (no kernel choice)."""
-        return stock_kernels(self._head)
+        return stock_kernels(*self._routed)
 
     # ------------------------------------------------------------------ taps
     def set_taps(self, layer_ids: tuple[int, ...] | list[int] | None) -> None:

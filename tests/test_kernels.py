@@ -40,3 +40,20 @@ def test_module_routing_and_stock_kernels_context():
             torch.testing.assert_close(linear(x), expected)
     assert uses_small_batch_kernel(linear)
     assert not use_small_batch_kernel(torch.nn.Identity())
+
+
+def test_target_routes_few_row_linears_and_one_row_steps_stay_exact(targets):
+    target = targets("qwen3")
+    routed = [m for m in target.model.modules() if uses_small_batch_kernel(m)]
+    assert target._head in routed and len(routed) > 1  # the LM head and the decoder's linears
+    ids = torch.tensor([[5, 9, 2]])  # 3 rows: the head and the decoder linears both take the routed kernel
+    with torch.no_grad():
+        with target.stock_kernels():
+            assert not any(uses_small_batch_kernel(m) for m in routed)
+            stock = target.model(ids).logits
+            stock_one = target.model(ids[:, :1]).logits
+        fast = target.model(ids).logits
+        fast_one = target.model(ids[:, :1]).logits
+    assert all(uses_small_batch_kernel(m) for m in routed)
+    assert torch.equal(fast_one, stock_one)  # a plain decoding step: transformers' exact kernels
+    torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
