@@ -412,4 +412,8 @@ def check_drafter(folder: str | Path, engine: str, target: str | None = None,
         report.notes.append(VLLM_BACKEND_NOTE if engine == "vllm" else SGLANG_NOTE)
         if report.target is None:
             report.notes.append("pass --target to check the drafter against its target and fill in its id")
+        if (Path(folder) / "draft_vocab.json").exists():
+            report.notes.append(f"draft_vocab.json (specflash's reduced draft vocabulary) is not read by "
+                                f"{ENGINE_NAMES[engine]}: it drafts over the full LM head, still lossless, and its "
+                                "acceptance may differ a little from specflash's")
     return report

@@ -143,3 +143,14 @@ def test_export_command_prints_the_command_or_the_problems(capsys, good_drafter,
     assert main(["export", str(broken), "--engine", "vllm", "--json"]) == 1
     data = json.loads(capsys.readouterr().out)
     assert data["ok"] is False and data["command"] is None and data["problems"]
+
+
+def test_a_draft_vocabulary_passes_with_a_note_that_engines_ignore_it(good_drafter, target_dir, tmp_path):
+    folder = copy_drafter(good_drafter, tmp_path / "with-vocab")
+    (folder / "draft_vocab.json").write_text(json.dumps({"format": "specflash.draft_vocab/1", "size": 2,
+                                                         "target_ids": [1, 2]}))
+    for engine in ("vllm", "sglang"):
+        report = check_drafter(folder, engine, target=str(target_dir))
+        assert report.ok, report.problems
+        assert any("draft_vocab.json" in note for note in report.notes)
+    assert not any("draft_vocab.json" in n for n in check_drafter(good_drafter, "vllm", target=str(target_dir)).notes)
