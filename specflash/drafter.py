@@ -392,6 +392,43 @@ class DFlashDrafter(nn.Module):
         return model.to(device=device, dtype=dtype).eval()
 
 
+class DraftHead:
+    """How a drafter's outputs become token scores: the target's full LM head, or only the
+    rows of the drafter's draft vocabulary (gathered once, again if the vocabulary changes).
+    One place for the proposer at decode time and the trainer's held-out estimate."""
+
+    def __init__(self, drafter: DFlashDrafter, target):
+        self.drafter = drafter
+        self.target = target
+        self._vocab = None  # (drafter.draft_vocab, its ids on the target's device, their LM head rows)
+
+    def _rows(self):
+        vocab = self.drafter.draft_vocab
+        if self._vocab is None or self._vocab[0] is not vocab:
+            ids = vocab.to(self.target.device)
+            self._vocab = (vocab, ids, self.target.head_rows(ids))
+        return self._vocab[1], self._vocab[2]
+
+    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [.., H] -> [..] the drafter's greedy target token ids."""
+        if self.drafter.draft_vocab is None:
+            return self.drafter.compute_logits(hidden, self.target.lm_head).argmax(dim=-1)
+        ids, rows = self._rows()
+        sub = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))  # [.., N]
+        return ids[sub.argmax(dim=-1)]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [.., H] -> [.., V] logits over the target's vocabulary; -inf outside the
+        draft vocabulary (probability 0 there, so rejection sampling stays exact)."""
+        if self.drafter.draft_vocab is None:
+            return self.drafter.compute_logits(hidden, self.target.lm_head)
+        ids, rows = self._rows()
+        sub = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))  # [.., N]
+        logits = sub.new_full((*sub.shape[:-1], self.target.output_rows), float("-inf"))
+        logits[..., ids] = sub
+        return logits
+
+
 def read_draft_vocab(folder: Path) -> list[int] | None:
     """The ids of `draft_vocab.json` in a drafter folder (None when there is none)."""
     path = Path(folder) / DRAFT_VOCAB_NAME

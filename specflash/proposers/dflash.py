@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from ..drafter import DFlashDrafter
+from ..drafter import DFlashDrafter, DraftHead
 from ..sampling import Sampler
 from ..target import TargetModel
 from .base import Proposal
@@ -26,7 +26,7 @@ class DFlashProposer:
         self.target = target
         self._cache = None
         self._pending: list[torch.Tensor] = []
-        self._vocab = None  # (drafter.draft_vocab, its ids on the target's device, their LM head rows)
+        self._head = DraftHead(self.drafter, target)
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -48,13 +48,6 @@ class DFlashProposer:
     def commit(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
         if features is not None and features.shape[1]:
             self._pending.append(features)
-
-    def _draft_vocab(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor | None]]:
-        vocab = self.drafter.draft_vocab
-        if self._vocab is None or self._vocab[0] is not vocab:
-            ids = vocab.to(self.target.device)
-            self._vocab = (vocab, ids, self.target.head_rows(ids))
-        return self._vocab[1], self._vocab[2]
 
     @torch.inference_mode()
     def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
@@ -84,16 +77,7 @@ class DFlashProposer:
         feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
         hidden = drafter(embeds.to(param_dtype), positions, pending.to(param_dtype), feature_positions, cache)
         hidden = hidden[0, 1:wanted + 1].to(target.dtype)  # [k, H]
-        if drafter.draft_vocab is None:
-            logits = drafter.compute_logits(hidden, target.lm_head)  # [k, V]
-        else:
-            vocab_ids, rows = self._draft_vocab()
-            sub = drafter.compute_logits(hidden, lambda h: target.lm_head(h, rows))  # [k, N]
-            if sampler.greedy:
-                return Proposal(vocab_ids[sub.argmax(dim=-1)])
-            logits = sub.new_full((sub.shape[0], target.output_rows), float("-inf"))
-            logits[:, vocab_ids] = sub  # tokens outside the draft vocabulary get probability 0
         if sampler.greedy:
-            return Proposal(logits.argmax(dim=-1))
-        probs = sampler.probs(logits)  # [k, V]
+            return Proposal(self._head.greedy(hidden))
+        probs = sampler.probs(self._head.logits(hidden))  # [k, V]
         return Proposal(sampler.sample(probs), probs)

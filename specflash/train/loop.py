@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..drafter import DFlashDrafter
+from ..drafter import DFlashDrafter, DraftHead
 from ..errors import InputError
 from ..loading import drafter_config_for_target
 from ..target import TargetModel
@@ -153,10 +153,7 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
         if a != b:
             raise InputError(f"--init-from {folder}: its {name} is {b}, this run's is {a}; "
                              f"start from a drafter of the same shape or drop --init-from")
-    state = source.state_dict()
-    state.pop("feature_scale", None)
-    missing, unexpected = drafter.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "feature_scale"]
+    missing, unexpected = drafter.load_state_dict(source.state_dict(), strict=False)
     if missing or unexpected:
         raise InputError(f"--init-from {folder}: weights do not match (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]})")
@@ -205,6 +202,7 @@ class Trainer:
             self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
             self.subset_coverage = self.subset.coverage(counts)
             self.drafter.set_draft_vocab(self.subset.ids)  # exported with the drafter, used at decode time
+        self.draft_head = DraftHead(self.drafter, self.target)
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
         per_step = config.grad_accum * self.world
@@ -338,16 +336,6 @@ class Trainer:
                 "tokens": tokens, "acc_first": float(acc[0]) if acc.numel() else 0.0,
                 "acc_mean": float(acc.mean()) if acc.numel() else 0.0}
 
-    def _greedy_drafts(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [Q, H] -> [Q] the drafter's greedy tokens, from its draft vocabulary as at decode time."""
-        vocab = self.drafter.draft_vocab
-        if vocab is None:
-            return self.drafter.compute_logits(hidden, self.target.lm_head).argmax(-1)
-        if getattr(self, "_eval_rows", None) is None or self._eval_rows[0] is not vocab:
-            self._eval_rows = (vocab, self.target.head_rows(vocab))
-        logits = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, self._eval_rows[1]))  # [Q, N]
-        return vocab.to(logits.device)[logits.argmax(-1)]
-
     @torch.no_grad()
     def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64) -> dict:
         """Offline acceptance on held-out sequences: teacher-forced blocks against the
@@ -364,7 +352,7 @@ class Trainer:
             anchors = anchors[::stride]
             with self._autocast():
                 hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter, every_position=True)
-                pred = self._greedy_drafts(hidden)  # [Q]
+                pred = self.draft_head.greedy(hidden)  # [Q], from the draft vocabulary as at decode time
             b = self.config.block_size
             pred = pred.view(-1, b)[:, 1:].cpu()
             truth = blocks.labels.view(-1, b)[:, 1:]
