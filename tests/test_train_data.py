@@ -128,3 +128,13 @@ def test_answer_tokens_end_where_the_chat_template_closes_the_turn(target):
     ids, reason = regen.encode_answer(target, record, prompt, 64)
     assert reason == "stop" and ids[-1] in target.eos_token_ids
     assert regen.encode_answer(target, record, prompt, 3) == (ids[:3], "length")
+
+
+def test_training_prompt_order_mixes_sources_under_a_limit():
+    """Every source shows up in the first prompts: the order must not follow the
+    train/eval split's hash (which put all HumanEval train prompts last)."""
+    from specflash.train.prompts import load_training_prompts
+
+    first = load_training_prompts(["humaneval", "sharegpt"], limit=2000)
+    share = sum(r.source == "humaneval" for r in first) / len(first)
+    assert 0.002 < share < 0.03  # 86 of ~9350 train prompts overall: ~0.9%

@@ -155,3 +155,17 @@ def test_loss_positions_out_of_range_is_refused(setup):
 
     with pytest.raises(InputError, match="--loss-positions"):
         Trainer(config(setup, "lp", loss_positions=8), target=setup[2], progress=False)
+
+
+def test_a_run_logs_its_starting_held_out_estimate(setup):
+    """Step 0 of the log is the held-out estimate before any update (a warm start's
+    reference point); later records keep their losses and the plot still renders."""
+    target = setup[2]
+    trainer = Trainer(config(setup, "start-eval", max_steps=4, eval_every=2, log_every=1), target=target, progress=False)
+    before = trainer.evaluate()["tau_estimate"]
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["step"] == 0 and "loss" not in rows[0]
+    assert rows[0]["eval_tau_estimate"] == before
+    assert [r["step"] for r in rows[1:] if "eval_tau_estimate" in r] == [2, 4]
+    assert (trainer.out / "loss.png").exists()

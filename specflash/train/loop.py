@@ -381,8 +381,16 @@ class Trainer:
         last = self.total_steps if self.config.max_steps is None else min(self.total_steps, self.config.max_steps)
         bar = tqdm(total=last, initial=self.step, desc="training", unit="step", disable=not self.progress,
                    dynamic_ncols=True)
-        window_tokens, window_start = 0, time.perf_counter()
         record: dict = {}
+        if self.step == 0 and self.config.eval_every and last > 0:
+            # Where the run starts (a warm start's drafter, or an untrained one): the
+            # reference the later held-out estimates are read against.
+            start = {"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}
+            if self.rank == 0:
+                with log_path.open("a") as f:
+                    f.write(json.dumps(start) + "\n")
+                print(f"held-out tau estimate at step 0: {start['eval_tau_estimate']}", flush=True)
+        window_tokens, window_start = 0, time.perf_counter()
         while self.step < last:
             t0 = time.perf_counter()
             record = self.train_step()
@@ -421,7 +429,8 @@ def plot_loss_curve(log_path: Path, png: Path) -> bool:
     if not rows:
         return False
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    losses = [r for r in rows if "loss" in r]
+    ax.plot([r["step"] for r in losses], [r["loss"] for r in losses], label="train loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("weighted CE")
     evals = [r for r in rows if r.get("eval_tau_estimate") is not None]

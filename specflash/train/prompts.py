@@ -21,7 +21,11 @@ def _record(prompt) -> PromptRecord:
 
 def load_training_prompts(sources: list[str], limit: int | None = None) -> list[PromptRecord]:
     """Prompts of every source (a set name or a JSONL path), in a fixed shuffled order
-    (by a hash of each id), at most `limit` of them."""
+    (by a salted hash of each id), at most `limit` of them.
+
+    The salt matters: the train/eval split is itself a hash threshold on the same ids, so
+    ordering by the unsalted hash put every HumanEval train prompt (hashes above 0.5)
+    after all ShareGPT prompts, and `limit` never reached them."""
     from ..bench.datasets import load_prompts, load_prompts_file
 
     records: list[PromptRecord] = []
@@ -35,5 +39,5 @@ def load_training_prompts(sources: list[str], limit: int | None = None) -> list[
         records.extend(_record(p) for p in prompts if p.text.strip())
     if not records:
         raise InputError(f"no training prompts in {', '.join(sources)}")
-    records.sort(key=lambda r: hashlib.sha256(r.id.encode()).hexdigest())
+    records.sort(key=lambda r: hashlib.sha256(f"order:{r.id}".encode()).hexdigest())
     return records[:limit] if limit else records
