@@ -161,7 +161,8 @@ def test_a_run_logs_its_starting_held_out_estimate(setup):
     """Step 0 of the log is the held-out estimate before any update (a warm start's
     reference point); later records keep their losses and the plot still renders."""
     target = setup[2]
-    trainer = Trainer(config(setup, "start-eval", max_steps=4, eval_every=2, log_every=1), target=target, progress=False)
+    run = config(setup, "start-eval", max_steps=4, eval_every=2, log_every=1)
+    trainer = Trainer(run, target=target, progress=False)
     before = trainer.evaluate()["tau_estimate"]
     trainer.fit()
     rows = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
