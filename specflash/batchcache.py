@@ -25,20 +25,15 @@ class BufferedLayer(DynamicLayer):
         self.length = 0
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        batch, heads, _, _ = key_states.shape
-        self._k = key_states.new_empty((batch, heads, self.capacity, key_states.shape[-1]))
-        self._v = value_states.new_empty((batch, heads, self.capacity, value_states.shape[-1]))
-        self.is_initialized = True
+        self.allocate(key_states, value_states, key_states.shape[0])
 
-    def allocate(self, like: torch.Tensor, batch: int) -> None:
-        """Zeroed storage for `batch` rows shaped like `like` [_, kv_heads, _, head_dim]
+    def allocate(self, keys: torch.Tensor, values: torch.Tensor, batch: int) -> None:
+        """Zeroed storage for `batch` rows shaped like `keys` / `values` [_, kv_heads, _, dim]
         (zeros, not garbage: left padding is masked, and masked NaNs would still poison
         an additive mask)."""
-        self.dtype, self.device = like.dtype, like.device
-        shape = (batch, like.shape[1], self.capacity, like.shape[-1])
-        self._k = like.new_zeros(shape)
-        self._v = like.new_zeros(shape)
+        self.dtype, self.device = keys.dtype, keys.device
+        self._k = keys.new_zeros((batch, keys.shape[1], self.capacity, keys.shape[-1]))
+        self._v = values.new_zeros((batch, values.shape[1], self.capacity, values.shape[-1]))
         self.is_initialized = True
 
     def write_row(self, row: int, end: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -55,11 +50,17 @@ class BufferedLayer(DynamicLayer):
         capacity = self.capacity
         while capacity < needed:
             capacity *= 2
-        k = self._k.new_empty(self._k.shape[:2] + (capacity, self._k.shape[-1]))
-        v = self._v.new_empty(self._v.shape[:2] + (capacity, self._v.shape[-1]))
-        k[:, :, :self.length] = self._k[:, :, :self.length]
-        v[:, :, :self.length] = self._v[:, :, :self.length]
-        self._k, self._v, self.capacity = k, v, capacity
+        self._k, self._v = self._moved(self._k, capacity=capacity), self._moved(self._v, capacity=capacity)
+        self.capacity = capacity
+
+    def _moved(self, storage: torch.Tensor, rows: torch.Tensor | None = None,
+               capacity: int | None = None) -> torch.Tensor:
+        """New storage holding the filled part of `storage` (only `rows`, when given)."""
+        batch = storage.shape[0] if rows is None else len(rows)
+        out = storage.new_empty((batch, storage.shape[1], capacity or storage.shape[2], storage.shape[3]))
+        filled = storage[:, :, :self.length] if rows is None else storage[rows, :, :self.length]
+        out[:, :, :self.length] = filled
+        return out
 
     def _views(self) -> None:
         self.keys = self._k[:, :, :self.length]
@@ -92,14 +93,8 @@ class BufferedLayer(DynamicLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if not self.is_initialized:
             return
-        self._k = self._copy_rows(self._k, indices)
-        self._v = self._copy_rows(self._v, indices)
+        self._k, self._v = self._moved(self._k, rows=indices), self._moved(self._v, rows=indices)
         self._views()
-
-    def _copy_rows(self, storage: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        out = storage.new_empty((len(indices),) + storage.shape[1:])
-        out[:, :, :self.length] = storage[indices, :, :self.length]
-        return out
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         raise NotImplementedError("BufferedLayer does not repeat rows")
@@ -116,7 +111,7 @@ def prefill_rows(cache: Cache, row: int, end: int, source: Cache, batch: int) ->
     `end` (storage for `batch` rows is allocated on first use)."""
     for layer, src in zip(cache.layers, source.layers):
         if not layer.is_initialized:
-            layer.allocate(src.keys, batch)
+            layer.allocate(src.keys, src.values, batch)
         layer.write_row(row, end, src.keys, src.values)
 
 

@@ -409,12 +409,16 @@ class DraftHead:
             self._vocab = (vocab, ids, self.target.head_rows(ids))
         return self._vocab[1], self._vocab[2]
 
+    def _vocab_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [.., H] -> (the draft vocabulary's target ids [N], their logits [.., N])."""
+        ids, rows = self._rows()
+        return ids, self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))
+
     def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [.., H] -> [..] the drafter's greedy target token ids."""
         if self.drafter.draft_vocab is None:
             return self.drafter.compute_logits(hidden, self.target.lm_head).argmax(dim=-1)
-        ids, rows = self._rows()
-        sub = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))  # [.., N]
+        ids, sub = self._vocab_logits(hidden)
         return ids[sub.argmax(dim=-1)]
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -422,8 +426,7 @@ class DraftHead:
         draft vocabulary (probability 0 there, so rejection sampling stays exact)."""
         if self.drafter.draft_vocab is None:
             return self.drafter.compute_logits(hidden, self.target.lm_head)
-        ids, rows = self._rows()
-        sub = self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))  # [.., N]
+        ids, sub = self._vocab_logits(hidden)
         logits = sub.new_full((*sub.shape[:-1], self.target.output_rows), float("-inf"))
         logits[..., ids] = sub
         return logits

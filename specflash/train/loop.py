@@ -387,8 +387,7 @@ class Trainer:
             # reference the later held-out estimates are read against.
             start = {"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}
             if self.rank == 0:
-                with log_path.open("a") as f:
-                    f.write(json.dumps(start) + "\n")
+                _append_json(log_path, start)
                 print(f"held-out tau estimate at step 0: {start['eval_tau_estimate']}", flush=True)
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < last:
@@ -403,8 +402,7 @@ class Trainer:
                 if self.config.eval_every and (self.step % self.config.eval_every == 0 or self.step == last):
                     record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
                 if self.rank == 0:
-                    with log_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                    _append_json(log_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc_first']:.2f}",
                                 tok_s=f"{rate:.0f}")
             if self.step % self.config.save_every == 0 or self.step == last:
@@ -414,6 +412,11 @@ class Trainer:
         if self.rank == 0:
             plot_loss_curve(log_path, self.out / "loss.png")
         return record
+
+
+def _append_json(path: Path, record: dict) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def plot_loss_curve(log_path: Path, png: Path) -> bool:
