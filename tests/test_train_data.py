@@ -138,3 +138,59 @@ def test_training_prompt_order_mixes_sources_under_a_limit():
     first = load_training_prompts(["humaneval", "sharegpt"], limit=2000)
     share = sum(r.source == "humaneval" for r in first) / len(first)
     assert 0.002 < share < 0.03  # 86 of ~9350 train prompts overall: ~0.9%
+
+
+def test_human_answers_carry_the_targets_greedy_labels(target, tmp_path):
+    """target_greedy[j] is the target's argmax at the position before response token j,
+    given the human tokens before it (one unbatched forward as the reference)."""
+    records = _with_answers(prompt_records(10))
+    regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=12, batch_size=4, human_fraction=1.0),
+               progress=False)
+    data = ShardDataset([tmp_path])
+    assert len(data) == 10 and data.unlabelled_human_rows() == 0
+    for i in range(len(data)):
+        row, example = data.rows[i], data[i]
+        logits = target.forward(example.input_ids[None]).logits[0]  # [S, V]
+        expected = logits[row.num_prompt_tokens - 1:-1].argmax(-1)
+        assert list(row.target_greedy) == expected.tolist()
+        assert torch.equal(example.greedy_ids[row.num_prompt_tokens:], expected)
+        assert torch.equal(example.greedy_ids[:row.num_prompt_tokens], example.input_ids[:row.num_prompt_tokens])
+
+
+def test_teacher_forced_labels_do_not_depend_on_the_logits_budget(target):
+    """Rows split into groups to bound the kept logits give the same labels and features."""
+    records = _with_answers(prompt_records(6))
+    seqs, n_prompt = [], []
+    for r in records:
+        prompt = encode_record(target, r)
+        seqs.append(prompt + regen.encode_answer(target, r, prompt, 12)[0])
+        n_prompt.append(len(prompt))
+    target.set_taps((1, 3))
+    whole = regen.teacher_force_batch(target, seqs, n_prompt)
+    one_by_one = regen.teacher_force_batch(target, seqs, n_prompt, logits_budget=1)
+    for (f1, g1), (f2, g2) in zip(whole, one_by_one):
+        assert g1 == g2 and torch.allclose(f1.float(), f2.float(), atol=2e-2)
+
+
+def test_existing_shards_get_greedy_labels_added_in_place(target, tmp_path):
+    """Shards written before the labels existed: `add_target_greedy` labels their human
+    rows exactly as a fresh run would, leaves target rows and features alone, and is a no-op
+    the second time."""
+    import json
+
+    records = _with_answers(prompt_records(12))
+    config = RegenConfig(max_new_tokens=10, batch_size=4, layer_ids=(1, 3), human_fraction=0.5)
+    regenerate(target, records, tmp_path, config, progress=False)
+    fresh = {r.id: r.target_greedy for r in ShardDataset([tmp_path]).rows}
+    features_before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
+    for shard in tmp_path.glob("shard-*.jsonl"):  # make them old-style
+        rows = [json.loads(line) for line in shard.read_text().splitlines()]
+        shard.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target_greedy"}) + "\n"
+                                 for r in rows))
+    old = ShardDataset([tmp_path])
+    assert old.unlabelled_human_rows() == sum(v is not None for v in fresh.values()) > 0
+    labelled = regen.add_target_greedy(target, tmp_path, batch_size=3, progress=False)
+    assert labelled == old.unlabelled_human_rows()
+    assert {r.id: r.target_greedy for r in ShardDataset([tmp_path]).rows} == fresh
+    assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == features_before
+    assert regen.add_target_greedy(target, tmp_path, progress=False) == 0

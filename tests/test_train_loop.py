@@ -170,3 +170,69 @@ def test_a_run_logs_its_starting_held_out_estimate(setup):
     assert rows[0]["eval_tau_estimate"] == before
     assert [r["step"] for r in rows[1:] if "eval_tau_estimate" in r] == [2, 4]
     assert (trainer.out / "loss.png").exists()
+
+
+def test_human_answers_teach_the_target_through_its_greedy_labels(tmp_path_factory):
+    """Trained only on teacher-forced human answers (text the target would not write),
+    a drafter learns the target's own continuations when the answers carry the target's
+    greedy labels, and far less when it learns the human tokens (labels stripped): judged
+    on held-out responses the target wrote itself."""
+    import random
+    from dataclasses import replace
+
+    from specflash.train.regenerate import RegenConfig, regenerate
+    from train_fixtures import WORDS, prompt_records
+
+    root = tmp_path_factory.mktemp("human")
+    folder, target, _ = make_training_data(root, n_prompts=8)
+    rng = random.Random(0)
+    human = [replace(r, id=f"h{i}", response=" ".join(rng.choice(WORDS) for _ in range(30)))
+             for i, r in enumerate(prompt_records(96))]
+    regenerate(target, human, root / "human", RegenConfig(max_new_tokens=40, batch_size=8, layer_ids=(1, 3),
+                                                          human_fraction=1.0), progress=False)
+    regenerate(target, [replace(r, id=f"t{i}") for i, r in enumerate(prompt_records(120)[96:])], root / "own",
+               RegenConfig(max_new_tokens=40, batch_size=8, layer_ids=(1, 3)), progress=False)
+    for name in ("human", "own"):
+        (root / name / "meta.json").write_text(json.dumps({"layer_ids": [1, 3]}))
+    stripped = root / "stripped"
+    stripped.mkdir()
+    for f in (root / "human").iterdir():
+        if f.suffix == ".jsonl":
+            rows = [json.loads(line) for line in f.read_text().splitlines()]
+            f_out = "".join(json.dumps({k: v for k, v in r.items() if k != "target_greedy"}) + "\n" for r in rows)
+            (stripped / f.name).write_text(f_out)
+        else:
+            (stripped / f.name).write_bytes(f.read_bytes())
+    taus = {}
+    for name in ("human", "stripped"):
+        cfg = TrainConfig(data=[str(root / name), str(root / "own")], out=str(root / f"run-{name}"),
+                          target=str(folder), num_layers=1, block_size=8, anchors_per_sequence=32, epochs=50,
+                          lr=3e-3, grad_accum=2, draft_vocab=0, held_out_fraction=1.0, eval_every=0,
+                          save_every=10_000, eval_sequences=32, precision="fp32", max_steps=150)
+        trainer = Trainer(cfg, target=target, progress=False)
+        assert all(trainer.dataset.rows[i].response_from == "human" for i in trainer.train_idx)
+        assert all(trainer.dataset.rows[i].response_from == "target" for i in trainer.eval_idx)
+        trainer.fit()
+        taus[name] = trainer.evaluate()["tau_estimate"]
+    assert taus["human"] > taus["stripped"] + 0.3, taus
+
+
+def test_data_of_other_layers_is_refused_with_a_clear_error(setup, tmp_path):
+    """Features tapped from other target layers than the drafter's: an InputError that
+    names the folder and the widths, not a shape error deep in the first step."""
+    from specflash.errors import InputError
+
+    with pytest.raises(InputError, match="features stored in .* are 128 wide, but .* needs 192"):
+        Trainer(config(setup, "other-layers", target_layer_ids=[0, 1, 2]), target=setup[2], progress=False)
+
+
+def test_data_folders_that_tapped_different_layers_are_refused(tmp_path):
+    from specflash.errors import InputError
+    from specflash.train.loop import data_layer_ids
+
+    for name, ids in (("a", [1, 3]), ("b", [0, 2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "meta.json").write_text(json.dumps({"layer_ids": ids}))
+    assert data_layer_ids([str(tmp_path / "a")]) == [1, 3]
+    with pytest.raises(InputError, match="tapped different target layers"):
+        data_layer_ids([str(tmp_path / "a"), str(tmp_path / "b")])

@@ -12,6 +12,7 @@ from specflash.train.objective import (
     build_blocks,
     cosine_lr,
     default_gamma,
+    greedy_consistent,
     position_weights,
     valid_anchors,
     weighted_block_loss,
@@ -42,6 +43,36 @@ def test_labels_are_the_tokens_at_the_same_position():
     assert blocks.ids.tolist() == [106, 1, 1, 1, 110, 1, 1, 1]
     assert blocks.positions.tolist() == [6, 7, 8, 9, 10, 11, 12, 13]
     assert blocks.labels.tolist() == [-100, 107, 108, 109, -100, 111, 112, 113]
+
+
+def test_greedy_labels_stop_where_the_answer_leaves_the_targets_path():
+    """Hand-checked: the answer (human) agrees with the target's greedy tokens at 7 and 8,
+    not at 9; labels come from the greedy tokens and end after the first disagreement
+    inside the block (the anchor itself may disagree)."""
+    ids = torch.arange(100, 120)
+    greedy = ids.clone()
+    greedy[6] = 55  # the anchor: given, whoever wrote it
+    greedy[9] = 77  # the target would have said 77 where the answer says 109
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[5:] = True
+    consistent = greedy_consistent(ids, greedy, torch.tensor([6]), block_size=6)
+    assert consistent.tolist() == [[True, True, True, True, False, False]]
+    blocks = build_blocks(ids, mask, torch.tensor([6]), block_size=6, mask_token_id=1, greedy_ids=greedy)
+    assert blocks.ids.tolist() == [106, 1, 1, 1, 1, 1]
+    assert blocks.labels.tolist() == [-100, 107, 108, 77, -100, -100]
+    assert (blocks.weights[4:] == 0).all() and (blocks.weights[1:4] > 0).all()
+
+
+def test_greedy_labels_equal_to_the_tokens_give_the_plain_objective():
+    """On the target's own greedy responses the labelled objective is the plain one."""
+    ids = torch.randint(0, 50, (40,))
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[8:] = True
+    anchors = torch.tensor([8, 13, 20, 24])
+    plain = build_blocks(ids, mask, anchors, 8, 3, gamma=2.0, loss_positions=5)
+    labelled = build_blocks(ids, mask, anchors, 8, 3, gamma=2.0, loss_positions=5, greedy_ids=ids.clone())
+    for name in ("ids", "positions", "labels", "weights"):
+        assert torch.equal(getattr(plain, name), getattr(labelled, name))
 
 
 def test_non_response_tokens_are_not_supervised():

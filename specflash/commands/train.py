@@ -49,8 +49,10 @@ def register(sub) -> None:
     data.add_argument("--human-fraction", type=float, default=0.0,
                       help="share (0-1) of the prompts that come with an existing answer (ShareGPT's first "
                            "assistant turn, a JSONL 'response') that keep it, teacher-forced in one forward "
-                           "instead of regenerated: much cheaper, but the drafter then learns some text the "
-                           "target would not write (default 0: every response from the target)")
+                           "instead of regenerated (several times cheaper). Such an answer is labelled with the "
+                           "target's own greedy tokens, and a block position is trained only while the answer "
+                           "follows them, so the drafter still learns what the target would say; only the "
+                           "context is human-written (default 0: every response from the target)")
     data.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     data.set_defaults(handler=run_data)
 
@@ -122,7 +124,7 @@ def run_data(args: argparse.Namespace) -> int:
     from ..errors import InputError
     from ..target import TargetModel
     from ..train.prompts import load_training_prompts
-    from ..train.regenerate import RegenConfig, regenerate
+    from ..train.regenerate import RegenConfig, add_target_greedy, regenerate
 
     if not 0.0 <= args.human_fraction <= 1.0:
         raise InputError(f"--human-fraction must be between 0 and 1, got {args.human_fraction}")
@@ -145,7 +147,10 @@ def run_data(args: argparse.Namespace) -> int:
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "thinking": args.thinking, "dtype": args.dtype, "human_fraction": args.human_fraction}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    labelled = add_target_greedy(target, out, batch_size=args.batch_size)  # shards from before the labels
     stats = regenerate(target, records, out, config, total=len(records))
+    if labelled:
+        stats["human_answers_labelled_in_existing_shards"] = labelled
     print(json.dumps(stats))
     return 0
 

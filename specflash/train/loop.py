@@ -114,13 +114,33 @@ def use_bf16(precision: str, device: torch.device) -> bool:
 
 
 def data_layer_ids(folders: list[str]) -> list[int] | None:
+    """The target layers the data folders tapped (their meta.json); folders that disagree
+    cannot train one drafter."""
+    found: dict[str, list[int]] = {}
     for folder in folders:
         meta = Path(folder) / "meta.json"
         if meta.exists():
             ids = json.loads(meta.read_text()).get("layer_ids")
             if ids:
-                return [int(i) for i in ids]
-    return None
+                found[folder] = [int(i) for i in ids]
+    if len({tuple(ids) for ids in found.values()}) > 1:
+        raise InputError("the data folders tapped different target layers ("
+                         + "; ".join(f"{f}: {ids}" for f, ids in found.items())
+                         + "); train on folders regenerated with the same --layer-ids / --num-features")
+    return next(iter(found.values()), None)
+
+
+def check_feature_width(dataset: ShardDataset, index: int, drafter: DFlashDrafter) -> None:
+    """Stored features must be as wide as the drafter's fc expects (K tapped layers x hidden)."""
+    features = dataset[index].features
+    expected = drafter.fc.in_features
+    if features is not None and features.shape[-1] != expected:
+        folder = dataset.rows[index].shard.parent
+        raise InputError(f"the features stored in {folder} are {features.shape[-1]} wide, but a drafter tapping "
+                         f"target layers {list(drafter.target_layer_ids)} needs {expected}: the data was "
+                         "regenerated with other layers. The drafter taps the layers in the data folder's "
+                         "meta.json (written by `specflash train data`; without it, the default layers): restore "
+                         "that file, or regenerate the data")
 
 
 def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
@@ -177,6 +197,11 @@ class Trainer:
         self.train_idx, self.eval_idx = self.dataset.split(config.held_out_fraction, exclude)
         if not self.train_idx:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
+        unlabelled = self.dataset.unlabelled_human_rows()
+        if unlabelled and self.rank == 0:
+            print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
+                  "drafter learns their human tokens, which the target would often not write; run `specflash "
+                  "train data` on the data folder(s) again to add the labels", flush=True)
         if config.loss_positions is not None and not 1 <= config.loss_positions <= config.block_size - 1:
             raise InputError(f"--loss-positions must be between 1 and block size - 1 = {config.block_size - 1}, "
                              f"got {config.loss_positions}")
@@ -186,6 +211,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.drafter = DFlashDrafter(drafter_config).init_weights(
             generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
+        check_feature_width(self.dataset, self.train_idx[0], self.drafter)
         if config.init == "target":
             init_from_target(self.drafter, self.target)
         if config.standardize_features:
@@ -292,7 +318,8 @@ class Trainer:
     def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None, every_position: bool = False):
         cfg = self.drafter.config
         blocks = build_blocks(example.input_ids, example.loss_mask, anchors, cfg.block_size, cfg.mask_token_id,
-                              self.config.gamma, None if every_position else self.config.loss_positions)
+                              self.config.gamma, None if every_position else self.config.loss_positions,
+                              greedy_ids=example.greedy_ids)
         features = self._features(example)  # [S-1, F]
         device = self.target.device
         embeds = self.target.embed_raw(blocks.ids[None].to(device)).float()
@@ -455,8 +482,12 @@ def data_summary(trainer: "Trainer") -> dict:
     from_target = sum(max(0, len(ds.rows[i].input_ids) - ds.rows[i].num_prompt_tokens)
                       for i in trainer.train_idx if ds.rows[i].response_from == "target")
     total = ds.num_response_tokens(trainer.train_idx)
+    greedy_labelled = sum(max(0, len(ds.rows[i].input_ids) - ds.rows[i].num_prompt_tokens)
+                          for i in trainer.train_idx
+                          if ds.rows[i].response_from != "target" and ds.rows[i].target_greedy is not None)
     return {"sources": sources, "sequences": len(trainer.train_idx), "held_out": len(trainer.eval_idx),
-            "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None}
+            "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None,
+            "human_tokens_with_target_labels": greedy_labelled}
 
 
 def export_run(trainer: "Trainer", folder: str | Path | None = None, command: str | None = None) -> Path:

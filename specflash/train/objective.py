@@ -8,6 +8,13 @@ For one sequence x_0..x_{S-1} with response mask m and tapped target features f_
 - loss: block position k (1..L, L <= B-1) predicts x_{p+k} (same position, no shift),
   position 0 and non-response tokens excluded, weighted by w_k = exp(-(k-1)/gamma);
   loss = sum(w * CE) / sum(w).
+
+Labels on text the target did not write (teacher-forced human answers): the label of
+position i is then g_i, the target's greedy token given x_<i, and block position k is
+supervised only while the block's own tokens agree with it (x_{p+j} = g_{p+j} for
+0 < j < k). Every supervised label is then exactly the target's greedy continuation from
+the anchor, the sequence decoding must match; on the target's own greedy responses
+g = x, and the objective is the plain one above.
 """
 
 from __future__ import annotations
@@ -73,15 +80,32 @@ class Blocks:
     block_size: int
 
 
+def greedy_consistent(input_ids: torch.Tensor, greedy_ids: torch.Tensor, anchors: torch.Tensor,
+                      block_size: int) -> torch.Tensor:
+    """[A, B] bool: block position k of anchor p is labelled by the target's greedy
+    continuation from p, i.e. x_{p+j} == g_{p+j} for every 0 < j < k (always at k <= 1)."""
+    positions = anchors[:, None] + torch.arange(block_size)[None, :]  # [A, B]
+    agree = (input_ids[positions] == greedy_ids[positions]).long()  # [A, B]
+    agree[:, 0] = 1  # the anchor is given, whoever wrote it
+    before = torch.cat([torch.ones_like(agree[:, :1]), agree[:, :-1]], dim=1)  # agreement of j < k
+    return before.cumprod(dim=1).bool()
+
+
 def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tensor, block_size: int,
-                 mask_token_id: int, gamma: float | None = None, loss_positions: int | None = None) -> Blocks:
-    """input_ids, loss_mask [S]; anchors [A] -> Blocks with Q = A * B entries."""
+                 mask_token_id: int, gamma: float | None = None, loss_positions: int | None = None,
+                 greedy_ids: torch.Tensor | None = None) -> Blocks:
+    """input_ids, loss_mask [S]; anchors [A] -> Blocks with Q = A * B entries.
+
+    greedy_ids [S] (optional): the target's greedy token at each position given the tokens
+    before it; labels then come from it, cut where the block's tokens leave it (module doc)."""
     offsets = torch.arange(block_size)
     positions = (anchors[:, None] + offsets[None, :]).flatten()  # [Q]
-    targets = input_ids[positions]
+    targets = input_ids[positions] if greedy_ids is None else greedy_ids[positions]
     ids = torch.full_like(targets, mask_token_id).view(-1, block_size)
     ids[:, 0] = input_ids[anchors]
     supervised = loss_mask[positions].view(-1, block_size).clone()
+    if greedy_ids is not None:
+        supervised &= greedy_consistent(input_ids, greedy_ids, anchors, block_size)
     supervised[:, 0] = False
     if loss_positions is not None:
         supervised[:, loss_positions + 1:] = False

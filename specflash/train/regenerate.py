@@ -9,6 +9,8 @@ batch), which on a CPU gives several times the tokens/s of one prompt at a time.
 Shards: `OUT/shard-NNNNN.jsonl`, one JSON object per line:
   {"id", "source", "input_ids": prompt + response ids, "num_prompt_tokens",
    "response_from": "target" | "human", "finish_reason"}
+  plus, for a human answer, "target_greedy": the target's greedy token at each response
+  position given the tokens before it (what the drafter is trained to predict there).
 With `layer_ids`, the tapped target features that generation computes anyway are kept
 too (`OUT/shard-NNNNN.features.safetensors`, one float16 tensor [len(input_ids) - 1, K*H]
 per row, keyed by row number): the training objective needs exactly these, so no second
@@ -109,16 +111,68 @@ def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], 
 
 
 @torch.inference_mode()
-def teacher_force_batch(target: TargetModel, sequences: list[list[int]]) -> list[torch.Tensor | None]:
-    """One left-padded forward over whole sequences; per sequence the tapped features
-    [len(seq) - 1, K*H] of every token but the last (None when nothing is tapped)."""
-    ids, mask, positions = left_padded(target, sequences)
-    n, width = ids.shape
-    out = target.forward(ids, None, logits_to_keep=1, attention_mask=mask, position_ids=positions)
-    if out.features is None:
-        return [None] * n
-    feats = out.features.to(torch.float16)  # [n, width, F]
-    return [feats[row, width - len(seq): width - 1].cpu() for row, seq in enumerate(sequences)]
+def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_prompt_tokens: list[int] | None = None,
+                        logits_budget: int = 2 ** 27) -> list[tuple[torch.Tensor | None, list[int] | None]]:
+    """Left-padded forwards over whole sequences; per sequence (features, greedy):
+    the tapped features [len(seq) - 1, K*H] of every token but the last (None when nothing
+    is tapped), and, with `num_prompt_tokens`, the target's greedy token at every response
+    position given the tokens before it (the labels of a teacher-forced answer; else None).
+
+    Rows go through in groups whose kept logits stay under `logits_budget` floats."""
+    if num_prompt_tokens is None:
+        groups = [list(range(len(sequences)))]
+    else:
+        keep = max(len(seq) - n for seq, n in zip(sequences, num_prompt_tokens)) + 1
+        rows_per_group = max(1, logits_budget // (keep * target.output_rows))
+        groups = [list(range(i, min(i + rows_per_group, len(sequences))))
+                  for i in range(0, len(sequences), rows_per_group)]
+    results: list[tuple[torch.Tensor | None, list[int] | None]] = []
+    for group in groups:
+        seqs = [sequences[i] for i in group]
+        ids, mask, positions = left_padded(target, seqs)
+        width = ids.shape[1]
+        keep = 1 if num_prompt_tokens is None else max(len(sequences[i]) - num_prompt_tokens[i] for i in group) + 1
+        out = target.forward(ids, None, logits_to_keep=keep, attention_mask=mask, position_ids=positions)
+        feats = None if out.features is None else out.features.to(torch.float16)  # [n, width, F]
+        for row, i in enumerate(group):
+            seq = sequences[i]
+            features = None if feats is None else feats[row, width - len(seq): width - 1].cpu()
+            greedy = None
+            if num_prompt_tokens is not None:
+                n_response = len(seq) - num_prompt_tokens[i]
+                # logits at position j predict token j + 1; the last kept position predicts past the end
+                greedy = out.logits[row, keep - 1 - n_response: keep - 1].argmax(-1).tolist()
+            results.append((features, greedy))
+    return results
+
+
+def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int = 16, progress: bool = True) -> int:
+    """Give the teacher-forced (human) answers of existing shards their `target_greedy`
+    labels (shards written before the labels existed); rewrites those JSONL files whole,
+    features untouched. Returns the number of rows labelled."""
+    from tqdm.auto import tqdm
+
+    todo: list[tuple[Path, list[dict], list[int]]] = []
+    for shard in sorted(Path(out_dir).glob("shard-*.jsonl")):
+        rows = [json.loads(line) for line in shard.read_text().splitlines() if line.strip()]
+        missing = [i for i, r in enumerate(rows) if r.get("response_from") == "human" and "target_greedy" not in r]
+        if missing:
+            todo.append((shard, rows, missing))
+    total = sum(len(m) for _, _, m in todo)
+    if not total:
+        return 0
+    bar = tqdm(total=total, desc="labelling human answers", unit="row", disable=not progress, dynamic_ncols=True)
+    for shard, rows, missing in todo:
+        for start in range(0, len(missing), batch_size):
+            chunk = missing[start:start + batch_size]
+            labelled = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
+                                           [rows[i]["num_prompt_tokens"] for i in chunk])
+            for i, (_, greedy) in zip(chunk, labelled):
+                rows[i]["target_greedy"] = greedy
+            bar.update(len(chunk))
+        _write_jsonl(shard, rows)
+    bar.close()
+    return total
 
 
 def done_ids(out_dir: Path) -> set[str]:
@@ -136,6 +190,15 @@ def _next_shard_index(out_dir: Path) -> int:
     return max(indices, default=-1) + 1
 
 
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    """Write whole, by rename: a reader sees the old file or the new one."""
+    tmp = path.with_suffix(".tmp")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, path)
+
+
 def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None) -> Path:
     path = out_dir / f"shard-{index:05d}.jsonl"
     if features is not None:
@@ -145,11 +208,7 @@ def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torc
         tmp_features = feature_path.with_suffix(".tmp")
         save_file({str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}, str(tmp_features))
         os.replace(tmp_features, feature_path)
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
+    _write_jsonl(path, rows)
     return path
 
 
@@ -316,13 +375,17 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
         if kind == "human":
             room = [max(1, min(config.max_new_tokens, target.max_context - len(p) - 1)) for _, p in batch]
             answers = [encode_answer(target, r, p, m, config.template_kwargs) for (r, p), m in zip(batch, room)]
-            features = teacher_force_batch(target, [p + a for (_, p), (a, _) in zip(batch, answers)])
-            outputs = [(a, reason, f) for (a, reason), f in zip(answers, features)]
+            forced = teacher_force_batch(target, [p + a for (_, p), (a, _) in zip(batch, answers)],
+                                         [len(p) for _, p in batch])
+            outputs = [(a, reason, f, g) for (a, reason), (f, g) in zip(answers, forced)]
         else:
-            outputs = generate_batch(target, [p for _, p in batch], config, generator)
-        for (record, prompt), (response, reason, features) in zip(batch, outputs):
-            pending.append({"id": record.id, "source": record.source, "input_ids": prompt + response,
-                            "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason})
+            outputs = [(*out, None) for out in generate_batch(target, [p for _, p in batch], config, generator)]
+        for (record, prompt), (response, reason, features, greedy) in zip(batch, outputs):
+            row = {"id": record.id, "source": record.source, "input_ids": prompt + response,
+                   "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason}
+            if greedy is not None:
+                row["target_greedy"] = greedy
+            pending.append(row)
             if keep_features:
                 pending_features.append(features)
             stats["done"] += 1

@@ -3,7 +3,9 @@
 An example is one sequence: prompt + response token ids, a mask of response tokens
 (the only supervised ones), and the tapped target features of every token but the last
 (from the shard's features file, or computed by a teacher-forced target forward when
-the shard has none)."""
+the shard has none). Rows whose response the target did not write (teacher-forced human
+answers) also carry `target_greedy`: the target's greedy token at each response
+position given the tokens before it, the labels the objective trains on."""
 
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ class Example:
     loss_mask: torch.Tensor  # [S] bool, True on response tokens
     features: torch.Tensor | None  # [S - 1, K*H] float, or None when not stored
     response_from: str = "target"
+    greedy_ids: torch.Tensor | None = None  # [S] long: the target's greedy token at each position (None: = input_ids)
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class _Row:
     input_ids: tuple[int, ...]
     num_prompt_tokens: int
     response_from: str
+    target_greedy: tuple[int, ...] | None = None  # per response token, for human answers
 
 
 class ShardDataset:
@@ -55,8 +59,12 @@ class ShardDataset:
                             continue
                         d = json.loads(line)
                         ids = tuple(d["input_ids"][:max_length] if max_length else d["input_ids"])
-                        self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids,
-                                              int(d["num_prompt_tokens"]), d.get("response_from", "target")))
+                        n_prompt = int(d["num_prompt_tokens"])
+                        greedy = d.get("target_greedy")
+                        if greedy is not None:
+                            greedy = tuple(greedy[:max(0, len(ids) - n_prompt)])
+                        self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids, n_prompt,
+                                              d.get("response_from", "target"), greedy))
         self._open: dict[Path, object] = {}
 
     def __len__(self) -> int:
@@ -80,12 +88,18 @@ class ShardDataset:
             (held if held_out else train).append(i)
         return train, held
 
+    def unlabelled_human_rows(self) -> int:
+        """Rows with a human answer but no `target_greedy` labels (shards written before
+        they existed); `specflash train data` on the folder adds them."""
+        return sum(1 for r in self.rows if r.response_from != "target" and r.target_greedy is None)
+
     def token_counts(self, indices: list[int], vocab_size: int) -> torch.Tensor:
-        """[V] counts of response tokens over the given rows."""
+        """[V] counts of the response labels (the tokens the drafter must predict) over the given rows."""
         counts = torch.zeros(vocab_size, dtype=torch.float64)
         for i in indices:
             row = self.rows[i]
-            response = torch.tensor(row.input_ids[row.num_prompt_tokens:], dtype=torch.long)
+            labels = row.target_greedy if row.target_greedy is not None else row.input_ids[row.num_prompt_tokens:]
+            response = torch.tensor(labels, dtype=torch.long)
             counts.index_add_(0, response, torch.ones(response.numel(), dtype=torch.float64))
         return counts
 
@@ -110,4 +124,8 @@ class ShardDataset:
         ids = torch.tensor(row.input_ids, dtype=torch.long)
         mask = torch.zeros(ids.numel(), dtype=torch.bool)
         mask[row.num_prompt_tokens:] = True
-        return Example(row.id, row.source, ids, mask, self._features(row), row.response_from)
+        greedy = None
+        if row.target_greedy is not None:
+            greedy = ids.clone()
+            greedy[row.num_prompt_tokens:] = torch.tensor(row.target_greedy, dtype=torch.long)
+        return Example(row.id, row.source, ids, mask, self._features(row), row.response_from, greedy)
