@@ -479,12 +479,10 @@ def plot_loss_curve(log_path: Path, png: Path) -> bool:
 def data_summary(trainer: "Trainer") -> dict:
     ds = trainer.dataset
     sources = sorted({ds.rows[i].source for i in trainer.train_idx})
-    from_target = sum(max(0, len(ds.rows[i].input_ids) - ds.rows[i].num_prompt_tokens)
-                      for i in trainer.train_idx if ds.rows[i].response_from == "target")
+    from_target = ds.num_response_tokens([i for i in trainer.train_idx if ds.rows[i].response_from == "target"])
     total = ds.num_response_tokens(trainer.train_idx)
-    greedy_labelled = sum(max(0, len(ds.rows[i].input_ids) - ds.rows[i].num_prompt_tokens)
-                          for i in trainer.train_idx
-                          if ds.rows[i].response_from != "target" and ds.rows[i].target_greedy is not None)
+    greedy_labelled = ds.num_response_tokens([i for i in trainer.train_idx if ds.rows[i].response_from != "target"
+                                              and ds.rows[i].target_greedy is not None])
     return {"sources": sources, "sequences": len(trainer.train_idx), "held_out": len(trainer.eval_idx),
             "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None,
             "human_tokens_with_target_labels": greedy_labelled}

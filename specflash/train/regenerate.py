@@ -119,19 +119,24 @@ def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_pro
     position given the tokens before it (the labels of a teacher-forced answer; else None).
 
     Rows go through in groups whose kept logits stay under `logits_budget` floats."""
-    if num_prompt_tokens is None:
-        groups = [list(range(len(sequences)))]
-    else:
-        keep = max(len(seq) - n for seq, n in zip(sequences, num_prompt_tokens)) + 1
-        rows_per_group = max(1, logits_budget // (keep * target.output_rows))
-        groups = [list(range(i, min(i + rows_per_group, len(sequences))))
-                  for i in range(0, len(sequences), rows_per_group)]
+    def kept_logits(rows: list[int]) -> int:
+        """Last positions whose logits the rows need: their longest response + 1 (1 without labels)."""
+        if num_prompt_tokens is None:
+            return 1
+        return max(len(sequences[i]) - num_prompt_tokens[i] for i in rows) + 1
+
+    if not sequences:
+        return []
+    everything = list(range(len(sequences)))
+    rows_per_group = (len(sequences) if num_prompt_tokens is None  # one logit row each: one forward
+                      else max(1, logits_budget // (kept_logits(everything) * target.output_rows)))
+    groups = [everything[i:i + rows_per_group] for i in range(0, len(sequences), rows_per_group)]
     results: list[tuple[torch.Tensor | None, list[int] | None]] = []
     for group in groups:
         seqs = [sequences[i] for i in group]
         ids, mask, positions = left_padded(target, seqs)
         width = ids.shape[1]
-        keep = 1 if num_prompt_tokens is None else max(len(sequences[i]) - num_prompt_tokens[i] for i in group) + 1
+        keep = kept_logits(group)
         out = target.forward(ids, None, logits_to_keep=keep, attention_mask=mask, position_ids=positions)
         feats = None if out.features is None else out.features.to(torch.float16)  # [n, width, F]
         for row, i in enumerate(group):
@@ -155,7 +160,8 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
     todo: list[tuple[Path, list[dict], list[int]]] = []
     for shard in sorted(Path(out_dir).glob("shard-*.jsonl")):
         rows = [json.loads(line) for line in shard.read_text().splitlines() if line.strip()]
-        missing = [i for i, r in enumerate(rows) if r.get("response_from") == "human" and "target_greedy" not in r]
+        missing = [i for i, r in enumerate(rows)
+                   if r.get("response_from", "target") != "target" and "target_greedy" not in r]
         if missing:
             todo.append((shard, rows, missing))
     total = sum(len(m) for _, _, m in todo)
