@@ -125,11 +125,16 @@ def test_export_with_a_draft_vocabulary_writes_it_and_decoding_uses_it(setup):
     assert "draft vocabulary: 64 of" in (out / "README.md").read_text()
 
 
-def test_init_from_an_exported_drafter_starts_from_its_function(setup):
+def exported_after(setup, name, steps, **changes):
+    """Train `steps` steps in run `name` and export it: (target, drafter folder)."""
     root, _, target, _ = setup
-    first = Trainer(config(setup, "warm-a", max_steps=20), target=target, progress=False)
-    first.fit()
-    folder = export_run(first, root / "warm-a-drafter")
+    trainer = Trainer(config(setup, name, max_steps=steps, **changes), target=target, progress=False)
+    trainer.fit()
+    return target, export_run(trainer, root / f"{name}-drafter")
+
+
+def test_init_from_an_exported_drafter_starts_from_its_function(setup):
+    target, folder = exported_after(setup, "warm-a", 20)
     warm = Trainer(config(setup, "warm-b", init_from=str(folder)), target=target, progress=False)
     cold = Trainer(config(setup, "warm-c"), target=target, progress=False)
     exported = Trainer(config(setup, "warm-d"), target=target, progress=False)
@@ -142,12 +147,26 @@ def test_init_from_an_exported_drafter_starts_from_its_function(setup):
 def test_init_from_a_drafter_of_another_shape_is_refused(setup):
     from specflash.errors import InputError
 
-    root, _, target, _ = setup
-    small = Trainer(config(setup, "shape-a", max_steps=1), target=target, progress=False)
-    small.fit()
-    folder = export_run(small, root / "shape-a-drafter")
+    target, folder = exported_after(setup, "shape-a", 1)
     with pytest.raises(InputError, match="block_size"):
         Trainer(config(setup, "shape-b", block_size=4, init_from=str(folder)), target=target, progress=False)
+
+
+def test_init_from_a_drafter_with_fewer_layers_grows_it_and_keeps_its_function(setup):
+    from specflash.errors import InputError
+
+    target, folder = exported_after(setup, "grow-a", 20)
+    same = Trainer(config(setup, "grow-b", init_from=str(folder)), target=target, progress=False)
+    grown = Trainer(config(setup, "grow-c", num_layers=2, init_from=str(folder), max_steps=3), target=target,
+                    progress=False)
+    new_layer = grown.drafter.layers[1]
+    assert new_layer.self_attn.o_proj.weight.abs().max() == 0 and new_layer.mlp.down_proj.weight.abs().max() == 0
+    assert grown.evaluate() == same.evaluate()
+    grown.fit()
+    assert new_layer.self_attn.o_proj.weight.abs().max() > 0  # the new layer trains
+    two = export_run(grown, setup[0] / "grow-c-drafter")
+    with pytest.raises(InputError, match="grow by layers, not shrink"):
+        Trainer(config(setup, "grow-d", num_layers=1, init_from=str(two)), target=target, progress=False)
 
 
 def test_loss_positions_out_of_range_is_refused(setup):

@@ -85,7 +85,8 @@ def register(sub) -> None:
                      help="random init, or copy the target's last layers into the draft layers")
     fit.add_argument("--init-from", default=None, metavar="DRAFTER",
                      help="warm start from an exported drafter folder of the same shape (e.g. a shipped drafter or "
-                          "RUN/drafter of an earlier run); the new run's schedule starts from step 0")
+                          "RUN/drafter of an earlier run), or one with fewer layers: it grows, the extra layers "
+                          "starting as no-ops; the new run's schedule starts from step 0")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")

@@ -162,23 +162,38 @@ def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
 
 
 def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
-    """Warm start: copy every weight of an exported drafter (same shapes required). The
-    export folded the feature scale into fc.weight; it is unfolded with this run's scale, so
-    the drafter computes the same function and trains on standardized features."""
+    """Warm start: copy every weight of an exported drafter of the same shape. The export
+    folded the feature scale into fc.weight; it is unfolded with this run's scale, so the
+    drafter computes the same function and trains on standardized features.
+
+    A source with fewer draft layers (otherwise the same shape) grows: its layers fill the
+    first ones, and each extra layer starts with zero output projections (attention o_proj,
+    MLP down_proj), so it adds nothing to the residual stream and the grown drafter again
+    computes the source's function; training then puts the new layer to use."""
     source = DFlashDrafter.from_pretrained(folder)
     mine, theirs = drafter.config, source.config
-    for name in ("hidden_size", "num_hidden_layers", "block_size", "target_layer_ids", "intermediate_size",
+    for name in ("hidden_size", "block_size", "target_layer_ids", "intermediate_size",
                  "num_attention_heads", "num_key_value_heads"):
         a, b = getattr(mine, name, None), getattr(theirs, name, None)
         if a != b:
             raise InputError(f"--init-from {folder}: its {name} is {b}, this run's is {a}; "
                              f"start from a drafter of the same shape or drop --init-from")
+    ours, its = len(drafter.layers), len(source.layers)
+    if its > ours:
+        raise InputError(f"--init-from {folder}: it has {its} draft layers, this run {ours}; pass --num-layers "
+                         f"{its} or more (a drafter can grow by layers, not shrink)")
     missing, unexpected = drafter.load_state_dict(source.state_dict(), strict=False)
-    if missing or unexpected:
-        raise InputError(f"--init-from {folder}: weights do not match (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]})")
+    grown = {k for k in missing if k.startswith("layers.") and int(k.split(".")[1]) >= its}
+    if set(missing) - grown or unexpected:
+        raise InputError(f"--init-from {folder}: weights do not match (missing {sorted(set(missing) - grown)[:3]}, "
+                         f"unexpected {unexpected[:3]})")
     with torch.no_grad():
         drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight.dtype)[None, :])
+        for layer in list(drafter.layers)[its:]:
+            for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                proj.weight.zero_()
+                if proj.bias is not None:
+                    proj.bias.zero_()
 
 
 class Trainer:
