@@ -25,6 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from specflash.costmodel import best_num_drafts, expected_tokens
+
 
 def link_subset(data: Path, study_data: Path, shards: int) -> int:
     """Link meta.json and the first `shards` shards (jsonl + features) into study_data."""
@@ -39,29 +41,19 @@ def link_subset(data: Path, study_data: Path, shards: int) -> int:
     return len(files)
 
 
-def read_log(path: Path) -> tuple[dict | None, dict | None, dict | None]:
-    """(first eval record, last eval record, last training record) of a run's log.jsonl."""
-    first = last = train = None
-    for line in path.read_text().splitlines():
-        rec = json.loads(line)
-        if "eval_tau_estimate" in rec:
-            first = first or rec
-            last = rec
-        if "loss" in rec:
-            train = rec
-    return first, last, train
+def read_log(path: Path) -> tuple[list[dict], dict]:
+    """(every held-out evaluation record, the last training record) of a run's log.jsonl."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    return [r for r in records if "eval_tau_estimate" in r], [r for r in records if "loss" in r][-1]
 
 
 def modelled_speedup(accept_through: list[float], costs) -> tuple[float, int]:
-    """(speedup over plain decoding, best number of drafts) for a fixed acceptance profile:
-    accept_through[i] = P(draft positions 1..i+1 all right)."""
-    best, best_k = 1.0, 0
-    for k in range(0, len(accept_through) + 1):
-        tokens = 1.0 + sum(accept_through[:k])
-        speed = tokens / costs.step_s(k) * costs.verify_s(1)
-        if speed > best:
-            best, best_k = speed, k
-    return best, best_k
+    """(speedup over plain decoding, number of drafts) of the step the `auto` policy picks
+    for a fixed acceptance profile: accept_through[i] = P(draft positions 1..i+1 all right)."""
+    conditional = [now / before if before > 0 else 0.0
+                   for before, now in zip([1.0, *accept_through], accept_through)]
+    k = best_num_drafts(conditional, costs, len(conditional))
+    return expected_tokens(conditional, k) / costs.step_s(k) * costs.step_s(0), k
 
 
 def main() -> None:
@@ -105,7 +97,8 @@ def main() -> None:
     target = TargetModel.from_pretrained(args.target)
     rows = []
     for name, flags, run in arms:
-        first, last, train = read_log(run / "log.jsonl")
+        evals, train = read_log(run / "log.jsonl")
+        last = evals[-1]
         proposer = build_proposer(str(run / "drafter"), target)
         costs = measure_costs(target, proposer, max_tokens=8)
         speed, k = modelled_speedup(last["eval_accept_through_position"][:7], costs)
@@ -114,9 +107,7 @@ def main() -> None:
             "tau_estimate": round(last["eval_tau_estimate"], 3), "p_first": last["eval_accept_through_position"][0],
             "eval_blocks": last["eval_blocks"], "t_draft_ms": round(1000 * costs.draft_s(2), 1),
             "t_verify3_ms": round(1000 * costs.verify_s(3), 1), "modelled_speedup": round(speed, 3),
-            "best_drafts": k, "curve": [(r["step"], round(r["eval_tau_estimate"], 3))
-                                        for r in map(json.loads, (run / "log.jsonl").read_text().splitlines())
-                                        if "eval_tau_estimate" in r],
+            "best_drafts": k, "curve": [(r["step"], round(r["eval_tau_estimate"], 3)) for r in evals],
         })
     print("\n| arm | steps | train h | tau est | P(1st right) | t_draft(2) ms | modelled speedup (drafts) |")
     print("|---|---:|---:|---:|---:|---:|---:|")

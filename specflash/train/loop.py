@@ -189,7 +189,7 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
                          f"unexpected {unexpected[:3]})")
     with torch.no_grad():
         drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight.dtype)[None, :])
-        for layer in list(drafter.layers)[its:]:
+        for layer in drafter.layers[its:]:
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.weight.zero_()
                 if proj.bias is not None:
