@@ -256,6 +256,8 @@ def cost_key(target, proposer, max_tokens: int) -> str:
         "max_tokens": max_tokens,
         # The kernel choice for few-row LM heads changes verify costs (kernels.py).
         "kernels": "small-batch/2" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
+        # The lean forward (leanforward.py) runs the same kernels with less overhead.
+        "forward": getattr(target, "forward_path", "transformers"),
     }
     if target.device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(target.device)

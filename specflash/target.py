@@ -6,6 +6,9 @@
 - `lm_head(hidden)` (with final logit soft-capping where the family has it);
 - `forward(ids, cache)` -> logits plus the hidden states of only the tapped layers,
   captured with forward hooks on those decoder layers (never output_hidden_states).
+  Unpadded forwards of Llama / Qwen2 / Qwen3 targets run `LeanForward` instead
+  (leanforward.py: the same operations with less framework, checked bit-identical on the
+  loaded model before first use), whose taps come straight from its layer loop.
 Layer id i is the output of decoder layer i, i.e. Hugging Face `hidden_states[i + 1]`.
 
 The KV cache is a transformers `DynamicCache` built without a config, so every layer
@@ -24,6 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
 from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
+from .leanforward import LeanForward, lean_forward_allowed
 
 
 @dataclass
@@ -56,6 +60,7 @@ class TargetModel:
         self._taps: tuple[int, ...] = ()
         self._hooks: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
+        self._lean: LeanForward | bool | None = None  # None: not checked yet; False: not used
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -199,6 +204,21 @@ class TargetModel:
         if cache.get_seq_length() > length:
             cache.crop(length)
 
+    @property
+    def forward_path(self) -> str:
+        """'lean' when unpadded forwards run `LeanForward` (checked bit-identical on this
+        model), else 'transformers'."""
+        return "lean" if self._lean_forward() is not None else "transformers"
+
+    def _lean_forward(self) -> LeanForward | None:
+        if self._lean is None:
+            self._lean = False
+            if lean_forward_allowed() and LeanForward.supports(self.model) is None:
+                lean = LeanForward(self.model)
+                if lean.matches_transformers(self._taps):
+                    self._lean = lean
+        return self._lean or None
+
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> TargetOutput:
@@ -207,6 +227,11 @@ class TargetModel:
         attention_mask [b, cache_length + n] marks padding (0) in left-padded batches.
         Returns logits [b, n or logits_to_keep, V] and the tapped features [b, n, K*H]
         (None when no layers are tapped)."""
+        lean = self._lean_forward() if attention_mask is None and position_ids is None else None
+        if lean is not None:
+            logits, captured = lean(ids, cache, logits_to_keep, self._taps)
+            features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None
+            return TargetOutput(logits, features)
         self._captured.clear()
         try:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,

@@ -75,6 +75,12 @@ def test_last_line_has_the_documented_shape(greedy_run):
     assert doc["methods"]["hf"]["two"]["speedup"] == pytest.approx(1.0)
 
 
+def test_report_names_the_target_forward_of_our_loop(greedy_run):
+    lines, out = greedy_run
+    assert json.loads(lines[-1])["machine"]["target_forward"] == "lean"  # a tiny Llama: checked bit-identical
+    assert "Target forward in specflash's loop: lean" in (out / "report.md").read_text()
+
+
 def test_block_sizes_compare_in_one_run(capsys, folder, prompts_file, tmp_path):
     lines, _ = bench(capsys, folder, prompts_file, tmp_path, "--draft", "random",
                      "--methods", "hf,dflash@2,dflash@4,dflash@auto")

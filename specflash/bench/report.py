@@ -78,6 +78,13 @@ def _details(result: BenchResult) -> list[str]:
     return lines
 
 
+def _forward_note(path: str | None) -> str:
+    if path == "lean":
+        return ("lean (specflash/leanforward.py: transformers' operations with less framework, checked "
+                "bit-identical to transformers' forward on this model before use)")
+    return "transformers' own forward" if path else "not recorded"
+
+
 def render_markdown(result: BenchResult, plots: list[str]) -> str:
     opts, m = result.options, result.machine
     gpu = m["gpu"]["name"] if m.get("gpu") else "none"
@@ -88,6 +95,7 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
            f"{m['memory_gib']} GiB RAM, GPU: {gpu}, device {m['device']}; {m['os']}, Python {m['python']}; "
            f"load average at start {m.get('load_average')}.",
            f"Libraries: {versions}.", "",
+           f"Target forward in specflash's loop: {_forward_note(m.get('target_forward'))}.", "",
            f"Settings: draft `{opts.draft}`" + (f" (folder {result.draft_folder})" if result.draft_folder else "")
            + f", block size {opts.block_size or 'auto'}, ngram block {opts.ngram_block_size}, "
            f"max {opts.max_new_tokens} new tokens, temperature {opts.temperature}, top-p {opts.top_p}, "

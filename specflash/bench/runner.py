@@ -254,6 +254,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
     dtype = parse_dtype(opts.dtype, opts.device)
     target = TargetModel.from_pretrained(opts.target, dtype=dtype, device=opts.device)
     result = BenchResult(opts, out_dir, machine_info(opts.device), library_versions())
+    result.machine["target_forward"] = target.forward_path  # our loop's forward (the hf baseline: transformers')
 
     sets = _choose_prompts(opts, target, result)
     if not sets:

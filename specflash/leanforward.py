@@ -1,0 +1,176 @@
+"""A lean forward for Llama-style targets: transformers' own operations, in the same
+order, with less framework between them.
+
+A one-token decode step of SmolLM2-135M spends a large share of its time outside the
+matrix products, in the per-op and per-call machinery of transformers' forward (output
+dataclasses, keyword plumbing, decorators, per-layer hooks and mask/attention dispatch).
+For the calls speculative decoding makes - one sequence or an unpadded batch, positions
+implied by the KV cache - `LeanForward` runs each decoder layer itself: the same modules
+(norms, projections, MLP, called as modules so the kernel choice of kernels.py applies),
+the model's own rotary embedding, causal-mask builder, `apply_rotary_pos_emb` and
+attention function, with the same arguments. So its logits are *bit-identical* to
+transformers' forward, and `LeanForward.matches_transformers` proves that on the loaded
+model before it is used (a prefill, a one-token step and a two-token block against
+transformers' forward, features of the tapped layers included); anything that differs
+(another transformers release, an unusual config) leaves the target on transformers'
+forward.
+
+Families: decoder layers of Llama, Qwen2 and Qwen3 (optional per-head q/k norm) with full
+attention in every layer. Others (Gemma's extra norms and soft-capping, sliding-window
+layers) keep transformers' forward. `SPECFLASH_FORWARD=transformers` turns the lean
+forward off (for A/B measurements).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any, Callable
+
+import torch
+
+SUPPORTED_LAYERS = {  # decoder layer: (attention, MLP)
+    "LlamaDecoderLayer": ("LlamaAttention", "LlamaMLP"),
+    "Qwen2DecoderLayer": ("Qwen2Attention", "Qwen2MLP"),
+    "Qwen3DecoderLayer": ("Qwen3Attention", "Qwen3MLP"),
+}
+
+
+def lean_forward_allowed() -> bool:
+    return os.environ.get("SPECFLASH_FORWARD", "").lower() not in ("transformers", "hf", "stock")
+
+
+class LeanForward:
+    """Decoder forward of a supported causal LM, without transformers' per-layer machinery."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.config = self.decoder.config
+        attn = self.decoder.layers[0].self_attn
+        from transformers.masking_utils import create_causal_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        family = sys.modules[type(attn).__module__]
+        self._create_causal_mask = create_causal_mask
+        self._rotary: Callable = family.apply_rotary_pos_emb
+        self._attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, family.eager_attention_forward)
+
+    @staticmethod
+    def supports(model: torch.nn.Module) -> str | None:
+        """None if the model's layout is one this forward reproduces, else why not."""
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        layers = getattr(decoder, "layers", None)
+        if decoder is None or layers is None or len(layers) == 0:
+            return "no decoder layers found"
+        for name in ("embed_tokens", "rotary_emb", "norm"):
+            if not hasattr(decoder, name):
+                return f"the decoder has no {name}"
+        if not hasattr(model, "lm_head"):
+            return "the model has no lm_head"
+        for layer in layers:
+            parts = SUPPORTED_LAYERS.get(type(layer).__name__)
+            if parts is None or (type(layer.self_attn).__name__, type(layer.mlp).__name__) != parts:
+                return f"{type(layer).__name__} is not a supported decoder layer"
+            hooked = [m for m in layer.modules() if m is not layer and (m._forward_hooks or m._forward_pre_hooks)]
+            if hooked:
+                return f"forward hooks on {type(hooked[0]).__name__} (the lean forward does not run them)"
+        config = decoder.config
+        if any(t != "full_attention" for t in (getattr(config, "layer_types", None) or ())):
+            return "sliding-window layers"
+        if getattr(decoder, "has_sliding_layers", False) or getattr(config, "final_logit_softcapping", None):
+            return "sliding-window layers or logit soft-capping"
+        if any(getattr(m, "_hf_hook", None) is not None for m in model.modules()):
+            return "accelerate hooks (offloaded or dispatched weights)"
+        if model.training:
+            return "the model is in training mode"
+        return None
+
+    def __call__(self, ids: torch.Tensor, cache, logits_to_keep: int = 0,
+                 taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """ids [b, n] after the cache's positions -> logits [b, n or logits_to_keep, V] and
+        {layer id: output [b, n, H]} of the tapped layers."""
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(ids)  # [b, n, H]
+        past = cache.get_seq_length() if cache is not None else 0
+        n = ids.shape[1]
+        cache_position = torch.arange(past, past + n, device=hidden.device)
+        position_ids = cache_position.unsqueeze(0)
+        mask = self._create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
+                                        cache_position=cache_position, past_key_values=cache,
+                                        position_ids=position_ids)
+        cos, sin = decoder.rotary_emb(hidden, position_ids)
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+        captured: dict[int, torch.Tensor] = {}
+        tapped = set(taps)
+        for index, layer in enumerate(decoder.layers[: self.config.num_hidden_layers]):
+            hidden = self._layer(layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids)
+            if index in tapped:
+                captured[index] = hidden
+        hidden = decoder.norm(hidden)
+        keep = slice(-logits_to_keep, None)
+        return self.model.lm_head(hidden[:, keep, :]), captured
+
+    def _layer(self, layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids) -> torch.Tensor:
+        # Submodules are entered through `.forward` (no hook dispatch: `supports` refuses
+        # models with hooks), which still takes kernels.py's per-instance kernel choice.
+        attn, mlp = layer.self_attn, layer.mlp
+        residual = hidden
+        x = layer.input_layernorm.forward(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        q = attn.q_proj.forward(x).view(shape)  # [b, n, heads, d]
+        k = attn.k_proj.forward(x).view(shape)  # [b, n, kv_heads, d]
+        q_norm = getattr(attn, "q_norm", None)
+        if q_norm is not None:
+            q, k = q_norm.forward(q), attn.k_norm.forward(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = attn.v_proj.forward(x).view(shape).transpose(1, 2)  # [b, kv_heads, n, d]
+        q, k = self._rotary(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, attn.layer_idx, cache_kwargs)
+        extra: dict[str, Any] = {"position_ids": position_ids, "use_cache": cache is not None}
+        if hasattr(attn, "sliding_window"):
+            extra["sliding_window"] = attn.sliding_window
+        out, _ = self._attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
+        out = out.reshape(*x.shape[:-1], -1).contiguous()
+        hidden = residual + attn.o_proj.forward(out)
+        residual = hidden
+        x = layer.post_attention_layernorm.forward(hidden)
+        x = mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
+        return residual + x
+
+    @torch.inference_mode()
+    def matches_transformers(self, taps: tuple[int, ...] = ()) -> bool:
+        """Bit-identical logits and tapped features to transformers' forward on this model:
+        a 3-token prefill, a 1-token step and a 2-token block on a fresh cache each."""
+        from transformers import DynamicCache
+
+        device = self.decoder.embed_tokens.weight.device
+        vocab = int(self.decoder.embed_tokens.weight.shape[0])
+        feeds = [torch.tensor([[1, 2, 3]]), torch.tensor([[4]]), torch.tensor([[5, 6]])]
+        taps = tuple(taps) or (0, len(self.decoder.layers) - 1)
+        captured: dict[int, torch.Tensor] = {}
+
+        def hook_for(index):
+            def hook(_module, _args, output):
+                captured[index] = output[0] if isinstance(output, (tuple, list)) else output
+            return hook
+
+        hooks = [self.decoder.layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(taps))]
+        try:
+            ours, theirs = DynamicCache(), DynamicCache()
+            for feed in feeds:
+                feed = (feed % vocab).to(device)
+                expected = self.model(input_ids=feed, past_key_values=theirs, use_cache=True).logits
+                expected_features = {i: captured[i].clone() for i in taps}
+                captured.clear()
+                logits, features = self(feed, ours, 0, taps)
+                if not torch.equal(logits, expected):
+                    return False
+                if any(not torch.equal(features[i], expected_features[i]) for i in taps):
+                    return False
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return True
