@@ -84,7 +84,9 @@ class TargetModel:
             if bars:
                 hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        return cls(model.to(device), tokenizer, name=str(name_or_path))
+        target = cls(model.to(device), tokenizer, name=str(name_or_path))
+        target._lean_forward()  # its bit-identity check (~0.5 s on SmolLM2-135M) at load, not in a first request
+        return target
 
     # ------------------------------------------------------------- properties
     @property
