@@ -9,11 +9,10 @@ implied by the KV cache - `LeanForward` runs each decoder layer itself: the same
 (norms, projections, MLP, called as modules so the kernel choice of kernels.py applies),
 the model's own rotary embedding, causal-mask builder, `apply_rotary_pos_emb` and
 attention function, with the same arguments. So its logits are *bit-identical* to
-transformers' forward, and `LeanForward.matches_transformers` proves that on the loaded
-model before it is used (a prefill, a one-token step and a two-token block against
-transformers' forward, features of the tapped layers included); anything that differs
-(another transformers release, an unusual config) leaves the target on transformers'
-forward.
+transformers' forward, and `TargetModel` proves that on the loaded model before using it
+(a prefill, a one-token step and a two-token block against transformers' forward, tapped
+features included); anything that differs (another transformers release, an unusual
+config) leaves the target on transformers' forward.
 
 Families: decoder layers of Llama, Qwen2 and Qwen3 (optional per-head q/k norm) with full
 attention in every layer. Others (Gemma's extra norms and soft-capping, sliding-window
@@ -28,6 +27,11 @@ import sys
 from typing import Any, Callable
 
 import torch
+
+def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The decoder stack (embeddings, layers, final norm) of a causal LM."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+
 
 SUPPORTED_LAYERS = {  # decoder layer: (attention, MLP)
     "LlamaDecoderLayer": ("LlamaAttention", "LlamaMLP"),
@@ -45,7 +49,7 @@ class LeanForward:
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
-        self.decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.decoder = decoder_of(model)
         self.config = self.decoder.config
         attn = self.decoder.layers[0].self_attn
         from transformers.masking_utils import create_causal_mask
@@ -60,7 +64,7 @@ class LeanForward:
     @staticmethod
     def supports(model: torch.nn.Module) -> str | None:
         """None if the model's layout is one this forward reproduces, else why not."""
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
+        decoder = decoder_of(model)
         layers = getattr(decoder, "layers", None)
         if decoder is None or layers is None or len(layers) == 0:
             return "no decoder layers found"
@@ -139,38 +143,3 @@ class LeanForward:
         x = layer.post_attention_layernorm.forward(hidden)
         x = mlp.down_proj.forward(mlp.act_fn(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x))
         return residual + x
-
-    @torch.inference_mode()
-    def matches_transformers(self, taps: tuple[int, ...] = ()) -> bool:
-        """Bit-identical logits and tapped features to transformers' forward on this model:
-        a 3-token prefill, a 1-token step and a 2-token block on a fresh cache each."""
-        from transformers import DynamicCache
-
-        device = self.decoder.embed_tokens.weight.device
-        vocab = int(self.decoder.embed_tokens.weight.shape[0])
-        feeds = [torch.tensor([[1, 2, 3]]), torch.tensor([[4]]), torch.tensor([[5, 6]])]
-        taps = tuple(taps) or (0, len(self.decoder.layers) - 1)
-        captured: dict[int, torch.Tensor] = {}
-
-        def hook_for(index):
-            def hook(_module, _args, output):
-                captured[index] = output[0] if isinstance(output, (tuple, list)) else output
-            return hook
-
-        hooks = [self.decoder.layers[i].register_forward_hook(hook_for(i)) for i in sorted(set(taps))]
-        try:
-            ours, theirs = DynamicCache(), DynamicCache()
-            for feed in feeds:
-                feed = (feed % vocab).to(device)
-                expected = self.model(input_ids=feed, past_key_values=theirs, use_cache=True).logits
-                expected_features = {i: captured[i].clone() for i in taps}
-                captured.clear()
-                logits, features = self(feed, ours, 0, taps)
-                if not torch.equal(logits, expected):
-                    return False
-                if any(not torch.equal(features[i], expected_features[i]) for i in taps):
-                    return False
-        finally:
-            for hook in hooks:
-                hook.remove()
-        return True

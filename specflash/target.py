@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
 from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
-from .leanforward import LeanForward, lean_forward_allowed
+from .leanforward import LeanForward, decoder_of, lean_forward_allowed
 
 
 @dataclass
@@ -44,7 +44,7 @@ class TargetModel:
         self.tokenizer = tokenizer
         self.name = name or getattr(model.config, "_name_or_path", None) or type(model).__name__
         self.config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        decoder = decoder_of(model)
         self.layers = decoder.layers
         self._embedding = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
@@ -217,9 +217,32 @@ class TargetModel:
             self._lean = False
             if lean_forward_allowed() and LeanForward.supports(self.model) is None:
                 lean = LeanForward(self.model)
-                if lean.matches_transformers(self._taps):
+                if self._lean_matches_transformers(lean):
                     self._lean = lean
         return self._lean or None
+
+    @torch.inference_mode()
+    def _lean_matches_transformers(self, lean: LeanForward) -> bool:
+        """Bit-identical logits and tapped features (the current taps, else the first and
+        last layer) to transformers' forward on this model: a 3-token prefill, a 1-token
+        step and a 2-token block, each path on its own fresh cache."""
+        saved = self._taps
+        self.set_taps(saved or (0, self.num_layers - 1))
+        try:
+            ours, theirs = self.new_cache(), self.new_cache()
+            for feed in ([1, 2, 3], [4], [5, 6]):
+                ids = (torch.tensor([feed]) % self.vocab_rows).to(self.device)
+                expected, got = self._transformers_forward(ids, theirs), self._lean_output(lean, ids, ours)
+                if not (torch.equal(got.logits, expected.logits) and torch.equal(got.features, expected.features)):
+                    return False
+            return True
+        finally:
+            self.set_taps(saved)
+
+    def _lean_output(self, lean: LeanForward, ids: torch.Tensor, cache, logits_to_keep: int = 0) -> TargetOutput:
+        logits, captured = lean(ids, cache, logits_to_keep, self._taps)
+        features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None
+        return TargetOutput(logits, features)
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0,
@@ -231,9 +254,13 @@ class TargetModel:
         (None when no layers are tapped)."""
         lean = self._lean_forward() if attention_mask is None and position_ids is None else None
         if lean is not None:
-            logits, captured = lean(ids, cache, logits_to_keep, self._taps)
-            features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None
-            return TargetOutput(logits, features)
+            return self._lean_output(lean, ids, cache, logits_to_keep)
+        return self._transformers_forward(ids, cache, logits_to_keep, attention_mask, position_ids)
+
+    def _transformers_forward(self, ids: torch.Tensor, cache=None, logits_to_keep: int = 0,
+                              attention_mask: torch.Tensor | None = None,
+                              position_ids: torch.Tensor | None = None) -> TargetOutput:
+        """`forward` through the model's own forward, taps captured by the layer hooks."""
         self._captured.clear()
         try:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None,
