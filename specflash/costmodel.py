@@ -258,6 +258,7 @@ def cost_key(target, proposer, max_tokens: int) -> str:
         "kernels": "small-batch/2" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
         # The lean forward (leanforward.py) runs the same kernels with less overhead.
         "forward": getattr(target, "forward_path", "transformers"),
+        "steps": getattr(target, "step_mode", "dynamic"),  # static KV cache / CUDA graphs (staticsteps.py)
     }
     if target.device.type == "cuda":
         parts["gpu"] = torch.cuda.get_device_name(target.device)

@@ -136,7 +136,7 @@ class SpeculativeDecoder:
         sync = torch.cuda.synchronize if target.device.type == "cuda" else None
 
         t_start = time.perf_counter()
-        cache = target.new_cache()
+        cache = target.new_cache(capacity=prompt.numel() + config.max_new_tokens + block_size)
         out = target.forward(prompt[None], cache, logits_to_keep=1)
         anchor = int(sampler.choose(out.logits[0, -1]).item())
         if proposer is not None:

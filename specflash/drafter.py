@@ -260,6 +260,14 @@ class DFlashDrafter(nn.Module):
                 nn.init.ones_(module.weight)
         return self
 
+    def embed_block(self, ids: torch.Tensor, embed_rows, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Block ids [b, q] -> inputs [b, q, H]: the target's plain embedding rows
+        (`embed_rows`, e.g. TargetModel.embed_raw) in `dtype` (default the drafter's), times
+        input_embedding_scale."""
+        embeds = embed_rows(ids).to(dtype or self.fc.weight.dtype)
+        scale = self.config.input_embedding_scale
+        return embeds * scale if scale != 1.0 else embeds
+
     def fuse(self, features: torch.Tensor) -> torch.Tensor:
         """Concatenated target features [b, c, K*H_t] -> context features [b, c, H]."""
         return self.hidden_norm(self.fc(features / self.feature_scale))

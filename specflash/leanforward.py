@@ -104,6 +104,30 @@ class LeanForward:
         mask = self._create_causal_mask(config=self.config, inputs_embeds=hidden, attention_mask=None,
                                         cache_position=cache_position, past_key_values=cache,
                                         position_ids=position_ids)
+        return self._layers_and_head(hidden, mask, position_ids, cache_position, cache, logits_to_keep, taps)
+
+    def fixed_shape(self, ids: torch.Tensor, positions: torch.Tensor, cache, key_positions: torch.Tensor,
+                    logits_to_keep: int = 0,
+                    taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The forward over a static KV cache (staticsteps.py): ids [1, n] at `positions` [n]
+        (a device tensor, so the call has the same shapes whatever the positions); the cache's
+        `update` writes K/V at those positions and returns its whole buffers, whose slots
+        `key_positions` [capacity] number. A key is visible iff its position <= the query's,
+        so stale entries past the committed length are never read. Pure tensor work: no host
+        sync, no data-dependent Python, hence capturable as a CUDA graph."""
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(ids)  # [1, n, H]
+        visible = (key_positions[None, :] <= positions[:, None])[None, None]  # [1, 1, n, capacity]
+        if self.config._attn_implementation == "sdpa":
+            mask = visible
+        else:  # eager attention adds its mask
+            mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
+            mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)
+        return self._layers_and_head(hidden, mask, positions[None], positions, cache, logits_to_keep, taps)
+
+    def _layers_and_head(self, hidden, mask, position_ids, cache_position, cache, logits_to_keep,
+                         taps) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        decoder = self.decoder
         cos, sin = decoder.rotary_emb(hidden, position_ids)
         cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
         captured: dict[int, torch.Tensor] = {}

@@ -54,10 +54,12 @@ class Pipeline:
 
     @classmethod
     def load(cls, target: str, draft: str | None = None, device: str = "cpu", dtype: str | None = "auto",
-             block_size: int | str | None = "auto", seed: int = 0, log=None) -> "Pipeline":
+             block_size: int | str | None = "auto", seed: int = 0, log=None,
+             static_steps: str = "auto") -> "Pipeline":
         """draft None: the drafter shipped for `target` if there is one, else plain decoding.
         block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
-        (fixed), or None (the drafter's own block, fixed)."""
+        (fixed), or None (the drafter's own block, fixed). static_steps: see
+        `TargetModel.configure_static_steps` (auto: CUDA graphs on CUDA)."""
         from .blockpolicy import make_policy, parse_block_size
 
         block_size = parse_block_size(block_size)
@@ -66,6 +68,7 @@ class Pipeline:
 
             draft = default_draft(target)
         target_model = TargetModel.from_pretrained(target, dtype=parse_dtype(dtype, device), device=device)
+        target_model.configure_static_steps(static_steps, say=log)
         numeric = block_size if isinstance(block_size, int) else None
         proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)
         size, policy = make_policy(block_size, target_model, proposer, log=log)

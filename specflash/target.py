@@ -28,6 +28,10 @@ import torch.nn.functional as F
 from .errors import CheckpointError, InputError
 from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
 from .leanforward import LeanForward, decoder_of, lean_forward_allowed
+from .staticsteps import StaticKV, StaticTargetSteps
+
+
+STATIC_STEP_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -61,6 +65,7 @@ class TargetModel:
         self._hooks: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
         self._lean: LeanForward | bool | None = None  # None: not checked yet; False: not used
+        self._static: StaticTargetSteps | None = None  # fixed-shape steps (enable_static_steps)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -190,8 +195,60 @@ class TargetModel:
     def taps(self) -> tuple[int, ...]:
         return self._taps
 
+    # ---------------------------------------------------------- static steps
+    def enable_static_steps(self, graphs: bool = True, max_graph_tokens: int = 16) -> StaticTargetSteps:
+        """From now on `new_cache` hands out static KV caches and steps of 1..max_graph_tokens
+        tokens run fixed-shape, as CUDA graphs on CUDA when `graphs` (staticsteps.py).
+        Needs the lean forward (Llama / Qwen2 / Qwen3 targets)."""
+        lean = self._lean_forward()
+        if lean is None:
+            why = LeanForward.supports(self.model) if lean_forward_allowed() else "SPECFLASH_FORWARD=transformers"
+            raise InputError(f"static steps / CUDA graphs need the lean forward, which this target cannot use "
+                             f"({why or 'its check against transformers failed'}); run without them "
+                             "(--static-steps off)")
+        self._static = StaticTargetSteps(lean, self.config, self.dtype, self.device, self.max_context,
+                                         graphs=graphs, max_graph_tokens=max_graph_tokens)
+        return self._static
+
+    def disable_static_steps(self) -> None:
+        self._static = None
+
+    def configure_static_steps(self, choice: str = "auto", say=None) -> str:
+        """Apply a --static-steps choice and return the resulting `step_mode`: 'auto' turns
+        them on for CUDA devices when the target supports them (else says why not), 'on'
+        always (an error if unsupported; on a CPU the same fixed-shape steps run without
+        graphs, no faster: a way to test them), 'off' never."""
+        choice = str(choice).strip().lower()
+        if choice not in STATIC_STEP_CHOICES:
+            raise InputError(f"--static-steps must be one of {', '.join(STATIC_STEP_CHOICES)} (got {choice!r})")
+        if choice == "off" or (choice == "auto" and self.device.type != "cuda"):
+            self.disable_static_steps()
+            return self.step_mode
+        try:
+            self.enable_static_steps(graphs=True)
+        except InputError as exc:
+            if choice == "on":
+                raise
+            if say is not None:
+                say(f"CUDA graphs off: {exc}")
+        return self.step_mode
+
+    @property
+    def static_steps(self) -> StaticTargetSteps | None:
+        return self._static
+
+    @property
+    def step_mode(self) -> str:
+        """How decoding steps run: 'dynamic' (a growing cache, eager), 'static-eager',
+        'static-replay' (fixed-shape buffers, no graphs: the CPU stand-in) or 'cuda-graphs'."""
+        return self._static.mode if self._static is not None else "dynamic"
+
     # --------------------------------------------------------------- forward
-    def new_cache(self):
+    def new_cache(self, capacity: int | None = None):
+        """A KV cache for one sequence; `capacity` (positions it will likely need) sizes a
+        static cache (it still grows if outrun), a dynamic one ignores it."""
+        if self._static is not None:
+            return self._static.new_cache(min(capacity or 0, self.max_context) or 1)
         from transformers import DynamicCache
 
         return DynamicCache()
@@ -252,6 +309,11 @@ class TargetModel:
         attention_mask [b, cache_length + n] marks padding (0) in left-padded batches.
         Returns logits [b, n or logits_to_keep, V] and the tapped features [b, n, K*H]
         (None when no layers are tapped)."""
+        if isinstance(cache, StaticKV):
+            if attention_mask is not None or position_ids is not None:
+                raise ValueError("a static KV cache takes unpadded single sequences (no mask / position ids)")
+            logits, features = self._static.forward(ids, cache, logits_to_keep, self._taps)
+            return TargetOutput(logits, features)
         lean = self._lean_forward() if attention_mask is None and position_ids is None else None
         if lean is not None:
             return self._lean_output(lean, ids, cache, logits_to_keep)

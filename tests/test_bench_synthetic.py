@@ -51,3 +51,15 @@ def test_synthetic_bad_input_is_one_line(capsys, flags, message):
         pytest.skip("a CUDA device is present")
     assert main(["bench", *flags]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_synthetic_bench_runs_the_static_steps_and_reports_them(capsys, tmp_path):
+    """--static-steps on (the CUDA-graph path; on a CPU its fixed-shape steps without
+    capture): same outputs as plain decoding with the same steps, the mode in the report."""
+    code = main(["bench", "--synthetic", "tiny", "--static-steps", "on", "--accept", "0.8", "--synthetic-blocks",
+                 "4,auto", "--num-prompts", "1", "--max-new-tokens", "20", "--prompt-tokens", "8",
+                 "--out", str(tmp_path)])
+    doc = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and doc["step_mode"] == "static-replay" and doc["graph_error"] is None
+    assert all(r["mismatches"] == 0 for r in doc["rows"]) and doc["rows"][0]["tau"] > 1.5
+    assert "fixed-shape steps" in (tmp_path / "report.md").read_text()

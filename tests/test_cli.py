@@ -47,6 +47,13 @@ def test_generate_with_a_draft_prints_the_same_tokens_as_without(capsys, folder,
     assert spec["text"] == plain["text"]
 
 
+def test_generate_with_static_steps_prints_the_same_tokens(capsys, folder):
+    args = ["--target", folder, "--prompt", "Hello, how are you today?", "--max-new-tokens", "30"]
+    plain = run_json(capsys, *args, "--draft", "none", "--static-steps", "off")
+    for draft in ("none", "random"):
+        assert run_json(capsys, *args, "--draft", draft, "--static-steps", "on")["token_ids"] == plain["token_ids"]
+
+
 def test_generate_streams_text(capsys, folder):
     assert main(["generate", "--target", folder, "--prompt", "Hello", "--max-new-tokens", "5"]) == 0
     captured = capsys.readouterr()

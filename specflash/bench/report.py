@@ -78,6 +78,14 @@ def _details(result: BenchResult) -> list[str]:
     return lines
 
 
+STEP_MODES = {  # TargetModel.step_mode
+    "dynamic": "dynamic (a growing KV cache, eager)",
+    "static-eager": "static KV cache, fixed-shape steps, eager",
+    "static-replay": "static KV cache, fixed-shape steps on static buffers, no graphs (this device has none)",
+    "cuda-graphs": "static KV cache, fixed-shape steps replayed as CUDA graphs",
+}
+
+
 def _forward_note(path: str | None) -> str:
     if path == "lean":
         return ("lean (specflash/leanforward.py: transformers' operations with less framework, checked "
@@ -95,7 +103,8 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
            f"{m['memory_gib']} GiB RAM, GPU: {gpu}, device {m['device']}; {m['os']}, Python {m['python']}; "
            f"load average at start {m.get('load_average')}.",
            f"Libraries: {versions}.", "",
-           f"Target forward in specflash's loop: {_forward_note(m.get('target_forward'))}.", "",
+           f"Target forward in specflash's loop: {_forward_note(m.get('target_forward'))}; "
+           f"steps: {STEP_MODES.get(m.get('step_mode'), 'not recorded')}.", "",
            f"Settings: draft `{opts.draft}`" + (f" (folder {result.draft_folder})" if result.draft_folder else "")
            + f", block size {opts.block_size or 'auto'}, ngram block {opts.ngram_block_size}, "
            f"max {opts.max_new_tokens} new tokens, temperature {opts.temperature}, top-p {opts.top_p}, "

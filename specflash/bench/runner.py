@@ -61,6 +61,7 @@ class BenchOptions:
     device: str = "cpu"
     dtype: str = "auto"
     threads: int | None = None
+    static_steps: str = "auto"  # fixed-shape steps / CUDA graphs in specflash's loop (auto: on for CUDA)
     out: str | None = None
     zlab_python: str | None = None
     zlab_venv: str | None = None
@@ -255,6 +256,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
     target = TargetModel.from_pretrained(opts.target, dtype=dtype, device=opts.device)
     result = BenchResult(opts, out_dir, machine_info(opts.device), library_versions())
     result.machine["target_forward"] = target.forward_path  # our loop's forward (the hf baseline: transformers')
+    result.machine["step_mode"] = target.configure_static_steps(opts.static_steps, say=_say)
 
     sets = _choose_prompts(opts, target, result)
     if not sets:

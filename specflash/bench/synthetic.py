@@ -29,6 +29,7 @@ from ..decode import SpeculativeDecoder
 from ..proposers.base import Proposal
 from ..sampling import Sampler
 from ..target import TargetModel
+from .report import STEP_MODES
 
 # Published shapes (config.json facts of the named models).
 SHAPES: dict[str, dict] = {
@@ -136,13 +137,15 @@ class SyntheticResult:
     verify_cost_s: dict[int, float]
     draft_cost_s: float
     ar_tokens_per_s: float
+    step_mode: str = "dynamic"  # TargetModel.step_mode: dynamic, static-eager, static-replay, cuda-graphs
+    graph_error: str | None = None  # why CUDA graphs were turned off mid-run, if they were
     rows: list[SyntheticRow] = field(default_factory=list)
 
 
 def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], device: str = "cpu",
                   dtype: torch.dtype = torch.float32, num_prompts: int = 4, prompt_tokens: int = 128,
                   max_new_tokens: int = 128, draft_layers: int | None = None, block_size: int = 16, seed: int = 0,
-                  say=print) -> SyntheticResult:
+                  static_steps: str = "auto", say=print) -> SyntheticResult:
     from ..blockpolicy import AutoBlock
     from ..costmodel import measure_costs
     from ..loading import random_drafter
@@ -150,6 +153,8 @@ def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], dev
 
     say(f"building a random {shape} target on {device} ({str(dtype).removeprefix('torch.')}) ...")
     target = synthetic_target(shape, device, dtype, seed)
+    step_mode = target.configure_static_steps(static_steps, say=say)
+    say(f"steps: {step_mode}")
     layers = draft_layers or DRAFT_LAYERS.get(shape, 1)
     drafter = random_drafter(target, seed=seed, num_layers=layers, block_size=block_size)
     inner = DFlashProposer(drafter.to(device=target.device, dtype=dtype), target)
@@ -168,7 +173,7 @@ def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], dev
         ar_tpots.append(result.stats.tpot_s)
     ar_tpot = statistics.fmean(ar_tpots)
     out = SyntheticResult(shape, str(target.device), str(dtype).removeprefix("torch."), num_prompts, max_new_tokens,
-                          layers, dict(costs.verify), costs.draft, 1.0 / ar_tpot)
+                          layers, dict(costs.verify), costs.draft, 1.0 / ar_tpot, step_mode)
     for p in accepts:
         for block in blocks:
             proposer = OracleDraftProposer(inner, target.vocab_rows, p, seed=seed)
@@ -191,6 +196,9 @@ def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], dev
                                          forward_time / decode_time if decode_time > 0 else None,
                                          statistics.fmean(steps) if steps else 0.0, mismatches))
             say(f"p={p} block {block}: tau {out.rows[-1].tau:.2f}, speedup {out.rows[-1].speedup:.2f}x")
+    static = target.static_steps
+    errors = [e for e in (static.graph_error if static else None, inner.graph_error) if e]
+    out.graph_error = "; ".join(errors) or None
     return out
 
 
@@ -198,6 +206,8 @@ def render(result: SyntheticResult) -> str:
     lines = [f"# specflash synthetic bench: random {result.shape} target on {result.device} ({result.dtype})", "",
              f"{result.prompts} random prompts, {result.max_new_tokens} new tokens, drafter {result.draft_layers} "
              f"layer(s) (real forward, oracle tokens); plain decoding {result.ar_tokens_per_s:.1f} tok/s.", "",
+             f"Steps: {STEP_MODES.get(result.step_mode, result.step_mode)}"
+             + (f" (graphs turned off mid-run: {result.graph_error})" if result.graph_error else "") + ".", "",
              "Verify cost (one target forward after the prompt, ms): "
              + ", ".join(f"{n}: {s * 1e3:.2f}" for n, s in sorted(result.verify_cost_s.items()))
              + f"; drafter forward {result.draft_cost_s * 1e3:.2f} ms.", "",

@@ -8,7 +8,7 @@ import shlex
 from ..bench.datasets import DATASETS, EVAL_FRACTION, HUB_SETS, OFFLINE_SETS
 from ..bench.names import DEFAULT_METHODS, METHODS
 from ..models import DEFAULT_TARGET
-from .common import add_sampling_flags, block_size_arg
+from .common import add_sampling_flags, add_static_steps_flag, block_size_arg
 
 DESCRIPTION = """\
 Run several decoding methods on the same target, prompts and settings, and report
@@ -126,6 +126,7 @@ def register(sub) -> None:
     t.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     t.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    add_static_steps_flag(t)
     t.add_argument("--out", default=None, help="results folder (default results/bench/<YYYYmmdd-HHMMSS>)")
     t.add_argument("--no-plots", dest="plots", action="store_false", help="skip the PNG plots")
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
@@ -160,6 +161,8 @@ def canonical_command(args: argparse.Namespace) -> str:
              "--top-p", str(args.top_p), "--top-k", str(args.top_k), "--seed", str(args.seed),
              "--ngram-block-size", str(args.ngram_block_size), "--warmup", str(args.warmup),
              "--warmup-tokens", str(args.warmup_tokens), "--device", args.device, "--dtype", args.dtype]
+    if args.static_steps != "auto":
+        parts += ["--static-steps", args.static_steps]
     if args.block_size is not None:
         parts += ["--block-size", str(args.block_size)]
     if args.prompts_file:
@@ -210,7 +213,7 @@ def run_synthetic_command(args: argparse.Namespace) -> int:
                            dtype=parse_dtype(args.dtype, args.device), num_prompts=min(args.num_prompts, 64),
                            prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens,
                            draft_layers=args.draft_layers, block_size=size, seed=args.seed,
-                           say=lambda m: print(m, file=sys.stderr, flush=True))
+                           static_steps=args.static_steps, say=lambda m: print(m, file=sys.stderr, flush=True))
     text = render(result)
     from dataclasses import asdict
 
@@ -245,8 +248,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed, chat=args.chat, baseline=args.baseline, block_size=args.block_size,
         ngram_block_size=args.ngram_block_size, warmup=args.warmup, warmup_tokens=args.warmup_tokens,
         max_prompt_tokens=args.max_prompt_tokens, device=args.device, dtype=args.dtype, threads=args.threads,
-        out=args.out, zlab_python=args.zlab_python, zlab_venv=args.zlab_venv, progress=args.progress,
-        plots=args.plots, command=canonical_command(args))
+        static_steps=args.static_steps, out=args.out, zlab_python=args.zlab_python, zlab_venv=args.zlab_venv,
+        progress=args.progress, plots=args.plots, command=canonical_command(args))
     result = run_bench(opts)
     doc = write_results(result)
     print(markdown_table(result))

@@ -31,6 +31,13 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
+    add_static_steps_flag(g)
+
+
+def add_static_steps_flag(group) -> None:
+    group.add_argument("--static-steps", choices=("auto", "on", "off"), default="auto",
+                       help="fixed-shape target and drafter steps on a static KV cache, replayed as CUDA graphs: "
+                            "auto (default: on for --device cuda with a Llama / Qwen target, off on CPU), on, off")
 
 
 def block_size_arg(value: str) -> int | str:

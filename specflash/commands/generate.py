@@ -44,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
     config = DecodeConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           top_k=args.top_k, seed=args.seed)
     pipe = Pipeline.load(args.target, draft=args.draft, device=args.device, dtype=args.dtype,
-                         block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr))
+                         block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
+                         static_steps=args.static_steps)
     prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}] \
         if args.system and args.chat else args.prompt
     if args.json:

@@ -14,6 +14,7 @@ import torch
 
 from ..drafter import DFlashDrafter, DraftHead
 from ..sampling import Sampler
+from ..staticsteps import DraftContext, StaticDraftSteps
 from ..target import TargetModel
 from .base import Proposal
 
@@ -27,6 +28,10 @@ class DFlashProposer:
         self._cache = None
         self._pending: list[torch.Tensor] = []
         self._head = DraftHead(self.drafter, target)
+        # Fixed-shape (CUDA-graph) drafter steps when the target runs static steps: one set per
+        # drafter, kept by the target's static steps, so every proposer of this drafter (the
+        # server's per-request copies) replays the same captured graphs.
+        self._static: StaticDraftSteps | None = None
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -36,13 +41,24 @@ class DFlashProposer:
     def block_size(self) -> int:
         return self.drafter.block_size
 
+    @property
+    def graph_error(self) -> str | None:
+        """Why the drafter's CUDA graphs were turned off, if a capture failed."""
+        return self._static.graph_error if self._static is not None else None
+
     def reset(self, prompt_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         if features is None:
             raise ValueError("the DFlash proposer needs the target's tapped features")
         capacity = 256
         while capacity < prompt_ids.shape[0] + 2 * self.block_size:
             capacity *= 2
-        self._cache = self.drafter.new_cache(capacity=capacity)
+        self._cache = None  # the last sequence's static context goes back to the pool before a new one is taken
+        target_static = self.target.static_steps
+        if target_static is not None:
+            self._static = target_static.draft_steps(self.drafter, self.target)
+            self._cache = self._static.new_context(capacity)
+        else:
+            self._cache = self.drafter.new_cache(capacity=capacity)
         self._pending = [features]
 
     def commit(self, tokens: torch.Tensor, features: torch.Tensor | None) -> None:
@@ -68,14 +84,13 @@ class DFlashProposer:
         num_tokens = max(num_tokens, drafter.block_size - 1)
         ids = torch.full((1, num_tokens + 1), drafter.mask_token_id, dtype=torch.long, device=device)
         ids[0, 0] = anchor
-        embeds = target.embed_raw(ids)  # [1, k+1, H]
-        scale = drafter.config.input_embedding_scale
-        if scale != 1.0:
-            embeds = embeds * scale
-        param_dtype = drafter.fc.weight.dtype
-        positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
-        feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
-        hidden = drafter(embeds.to(param_dtype), positions, pending.to(param_dtype), feature_positions, cache)
+        if isinstance(cache, DraftContext):
+            hidden = self._static.forward(ids, position, pending, cache)
+        else:
+            positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
+            feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
+            embeds = drafter.embed_block(ids, target.embed_raw)  # [1, k+1, H]
+            hidden = drafter(embeds, positions, pending.to(embeds.dtype), feature_positions, cache)
         hidden = hidden[0, 1:wanted + 1].to(target.dtype)  # [k, H]
         if sampler.greedy:
             return Proposal(self._head.greedy(hidden))

@@ -337,9 +337,7 @@ class Trainer:
                               greedy_ids=example.greedy_ids)
         features = self._features(example)  # [S-1, F]
         device = self.target.device
-        embeds = self.target.embed_raw(blocks.ids[None].to(device)).float()
-        if cfg.input_embedding_scale != 1.0:
-            embeds = embeds * cfg.input_embedding_scale
+        embeds = self.drafter.embed_block(blocks.ids[None].to(device), self.target.embed_raw, torch.float32)
         mask = block_training_mask(anchors, features.shape[0], cfg.block_size)[None, None].to(device)
         hidden = (model or self.model)(embeds, blocks.positions[None].to(device), features[None],
                                        torch.arange(features.shape[0], device=device)[None], None, mask)
