@@ -107,6 +107,9 @@ def make_policy(block_size: int | str | None, target, proposer, log=None) -> tup
     if proposer is None:
         return 1, FixedBlock()
     native = int(getattr(proposer, "block_size", 8))
+    from .kernelchoice import choose_kernels
+
+    choose_kernels(target, max_tokens=native, log=log)  # this machine's few-row kernels, before any cost
     if block_size is None:
         return native, FixedBlock()
     if block_size == "auto":

@@ -244,7 +244,6 @@ def costs_dir() -> Path:
 def cost_key(target, proposer, max_tokens: int) -> str:
     """Everything a measurement depends on: model, proposer, device, dtype, threads, machine."""
     from .bench.machine import machine_info
-    from .kernels import uses_small_batch_kernel
 
     drafter = getattr(proposer, "drafter", None)
     parts = {
@@ -254,8 +253,8 @@ def cost_key(target, proposer, max_tokens: int) -> str:
         "device": str(target.device), "dtype": str(target.dtype), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "machine": platform.machine(), "cpu": machine_info()["cpu"],
         "max_tokens": max_tokens,
-        # The kernel choice for few-row LM heads changes verify costs (kernels.py).
-        "kernels": "small-batch/2" if uses_small_batch_kernel(getattr(target, "_head", None)) else "stock",
+        # The few-row kernel choice changes verify costs (kernelchoice.py).
+        "kernels": target.kernel_choice.describe() if hasattr(target, "kernel_choice") else "stock",
         # The lean forward (leanforward.py) runs the same kernels with less overhead.
         "forward": getattr(target, "forward_path", "transformers"),
         "steps": getattr(target, "step_mode", "dynamic"),  # static KV cache / CUDA graphs (staticsteps.py)

@@ -18,7 +18,6 @@ block; the model's own masks still apply the sliding window.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
-from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
+from .kernelchoice import STOCK, KernelChoice
+from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel, uses_small_batch_kernel
 from .leanforward import LeanForward, decoder_of, lean_forward_allowed
 from .staticsteps import StaticKV, StaticTargetSteps
 
@@ -52,15 +52,13 @@ class TargetModel:
         self.layers = decoder.layers
         self._embedding = model.get_input_embeddings()
         self._head = model.get_output_embeddings()
-        # Few-row verify steps on the CPU: the LM head for 2..16 rows, the decoder's linears
-        # for 2..4 rows (what measured faster, kernels.py); SPECFLASH_KERNELS=stock turns it off.
+        # Few-row verify steps on the CPU: which row counts take which linear kernel is
+        # measured per machine (kernelchoice.py, applied where drafts are verified); until
+        # then transformers' own kernels everywhere.
+        self._decoder_linears = [m for m in decoder.modules()
+                                 if isinstance(m, torch.nn.Linear) and m is not self._head]
         self._routed: list[torch.nn.Module] = []
-        if os.environ.get("SPECFLASH_KERNELS", "").lower() != "stock":
-            if use_small_batch_kernel(self._head, max_rows=16):
-                self._routed.append(self._head)
-            for module in decoder.modules():
-                if module is not self._head and use_small_batch_kernel(module, max_rows=4):
-                    self._routed.append(module)
+        self._kernel_choice = STOCK
         self._taps: tuple[int, ...] = ()
         self._hooks: list[Any] = []
         self._captured: dict[int, torch.Tensor] = {}
@@ -161,11 +159,25 @@ class TargetModel:
                 rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
         """[.., H] final hidden states -> [.., V] logits (with soft-capping if the family has it);
         with `rows` (from `head_rows`) only those N logits, [.., N]."""
-        logits = self._head(hidden) if rows is None else small_batch_linear(hidden, rows[0], rows[1])
+        logits = self._head(hidden) if rows is None else \
+            small_batch_linear(hidden, rows[0], rows[1], self._kernel_choice.head_rows)
         cap = getattr(self.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap
         return logits
+
+    @property
+    def kernel_choice(self) -> KernelChoice:
+        return self._kernel_choice
+
+    def set_kernel_choice(self, choice: KernelChoice) -> None:
+        """Route the LM head's and the decoder linears' few-row products as `choice` says
+        (kernelchoice.py; exact either way, speed differs by machine)."""
+        use_small_batch_kernel(self._head, choice.head_rows)
+        for module in self._decoder_linears:
+            use_small_batch_kernel(module, choice.decoder_rows)
+        self._routed = [m for m in [self._head, *self._decoder_linears] if uses_small_batch_kernel(m)]
+        self._kernel_choice = choice
 
     def stock_kernels(self) -> stock_kernels:
         """Context manager: run the model exactly as transformers ships it (no kernel choice)."""

@@ -43,7 +43,11 @@ def test_module_routing_and_stock_kernels_context():
 
 
 def test_target_routes_few_row_linears_and_one_row_steps_stay_exact(targets):
+    from specflash.kernelchoice import AVX2_DEFAULT, STOCK
+
     target = targets("qwen3")
+    assert not any(uses_small_batch_kernel(m) for m in target.model.modules())  # stock until chosen
+    target.set_kernel_choice(AVX2_DEFAULT)
     routed = [m for m in target.model.modules() if uses_small_batch_kernel(m)]
     assert target._head in routed and len(routed) > 1  # the LM head and the decoder's linears
     ids = torch.tensor([[5, 9, 2]])  # 3 rows: the head and the decoder linears both take the routed kernel
@@ -57,3 +61,24 @@ def test_target_routes_few_row_linears_and_one_row_steps_stay_exact(targets):
     assert all(uses_small_batch_kernel(m) for m in routed)
     assert torch.equal(fast_one, stock_one)  # a plain decoding step: transformers' exact kernels
     torch.testing.assert_close(fast, stock, rtol=1e-5, atol=1e-5)
+    target.set_kernel_choice(STOCK)
+    assert not any(uses_small_batch_kernel(m) for m in target.model.modules())
+
+
+def test_routing_takes_only_the_chosen_row_counts(monkeypatch):
+    import specflash.kernels as kernels
+
+    routed_rows = []
+    real_mm = torch.mm
+    monkeypatch.setattr(kernels.torch, "mm", lambda a, b: (routed_rows.append(b.shape[1]), real_mm(a, b))[1])
+    linear = torch.nn.Linear(16, 8)
+    assert use_small_batch_kernel(linear, {2, 5})
+    with torch.no_grad():
+        for rows in (1, 2, 3, 5, 6):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+        assert routed_rows == [2, 5]
+        use_small_batch_kernel(linear, ())  # no rows: back to the stock forward
+        assert not uses_small_batch_kernel(linear)
+        linear(torch.randn(2, 16))
+    assert routed_rows == [2, 5]

@@ -104,7 +104,9 @@ def render_markdown(result: BenchResult, plots: list[str]) -> str:
            f"load average at start {m.get('load_average')}.",
            f"Libraries: {versions}.", "",
            f"Target forward in specflash's loop: {_forward_note(m.get('target_forward'))}; "
-           f"steps: {STEP_MODES.get(m.get('step_mode'), 'not recorded')}.", "",
+           f"steps: {STEP_MODES.get(m.get('step_mode'), 'not recorded')}; few-row verify kernels "
+           f"(W @ x^T instead of F.linear, chosen by measurement on this machine): {m.get('kernels', 'not recorded')}"
+           ".", "",
            f"Settings: draft `{opts.draft}`" + (f" (folder {result.draft_folder})" if result.draft_folder else "")
            + f", block size {opts.block_size or 'auto'}, ngram block {opts.ngram_block_size}, "
            f"max {opts.max_new_tokens} new tokens, temperature {opts.temperature}, top-p {opts.top_p}, "

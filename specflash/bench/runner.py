@@ -290,6 +290,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
             info.update(versions=methods[name].versions, load=methods[name].load_report)
         result.methods[name] = info
 
+    result.machine["kernels"] = target.kernel_choice.describe()  # few-row verify kernels (kernelchoice.py)
     greedy = opts.temperature == 0.0
     config = DecodeConfig(max_new_tokens=opts.max_new_tokens, temperature=opts.temperature, top_p=opts.top_p,
                           top_k=opts.top_k, seed=opts.seed)

@@ -1,0 +1,173 @@
+"""Which linear kernel each few-token verify takes on this machine: measured, not assumed.
+
+A verify forward of n = 2..16 tokens multiplies n rows by every weight matrix. Two exact
+ways to do it differ a lot by machine: `F.linear` (transformers' own) and (W @ x^T)^T
+(kernels.py). On the 2-core AMD EPYC VM (AVX2) the second made SmolLM2-135M verifies of
+2-16 tokens 1.1-1.3x faster (LM head for 2..16 rows, decoder linears for 2..4); on a 2-core
+Intel Xeon VM with AVX-512 and AMX it made a 2-token verify 2.1x *slower* (82.8 vs 39.4 ms).
+So the routing is chosen per machine by timing whole target forwards of n tokens after a
+cached context under each candidate (`CANDIDATES`), interleaved, medians; per n the fastest
+is kept, and sizes between the measured ones take the choice of the measured size below.
+The choice is cached beside the cost model (same machine / model / dtype / threads key) and
+applied with `TargetModel.set_kernel_choice`. One-token steps always take `F.linear`, so
+plain decoding runs transformers' exact kernels whatever is chosen.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import statistics
+from dataclasses import dataclass, field
+
+import torch
+
+# candidate -> (LM head routed, decoder linears routed) for a verify of n tokens
+CANDIDATES: dict[str, tuple[bool, bool]] = {
+    "stock": (False, False),
+    "head": (True, False),
+    "head+decoder": (True, True),
+}
+
+
+@dataclass(frozen=True)
+class KernelChoice:
+    """Row counts (tokens per forward) whose linears take (W @ x^T)^T instead of F.linear."""
+
+    head_rows: frozenset[int] = frozenset()
+    decoder_rows: frozenset[int] = frozenset()
+    measured: dict = field(default_factory=dict, compare=False, hash=False)  # n -> {candidate: median s}
+
+    def describe(self) -> str:
+        """Short form for reports and cache keys, e.g. 'head 2-16, decoder 2-4' or 'stock'."""
+        if not self.head_rows and not self.decoder_rows:
+            return "stock"
+        parts = []
+        for name, rows in (("head", self.head_rows), ("decoder", self.decoder_rows)):
+            if rows:
+                parts.append(f"{name} {_ranges(sorted(rows))}")
+        return ", ".join(parts)
+
+    def to_dict(self) -> dict:
+        return {"head_rows": sorted(self.head_rows), "decoder_rows": sorted(self.decoder_rows),
+                "measured": {str(n): v for n, v in self.measured.items()}}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "KernelChoice":
+        return cls(frozenset(int(n) for n in data["head_rows"]), frozenset(int(n) for n in data["decoder_rows"]),
+                   {int(n): v for n, v in data.get("measured", {}).items()})
+
+
+STOCK = KernelChoice()
+# What the AMD EPYC VM measured (the routing before choices were measured per machine).
+AVX2_DEFAULT = KernelChoice(frozenset(range(2, 17)), frozenset(range(2, 5)))
+
+
+def _ranges(values: list[int]) -> str:
+    out, start = [], None
+    for i, v in enumerate(values):
+        if start is None:
+            start = v
+        if i + 1 == len(values) or values[i + 1] != v + 1:
+            out.append(str(start) if start == v else f"{start}-{v}")
+            start = None
+    return ",".join(out)
+
+
+def pick(timings: dict[int, dict[str, float]], max_tokens: int) -> KernelChoice:
+    """Per measured size n the fastest candidate; sizes 2..max_tokens between measured ones
+    take the choice of the largest measured size below them. timings: n -> {candidate: s}."""
+    best = {n: min(t, key=t.get) for n, t in timings.items()}
+    head, decoder = set(), set()
+    sizes = sorted(best)
+    for n in range(2, max_tokens + 1):
+        below = [m for m in sizes if m <= n]
+        if not below:
+            continue
+        route_head, route_decoder = CANDIDATES[best[below[-1]]]
+        if route_head:
+            head.add(n)
+        if route_decoder:
+            decoder.add(n)
+    return KernelChoice(frozenset(head), frozenset(decoder), dict(timings))
+
+
+def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: int = 5, seed: int = 0) -> KernelChoice:
+    """Time target forwards of n tokens (n in the cost model's sizes, 2..max_tokens) after a
+    `context`-token cache under each candidate routing, round-robin; pick per n."""
+    from .costmodel import _timed, default_sizes
+
+    device = target.device
+    context = max(1, min(context, target.max_context - 2 * max_tokens - 2))
+    generator = torch.Generator().manual_seed(seed)
+    high = target.vocab_rows
+    saved = target.kernel_choice
+    cache = target.new_cache()
+    try:
+        target.set_kernel_choice(STOCK)
+        target.forward(torch.randint(0, high, (1, context), generator=generator).to(device), cache, logits_to_keep=1)
+        sizes = [n for n in default_sizes(max_tokens) if n >= 2]
+        blocks = {n: torch.randint(0, high, (1, n), generator=generator).to(device) for n in sizes}
+        choices = {name: KernelChoice(frozenset(sizes) if h else frozenset(), frozenset(sizes) if d else frozenset())
+                   for name, (h, d) in CANDIDATES.items()}
+
+        def run(n: int) -> None:
+            target.forward(blocks[n], cache)
+            target.crop_cache(cache, context)
+
+        times: dict[int, dict[str, list[float]]] = {n: {name: [] for name in choices} for n in sizes}
+        for rep in range(repeats + 1):  # the first round warms up
+            for name, choice in choices.items():
+                target.set_kernel_choice(choice)
+                for n in sizes:
+                    elapsed = _timed(lambda n=n: run(n), device)
+                    if rep:
+                        times[n][name].append(elapsed)
+    finally:
+        target.set_kernel_choice(saved)
+    medians = {n: {name: statistics.median(t) for name, t in per.items()} for n, per in times.items()}
+    return pick(medians, max_tokens)
+
+
+def choice_key(target, max_tokens: int) -> str:
+    """What the choice depends on: model shape, device, dtype, threads, torch, CPU."""
+    from .bench.machine import machine_info
+
+    parts = {
+        "target": str(getattr(target, "name", "")), "layers": target.num_layers, "hidden": target.hidden_size,
+        "device": str(target.device), "dtype": str(target.dtype), "threads": torch.get_num_threads(),
+        "torch": torch.__version__, "cpu": machine_info()["cpu"], "forward": target.forward_path,
+        "max_tokens": max_tokens,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None) -> KernelChoice:
+    """Apply the measured kernel choice for this target and machine (CPU fp32 only; measured
+    on first use, ~10 s for SmolLM2-135M, then cached); returns it. SPECFLASH_KERNELS=stock
+    keeps transformers' kernels for every size."""
+    from .costmodel import costs_dir
+
+    if os.environ.get("SPECFLASH_KERNELS", "").lower() == "stock" or target.device.type != "cpu" \
+            or target.dtype != torch.float32:
+        target.set_kernel_choice(STOCK)
+        return STOCK
+    refresh = refresh or os.environ.get("SPECFLASH_REFRESH_COSTS", "") not in ("", "0")
+    path = costs_dir() / f"kernels-{choice_key(target, max_tokens)}.json"
+    choice = None
+    if path.exists() and not refresh:
+        try:
+            choice = KernelChoice.from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            choice = None  # a damaged cache file is measured again
+    if choice is None:
+        if log is not None:
+            log("choosing verify kernels for this machine (once per model and machine) ...")
+        choice = measure_choice(target, max_tokens)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
+        os.replace(tmp, path)
+    target.set_kernel_choice(choice)
+    return choice

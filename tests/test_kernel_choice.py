@@ -1,0 +1,85 @@
+"""The per-machine kernel choice (kernelchoice.py): per verify size the fastest measured
+candidate, sizes between measured ones take the one below, the choice is cached per
+machine and model, applied before step costs are measured, and never changes outputs."""
+
+import pytest
+import torch
+
+from specflash.config import DecodeConfig
+from specflash.decode import SpeculativeDecoder
+from specflash.kernelchoice import AVX2_DEFAULT, STOCK, KernelChoice, choose_kernels, pick
+from specflash.kernels import uses_small_batch_kernel
+from specflash.proposers import DFlashProposer
+from tiny import hf_greedy, tiny_drafter, tiny_target
+
+
+def test_pick_takes_the_fastest_candidate_per_size_and_fills_the_gaps():
+    timings = {2: {"stock": 3.0, "head": 1.0, "head+decoder": 2.0},
+               4: {"stock": 1.0, "head": 2.0, "head+decoder": 3.0},
+               8: {"stock": 3.0, "head": 2.0, "head+decoder": 1.0}}
+    choice = pick(timings, max_tokens=10)
+    assert choice.head_rows == {2, 3, 8, 9, 10}  # 3 takes 2's choice, 5-7 take 4's (stock)
+    assert choice.decoder_rows == {8, 9, 10}
+    assert choice.describe() == "head 2-3,8-10, decoder 8-10"
+    assert KernelChoice.from_dict(choice.to_dict()) == choice
+
+
+def test_stock_and_the_avx2_default_describe_themselves():
+    assert STOCK.describe() == "stock"
+    assert AVX2_DEFAULT.describe() == "head 2-16, decoder 2-4"
+
+
+def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
+    import specflash.kernelchoice as kc
+
+    monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
+    target = tiny_target("llama", dtype=torch.float32)
+    first = choose_kernels(target, max_tokens=8)
+    assert set(first.measured) == {2, 3, 4, 6, 8}
+    assert all(set(t) == {"stock", "head", "head+decoder"} for t in first.measured.values())
+    assert target.kernel_choice == first
+    monkeypatch.setattr(kc, "measure_choice", lambda *a, **k: pytest.fail("measured again"))
+    target.set_kernel_choice(STOCK)
+    assert choose_kernels(target, max_tokens=8) == first and target.kernel_choice == first
+    target.set_kernel_choice(STOCK)
+
+
+def test_stock_switch_and_non_fp32_targets_keep_transformers_kernels(monkeypatch, targets):
+    monkeypatch.setenv("SPECFLASH_KERNELS", "stock")
+    target = tiny_target("llama", dtype=torch.float32)
+    assert choose_kernels(target) == STOCK
+    monkeypatch.delenv("SPECFLASH_KERNELS")
+    assert choose_kernels(targets("qwen3")) == STOCK  # float64 test target: nothing to choose
+    assert not any(uses_small_batch_kernel(m) for m in targets("qwen3").model.modules())
+
+
+def test_any_kernel_choice_keeps_greedy_output(monkeypatch):
+    """fp32 target: every row count routed, none routed, or the AVX2 default: same tokens."""
+    target = tiny_target("qwen2", dtype=torch.float32)
+    drafter = tiny_drafter(target)
+    prompt = torch.randint(0, 250, (9,), generator=torch.Generator().manual_seed(3)).tolist()
+    reference = hf_greedy(target, prompt, 30)
+    everything = KernelChoice(frozenset(range(2, 17)), frozenset(range(2, 17)))
+    for choice in (STOCK, AVX2_DEFAULT, everything):
+        target.set_kernel_choice(choice)
+        result = SpeculativeDecoder(target, DFlashProposer(drafter, target), 8).generate(
+            prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=()))
+        assert result.token_ids == reference
+
+
+def test_make_policy_applies_the_choice_before_measuring_costs(monkeypatch, tmp_path):
+    import specflash.costmodel as costmodel
+    from specflash.blockpolicy import make_policy
+
+    monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
+    target = tiny_target("llama", dtype=torch.float32)
+    seen = []
+    real = costmodel.measure_costs
+
+    def spy(t, *args, **kwargs):
+        seen.append(t.kernel_choice)
+        return real(t, *args, **kwargs)
+
+    monkeypatch.setattr(costmodel, "measure_costs", spy)
+    make_policy("auto", target, DFlashProposer(tiny_drafter(target, block_size=4), target))
+    assert seen and seen[0] is target.kernel_choice and seen[0].measured  # measured, then costs under it
