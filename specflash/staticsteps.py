@@ -63,12 +63,19 @@ class CapturedStep:
         self.pool = pool
         self.graph = None
         self.outputs: tuple[torch.Tensor, ...] | None = None
+        self.error: str | None = None  # why the capture failed (the step then runs eagerly)
 
     def run(self) -> tuple[torch.Tensor, ...]:
         if not self.graphs:
             return self.fn()
         if self.graph is None:
-            self._capture()
+            try:
+                self._capture()
+            except RuntimeError as exc:  # keep decoding, eagerly
+                self.graphs = False
+                self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                logger.warning("CUDA graph capture failed (%s); running this step eagerly", self.error)
+                return self.fn()
         self.graph.replay()
         return self.outputs
 
@@ -253,16 +260,9 @@ class StaticTargetSteps:
         static_ids, static_positions = step.inputs
         static_ids.copy_(ids)
         torch.add(slot.key_positions[:n], start, out=static_positions)
-        try:
-            outputs = step.run()
-        except RuntimeError as exc:  # a failed capture: keep decoding, eagerly
-            if not step.graphs:
-                raise
-            self.graphs = False
-            self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            logger.warning("CUDA graph capture failed (%s); running the steps eagerly", self.graph_error)
-            step.graphs = False
-            outputs = step.run()
+        outputs = step.run()
+        if step.error is not None and self.graphs:  # one failed capture turns graphs off from here on
+            self.graphs, self.graph_error = False, step.error
         logits = outputs[0].clone()
         features = outputs[1].clone() if taps else None
         return logits, features
@@ -395,15 +395,9 @@ class StaticDraftSteps:
             static_features[:, :c].copy_(features)
             static_features[:, c:].zero_()
             torch.add(slot.key_positions[: self.block], start, out=static_feature_pos)
-            try:
-                hidden = step.run()[0].clone()
-            except RuntimeError as exc:
-                if not step.graphs:
-                    raise
-                self.graphs = step.graphs = False
-                self.graph_error = f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                logger.warning("CUDA graph capture of the drafter failed (%s); running it eagerly", self.graph_error)
-                hidden = step.run()[0].clone()
+            hidden = step.run()[0].clone()
+            if step.error is not None and self.graphs:
+                self.graphs, self.graph_error = False, step.error
         else:
             block_pos = torch.arange(position, position + q, device=self.device)
             feature_pos = torch.arange(start, start + c, device=self.device)

@@ -218,6 +218,11 @@ class TargetModel:
             raise InputError(f"static steps / CUDA graphs need the lean forward, which this target cannot use "
                              f"({why or 'its check against transformers failed'}); run without them "
                              "(--static-steps off)")
+        attention = getattr(self.config, "_attn_implementation", None) or "sdpa"
+        if attention not in ("sdpa", "eager"):
+            raise InputError(f"static steps / CUDA graphs attend over a masked static cache, which needs sdpa or "
+                             f"eager attention, not {attention}; load the target with attn_implementation='sdpa' "
+                             "or run with --static-steps off")
         self._static = StaticTargetSteps(lean, self.config, self.dtype, self.device, self.max_context,
                                          graphs=graphs, max_graph_tokens=max_graph_tokens)
         return self._static

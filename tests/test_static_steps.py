@@ -9,6 +9,7 @@ buffers without capturing ("static-replay"); the capture itself needs a GPU."""
 
 import copy
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -270,7 +271,7 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(targets, monkeypatch):
         assert static.graph_error.startswith("RuntimeError: CUDA error") and static.mode == "static-eager"
 
 
-def test_static_steps_need_the_lean_forward_and_say_so(targets):
+def test_static_steps_need_the_lean_forward_and_say_so(targets, monkeypatch):
     gemma = targets("gemma3")
     with pytest.raises(InputError, match="static-steps off"):
         gemma.configure_static_steps("on")
@@ -279,6 +280,12 @@ def test_static_steps_need_the_lean_forward_and_say_so(targets):
     assert targets("llama").configure_static_steps("off") == "dynamic"
     with pytest.raises(InputError, match="must be one of"):
         gemma.configure_static_steps("sometimes")
+    llama = targets("llama")
+    llama._lean_forward()
+    monkeypatch.setattr(llama, "config", SimpleNamespace(_attn_implementation="flash_attention_2"))
+    with pytest.raises(InputError, match="sdpa or eager attention"):
+        llama.enable_static_steps()
+    assert llama.static_steps is None
 
 
 def test_capacity_buckets_are_powers_of_two_within_the_context():
