@@ -8,8 +8,9 @@ Intel Xeon VM with AVX-512 and AMX it made a 2-token verify 2.1x *slower* (82.8 
 So the routing is chosen per machine by timing whole target forwards of n tokens after a
 cached context under each candidate (`CANDIDATES`), interleaved, medians; per n the fastest
 is kept, and sizes between the measured ones take the choice of the measured size below.
-The choice is cached beside the cost model (same machine / model / dtype / threads key) and
-applied with `TargetModel.set_kernel_choice`. One-token steps always take `F.linear`, so
+The choice is cached beside the cost model (same machine / model / dtype / threads key; a
+measurement whose repeats spread widely, i.e. another process was busy, is used for the run
+but not cached) and applied with `TargetModel.set_kernel_choice`. One-token steps always take `F.linear`, so
 plain decoding runs transformers' exact kernels whatever is chosen.
 """
 
@@ -38,6 +39,7 @@ class KernelChoice:
     head_rows: frozenset[int] = frozenset()
     decoder_rows: frozenset[int] = frozenset()
     measured: dict = field(default_factory=dict, compare=False, hash=False)  # n -> {candidate: median s}
+    noisy: bool = field(default=False, compare=False)  # repeats spread widely: another process was busy
 
     def describe(self) -> str:
         """Short form for reports and cache keys, e.g. 'head 2-16, decoder 2-4' or 'stock'."""
@@ -75,7 +77,7 @@ def _ranges(values: list[int]) -> str:
     return ",".join(out)
 
 
-def pick(timings: dict[int, dict[str, float]], max_tokens: int) -> KernelChoice:
+def pick(timings: dict[int, dict[str, float]], max_tokens: int, noisy: bool = False) -> KernelChoice:
     """Per measured size n the fastest candidate; sizes 2..max_tokens between measured ones
     take the choice of the largest measured size below them. timings: n -> {candidate: s}."""
     best = {n: min(t, key=t.get) for n, t in timings.items()}
@@ -90,13 +92,15 @@ def pick(timings: dict[int, dict[str, float]], max_tokens: int) -> KernelChoice:
             head.add(n)
         if route_decoder:
             decoder.add(n)
-    return KernelChoice(frozenset(head), frozenset(decoder), dict(timings))
+    return KernelChoice(frozenset(head), frozenset(decoder), dict(timings), noisy)
 
 
-def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: int = 5, seed: int = 0) -> KernelChoice:
+def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: int = 5, seed: int = 0,
+                   noise_limit: float = 0.5) -> KernelChoice:
     """Time target forwards of n tokens (n in the cost model's sizes, 2..max_tokens) after a
-    `context`-token cache under each candidate routing, round-robin; pick per n."""
-    from .costmodel import _timed, default_sizes
+    `context`-token cache under each candidate routing, round-robin; pick per n. `noisy`
+    when some repeats spread by more than `noise_limit` (interquartile range / median)."""
+    from .costmodel import _timed, default_sizes, relative_spread
 
     device = target.device
     context = max(1, min(context, target.max_context - 2 * max_tokens - 2))
@@ -127,7 +131,8 @@ def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: in
     finally:
         target.set_kernel_choice(saved)
     medians = {n: {name: statistics.median(t) for name, t in per.items()} for n, per in times.items()}
-    return pick(medians, max_tokens)
+    noisy = any(relative_spread(t) > noise_limit for per in times.values() for t in per.values())
+    return pick(medians, max_tokens, noisy)
 
 
 def choice_key(target, max_tokens: int) -> str:
@@ -165,9 +170,16 @@ def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None
         if log is not None:
             log("choosing verify kernels for this machine (once per model and machine) ...")
         choice = measure_choice(target, max_tokens)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
-        os.replace(tmp, path)
+        if choice.noisy:
+            choice = measure_choice(target, max_tokens)  # one more try
+        if choice.noisy:  # a busy machine: use it for this run, measure again next time
+            if log is not None:
+                log("warning: the machine was busy while verify kernels were chosen (timings spread widely); "
+                    "using the choice for this run only, not caching it")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
+            os.replace(tmp, path)
     target.set_kernel_choice(choice)
     return choice

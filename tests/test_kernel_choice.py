@@ -33,6 +33,8 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
     import specflash.kernelchoice as kc
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
+    real = kc.measure_choice  # steady by decree: sub-millisecond tiny forwards jitter on a shared machine
+    monkeypatch.setattr(kc, "measure_choice", lambda t, m: real(t, m, noise_limit=float("inf")))
     target = tiny_target("llama", dtype=torch.float32)
     first = choose_kernels(target, max_tokens=8)
     assert set(first.measured) == {2, 3, 4, 6, 8}
@@ -83,3 +85,18 @@ def test_make_policy_applies_the_choice_before_measuring_costs(monkeypatch, tmp_
     monkeypatch.setattr(costmodel, "measure_costs", spy)
     make_policy("auto", target, DFlashProposer(tiny_drafter(target, block_size=4), target))
     assert seen and seen[0] is target.kernel_choice and seen[0].measured  # measured, then costs under it
+
+
+def test_a_noisy_choice_is_used_but_not_cached(monkeypatch, tmp_path):
+    import specflash.kernelchoice as kc
+
+    monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
+    target = tiny_target("llama", dtype=torch.float32)
+    noisy = KernelChoice(frozenset({2}), frozenset(), {2: {"stock": 2.0, "head": 1.0, "head+decoder": 3.0}}, True)
+    calls = []
+    monkeypatch.setattr(kc, "measure_choice", lambda *a, **k: (calls.append(1), noisy)[1])
+    said = []
+    assert choose_kernels(target, max_tokens=4, log=said.append) == noisy and target.kernel_choice == noisy
+    assert len(calls) == 2 and any("busy" in m for m in said)  # measured twice, then used uncached
+    assert not list(tmp_path.glob("kernels-*.json"))
+    target.set_kernel_choice(STOCK)
