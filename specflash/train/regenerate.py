@@ -237,8 +237,10 @@ def left_padded(target: TargetModel, sequences: list[list[int]]) -> tuple[torch.
 
 @torch.inference_mode()
 def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenConfig,
-                   generator: torch.Generator | None = None) -> list[tuple[list[int], str, torch.Tensor | None]]:
-    """Continue each prompt (greedy or sampled) until an eos token or max_new_tokens.
+                   generator: torch.Generator | None = None,
+                   on_step=None) -> list[tuple[list[int], str, torch.Tensor | None]]:
+    """Continue each prompt (greedy or sampled) until an eos token or max_new_tokens;
+    `on_step(tokens)` (optional) hears how many tokens each decoding step added.
 
     Left-pads the batch; returns (response ids, finish_reason, features) per prompt, where
     features [len(prompt) + len(response) - 1, K*H] are the tapped layers' outputs for
@@ -302,6 +304,8 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
             lengths[rows[new]] = t + 1
             finished[rows[new]] = True
             live = ~finished[rows]
+            if on_step is not None:  # tokens this step added: rows still going plus rows that just stopped
+                on_step(int(live.sum()) + int(new.sum()))
             if not bool(live.any()):
                 break
             step_ids = nxt[:, None]
@@ -370,6 +374,18 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
         for kind, group in groups.items():
             yield from ((kind, b) for b in windows(group))
 
+    in_batch = {"tokens": 0, "shown": 0.0}
+
+    def show_step(tokens: int) -> None:
+        """Tokens of the batch in flight, on the bar every few seconds (a batch of 64 long
+        answers takes minutes on two cores)."""
+        in_batch["tokens"] += tokens
+        now = time.perf_counter()
+        if now - in_batch["shown"] >= 2.0:
+            in_batch["shown"] = now
+            bar.set_postfix(tokens=stats["response_tokens"], in_batch=in_batch["tokens"],
+                            tok_per_s=f"{(stats['response_tokens'] + in_batch['tokens']) / (now - started):.0f}")
+
     def flush(force: bool = False) -> None:
         nonlocal shard_index, pending, pending_features
         if pending and (force or len(pending) >= config.shard_size):
@@ -385,7 +401,8 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
                                          [len(p) for _, p in batch])
             outputs = [(a, reason, f, g) for (a, reason), (f, g) in zip(answers, forced)]
         else:
-            outputs = [(*out, None) for out in generate_batch(target, [p for _, p in batch], config, generator)]
+            outputs = [(*out, None) for out in generate_batch(target, [p for _, p in batch], config, generator,
+                                                              on_step=show_step)]
         for (record, prompt), (response, reason, features, greedy) in zip(batch, outputs):
             row = {"id": record.id, "source": record.source, "input_ids": prompt + response,
                    "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason}
@@ -399,6 +416,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
             if kind == "human":
                 stats["human"] += 1
                 stats["human_response_tokens"] += len(response)
+        in_batch["tokens"] = 0
         bar.update(len(batch))
         rate = stats["response_tokens"] / max(time.perf_counter() - started, 1e-9)
         bar.set_postfix(tokens=stats["response_tokens"], tok_per_s=f"{rate:.0f}")
