@@ -264,32 +264,44 @@ def cost_key(target, proposer, max_tokens: int) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def cached_measurement(path: Path, measure, from_dict, refresh: bool = False, log=None,
+                       start_message: str = "", busy_message: str = ""):
+    """A measurement cached as JSON at `path`: read it, else `measure()` (once more if the
+    result is `noisy`); a result still noisy (another process was busy) is returned for this
+    run only, never cached. SPECFLASH_REFRESH_COSTS=1 (or `refresh`) measures again. The
+    result needs `noisy` and `to_dict()`; `from_dict` reads the cached form back."""
+    refresh = refresh or os.environ.get("SPECFLASH_REFRESH_COSTS", "") not in ("", "0")
+    if path.exists() and not refresh:
+        try:
+            return from_dict(json.loads(path.read_text()))
+        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
+            pass  # a damaged cache file is measured again
+    if log is not None:
+        log(start_message)
+    result = measure()
+    if result.noisy:
+        result = measure()  # one more try
+    if result.noisy:
+        if log is not None:
+            log(busy_message)
+        return result
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    os.replace(tmp, path)
+    return result
+
+
 def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool = False,
                     log=None) -> StepCosts:
     """The cached cost model for this target / proposer / machine, measured on first use
     (set SPECFLASH_REFRESH_COSTS=1, or pass refresh, to measure again)."""
-    refresh = refresh or os.environ.get("SPECFLASH_REFRESH_COSTS", "") not in ("", "0")
     path = costs_dir() / f"{cost_key(target, proposer, max_tokens)}.json"
-    if path.exists() and not refresh:
-        try:
-            return StepCosts.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, json.JSONDecodeError):
-            pass  # a damaged cache file is measured again
-    if log is not None:
-        log(f"measuring step costs for {getattr(target, 'name', 'target')} (once per model and machine) ...")
-    costs = measure_costs(target, proposer, max_tokens=max_tokens)
-    if costs.noisy:
-        costs = measure_costs(target, proposer, max_tokens=max_tokens)  # one more try
-    if costs.noisy:
-        if log is not None:
-            log("warning: the machine was busy while step costs were measured (timings spread widely); using "
-                "them for this run only, not caching them")
-        return costs
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(costs.to_dict(), indent=1) + "\n")
-    os.replace(tmp, path)
-    return costs
+    return cached_measurement(
+        path, lambda: measure_costs(target, proposer, max_tokens=max_tokens), StepCosts.from_dict, refresh, log,
+        f"measuring step costs for {getattr(target, 'name', 'target')} (once per model and machine) ...",
+        "warning: the machine was busy while step costs were measured (timings spread widely); using them for "
+        "this run only, not caching them")
 
 
 __all__ = ["StepCosts", "best_num_drafts", "engine_efficiency", "expected_tokens", "load_or_measure",

@@ -152,34 +152,17 @@ def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None
     """Apply the measured kernel choice for this target and machine (CPU fp32 only; measured
     on first use, ~10 s for SmolLM2-135M, then cached); returns it. SPECFLASH_KERNELS=stock
     keeps transformers' kernels for every size."""
-    from .costmodel import costs_dir
+    from .costmodel import cached_measurement, costs_dir
 
     if os.environ.get("SPECFLASH_KERNELS", "").lower() == "stock" or target.device.type != "cpu" \
             or target.dtype != torch.float32:
         target.set_kernel_choice(STOCK)
         return STOCK
-    refresh = refresh or os.environ.get("SPECFLASH_REFRESH_COSTS", "") not in ("", "0")
     path = costs_dir() / f"kernels-{choice_key(target, max_tokens)}.json"
-    choice = None
-    if path.exists() and not refresh:
-        try:
-            choice = KernelChoice.from_dict(json.loads(path.read_text()))
-        except (ValueError, KeyError, TypeError, json.JSONDecodeError):
-            choice = None  # a damaged cache file is measured again
-    if choice is None:
-        if log is not None:
-            log("choosing verify kernels for this machine (once per model and machine) ...")
-        choice = measure_choice(target, max_tokens)
-        if choice.noisy:
-            choice = measure_choice(target, max_tokens)  # one more try
-        if choice.noisy:  # a busy machine: use it for this run, measure again next time
-            if log is not None:
-                log("warning: the machine was busy while verify kernels were chosen (timings spread widely); "
-                    "using the choice for this run only, not caching it")
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(choice.to_dict(), indent=1) + "\n")
-            os.replace(tmp, path)
+    choice = cached_measurement(
+        path, lambda: measure_choice(target, max_tokens), KernelChoice.from_dict, refresh, log,
+        "choosing verify kernels for this machine (once per model and machine) ...",
+        "warning: the machine was busy while verify kernels were chosen (timings spread widely); using the "
+        "choice for this run only, not caching it")
     target.set_kernel_choice(choice)
     return choice

@@ -333,30 +333,9 @@ def drafter_fixed_shape(drafter, block_embeds: torch.Tensor, block_positions: to
     return drafter.norm(hidden)
 
 
-class DraftContext:
-    """A sequence's drafter context on a pooled slot: `length` fused context positions."""
-
-    def __init__(self, pool: SlotPool, capacity: int, maximum: int):
-        self._kv = StaticKV(pool, capacity, maximum)  # same slot handling, other buffers
-
-    @property
-    def slot(self) -> Slot:
-        return self._kv.slot
-
-    @property
-    def length(self) -> int:
-        return self._kv.length
-
-    @length.setter
-    def length(self, value: int) -> None:
-        self._kv.length = value
-
-    def reserve(self, needed: int) -> None:
-        self._kv.reserve(needed)
-
-
 class StaticDraftSteps:
-    """The drafter's steps over `DraftContext`s. A step with at most `block` new context
+    """The drafter's steps over static contexts (a `StaticKV` of the drafter's layers:
+`length` fused context positions). A step with at most `block` new context
     rows and a block of exactly `block` tokens (every decoding step) pads the context rows
     to `block` (zero features at the positions from the anchor on: written, never read, and
     overwritten by the next step) and runs one captured step; others run eagerly."""
@@ -374,10 +353,10 @@ class StaticDraftSteps:
         self.pool = SlotPool(lambda capacity: Slot(cfg.num_hidden_layers, cfg.num_key_value_heads, cfg.head_dim,
                                                    capacity, dtype, self.device))
 
-    def new_context(self, capacity: int) -> DraftContext:
-        return DraftContext(self.pool, capacity, self.target.max_context + 2 * self.block)
+    def new_context(self, capacity: int) -> StaticKV:
+        return StaticKV(self.pool, capacity, self.target.max_context + 2 * self.block)
 
-    def forward(self, ids: torch.Tensor, position: int, features: torch.Tensor, context: DraftContext) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, position: int, features: torch.Tensor, context: StaticKV) -> torch.Tensor:
         """ids [1, q] = [anchor, MASK...] at positions position..; features [1, c, K*H_t] the
         context rows not yet fused (positions context.length..position-1). -> hidden [1, q, H]."""
         q, c = int(ids.shape[1]), int(features.shape[1])

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from .errors import CheckpointError, InputError
 from .kernelchoice import STOCK, KernelChoice
-from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel, uses_small_batch_kernel
+from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
 from .leanforward import LeanForward, decoder_of, lean_forward_allowed
 from .staticsteps import StaticKV, StaticTargetSteps
 
@@ -57,7 +57,6 @@ class TargetModel:
         # then transformers' own kernels everywhere.
         self._decoder_linears = [m for m in decoder.modules()
                                  if isinstance(m, torch.nn.Linear) and m is not self._head]
-        self._routed: list[torch.nn.Module] = []
         self._kernel_choice = STOCK
         self._taps: tuple[int, ...] = ()
         self._hooks: list[Any] = []
@@ -176,12 +175,11 @@ class TargetModel:
         use_small_batch_kernel(self._head, choice.head_rows)
         for module in self._decoder_linears:
             use_small_batch_kernel(module, choice.decoder_rows)
-        self._routed = [m for m in [self._head, *self._decoder_linears] if uses_small_batch_kernel(m)]
         self._kernel_choice = choice
 
     def stock_kernels(self) -> stock_kernels:
         """Context manager: run the model exactly as transformers ships it (no kernel choice)."""
-        return stock_kernels(*self._routed)
+        return stock_kernels(self._head, *self._decoder_linears)  # it takes the routed ones
 
     # ------------------------------------------------------------------ taps
     def set_taps(self, layer_ids: tuple[int, ...] | list[int] | None) -> None:
@@ -266,6 +264,10 @@ class TargetModel:
         static cache (it still grows if outrun), a dynamic one ignores it."""
         if self._static is not None:
             return self._static.new_cache(min(capacity or 0, self.max_context) or 1)
+        return self._dynamic_cache()
+
+    @staticmethod
+    def _dynamic_cache():
         from transformers import DynamicCache
 
         return DynamicCache()
@@ -303,7 +305,7 @@ class TargetModel:
         saved = self._taps
         self.set_taps(saved or (0, self.num_layers - 1))
         try:
-            ours, theirs = self.new_cache(), self.new_cache()
+            ours, theirs = self._dynamic_cache(), self._dynamic_cache()  # what transformers' forward takes
             for feed in ([1, 2, 3], [4], [5, 6]):
                 ids = (torch.tensor([feed]) % self.vocab_rows).to(self.device)
                 expected, got = self._transformers_forward(ids, theirs), self._lean_output(lean, ids, ours)

@@ -14,7 +14,7 @@ import torch
 
 from ..drafter import DFlashDrafter, DraftHead
 from ..sampling import Sampler
-from ..staticsteps import DraftContext, StaticDraftSteps
+from ..staticsteps import StaticDraftSteps, StaticKV
 from ..target import TargetModel
 from .base import Proposal
 
@@ -84,7 +84,7 @@ class DFlashProposer:
         num_tokens = max(num_tokens, drafter.block_size - 1)
         ids = torch.full((1, num_tokens + 1), drafter.mask_token_id, dtype=torch.long, device=device)
         ids[0, 0] = anchor
-        if isinstance(cache, DraftContext):
+        if isinstance(cache, StaticKV):
             hidden = self._static.forward(ids, position, pending, cache)
         else:
             positions = torch.arange(position, position + num_tokens + 1, device=device)[None]  # [1, k+1]
