@@ -9,7 +9,7 @@ from specflash.bench import datasets as ds
 from specflash.errors import InputError
 
 
-@pytest.mark.parametrize("name", ["humaneval", "sharegpt"])
+@pytest.mark.parametrize("name", ["humaneval", "sharegpt", "stdlib-functions"])
 def test_train_and_eval_splits_partition_the_set_and_never_share_a_prompt(name):
     train, evals, every = (ds.load_prompts(name, split) for split in ("train", "eval", "all"))
     assert len(train) + len(evals) == len(every)
@@ -105,3 +105,34 @@ def test_training_prompts_from_sharegpt_turns_keep_their_history():
     for record in records:
         assert record.source == "sharegpt-turns" and record.messages[-1][0] == "user"
         assert len(record.messages) >= 3 and record.messages[1][0] == "assistant"
+
+
+def test_stdlib_functions_are_humaneval_shaped_problems_without_bodies():
+    """Each problem is worded as HumanEval is and its code is one function whose body is
+    only its docstring (the solution is left to the model)."""
+    import ast
+
+    prompts = ds.load_prompts("stdlib-functions", "all")
+    assert len(prompts) > 500 and len({p.id for p in prompts}) == len(prompts)
+    head, tail = ds.HUMANEVAL_TEMPLATE.split("{prompt}")
+    for prompt in prompts:
+        assert prompt.text.startswith(head) and prompt.text.endswith(tail)
+        tree = ast.parse(prompt.text[len(head):-len(tail)])
+        (function,) = tree.body
+        assert isinstance(function, ast.FunctionDef) and not function.name.startswith("_")
+        assert len(function.body) == 1 and ast.get_docstring(function)
+        assert prompt.id.endswith("." + function.name)
+
+
+def test_stdlib_problem_skips_private_undocumented_and_nested_definitions():
+    import ast
+
+    tree = ast.parse('def _private():\n    """A private helper with a long enough docstring to pass."""\n'
+                     'def bare():\n    return 1\n'
+                     'class Thing:\n    def method(self):\n        """A method with a long enough docstring."""\n'
+                     'def public(x, *, y=2) -> int:\n    """Add things together, a docstring of sixty or more '
+                     'characters."""\n    return x + y\n')
+    problems = [ds.stdlib_problem(node) for node in tree.body]
+    assert problems[:3] == [None, None, None]
+    assert problems[3].startswith("def public(x, *, y=2) -> int:\n    \"\"\"Add things")
+    assert "return" not in problems[3]

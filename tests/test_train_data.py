@@ -140,6 +140,19 @@ def test_training_prompt_order_mixes_sources_under_a_limit():
     assert 0.002 < share < 0.03  # 86 of ~9350 train prompts overall: ~0.9%
 
 
+def test_skip_prompts_continues_the_same_fixed_order():
+    """--skip-prompts N starts at prompt N of the order a plain run uses, so a second run
+    (or machine) answers new prompts; skipping everything is a clear error."""
+    from specflash.errors import InputError
+    from specflash.train.prompts import load_training_prompts
+
+    whole = load_training_prompts(["humaneval"])
+    assert [r.id for r in load_training_prompts(["humaneval"], limit=10, skip=30)] == [r.id for r in whole[30:40]]
+    assert [r.id for r in load_training_prompts(["humaneval"], skip=30)] == [r.id for r in whole[30:]]
+    with pytest.raises(InputError, match="skips every training prompt"):
+        load_training_prompts(["humaneval"], skip=len(whole))
+
+
 def test_human_answers_carry_the_targets_greedy_labels(target, tmp_path):
     """target_greedy[j] is the target's argmax at the position before response token j,
     given the human tokens before it (one unbatched forward as the reference)."""

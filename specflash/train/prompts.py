@@ -19,9 +19,9 @@ def _record(prompt) -> PromptRecord:
                         response=prompt.reference)
 
 
-def load_training_prompts(sources: list[str], limit: int | None = None) -> list[PromptRecord]:
+def load_training_prompts(sources: list[str], limit: int | None = None, skip: int = 0) -> list[PromptRecord]:
     """Prompts of every source (a set name or a JSONL path), in a fixed shuffled order
-    (by a salted hash of each id), at most `limit` of them.
+    (by a salted hash of each id), at most `limit` of them after the first `skip`.
 
     The salt matters: the train/eval split is itself a hash threshold on the same ids, so
     ordering by the unsalted hash put every HumanEval train prompt (hashes above 0.5)
@@ -40,4 +40,7 @@ def load_training_prompts(sources: list[str], limit: int | None = None) -> list[
     if not records:
         raise InputError(f"no training prompts in {', '.join(sources)}")
     records.sort(key=lambda r: hashlib.sha256(f"order:{r.id}".encode()).hexdigest())
+    records = records[skip:]
+    if not records:
+        raise InputError(f"--skip-prompts {skip} skips every training prompt of {', '.join(sources)}")
     return records[:limit] if limit else records
