@@ -151,6 +151,8 @@ def test_skip_prompts_continues_the_same_fixed_order():
     assert [r.id for r in load_training_prompts(["humaneval"], skip=30)] == [r.id for r in whole[30:]]
     with pytest.raises(InputError, match="skips every training prompt"):
         load_training_prompts(["humaneval"], skip=len(whole))
+    with pytest.raises(InputError, match="must be 0 or more"):
+        load_training_prompts(["humaneval"], skip=-1)
 
 
 def test_human_answers_carry_the_targets_greedy_labels(target, tmp_path):

@@ -12,7 +12,7 @@ Offline sets (installed from PyPI, no hub needed):
   library this interpreter ships: each public module-level function with a docstring,
   as its signature and docstring (body removed), worded as ``humaneval`` is. About 900
   problems on CPython 3.11 (the set follows the interpreter's version); code prompts for
-  training beyond HumanEval's 82 train problems.
+  training beyond HumanEval's 86 train problems.
 
 Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
 `DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
@@ -240,12 +240,13 @@ def _stdlib_functions_all() -> tuple[BenchPrompt, ...]:
         module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
         for node in tree.body:
             problem = stdlib_problem(node)
-            if problem is None or _normalise(problem) in seen:  # e.g. posixpath / ntpath twins
+            key = problem and _normalise(problem)
+            if not key or key in seen:  # e.g. posixpath / ntpath twins
                 continue
-            seen.add(_normalise(problem))
+            seen.add(key)
             out.append(BenchPrompt("stdlib-functions", f"{module}.{node.name}",
                                    (HUMANEVAL_TEMPLATE.format(prompt=problem),),
-                                   split=split_of("stdlib-functions", _normalise(problem))))
+                                   split=split_of("stdlib-functions", key)))
     if not out:
         raise DatasetUnavailable(f"dataset stdlib-functions found no Python sources under {root}")
     return tuple(out)

@@ -141,8 +141,6 @@ def run_data(args: argparse.Namespace) -> int:
     else:
         layer_ids = tuple(default_target_layer_ids(target.num_layers, args.num_features))
     target.set_taps(layer_ids)  # validates the ids
-    if args.skip_prompts < 0:
-        raise InputError(f"--skip-prompts must be 0 or more, got {args.skip_prompts}")
     records = load_training_prompts(args.prompts.split(","), limit=args.max_prompts, skip=args.skip_prompts)
     template_kwargs = {} if args.thinking == "auto" else {"enable_thinking": args.thinking == "on"}
     config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,

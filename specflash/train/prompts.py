@@ -40,6 +40,8 @@ def load_training_prompts(sources: list[str], limit: int | None = None, skip: in
     if not records:
         raise InputError(f"no training prompts in {', '.join(sources)}")
     records.sort(key=lambda r: hashlib.sha256(f"order:{r.id}".encode()).hexdigest())
+    if skip < 0:
+        raise InputError(f"--skip-prompts must be 0 or more, got {skip}")
     records = records[skip:]
     if not records:
         raise InputError(f"--skip-prompts {skip} skips every training prompt of {', '.join(sources)}")
