@@ -115,3 +115,22 @@ def test_console_script_exit_code_and_help():
     bad = subprocess.run([sys.executable, "-m", "specflash.cli", "generate", "--target", "no-such-model",
                           "--prompt", "x"], capture_output=True, text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("specflash: error:")
+
+
+def _subparsers(parser):
+    import argparse
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield name, sub
+                for inner, subsub in _subparsers(sub):
+                    yield f"{name} {inner}", subsub
+
+
+def test_every_option_of_every_command_has_help():
+    from specflash.cli import build_parser
+    missing = [f"{name} {action.option_strings[-1]}"
+               for name, sub in _subparsers(build_parser())
+               for action in sub._actions
+               if action.option_strings and not action.help]
+    assert not missing, f"options without --help text: {missing}"

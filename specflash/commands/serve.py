@@ -37,7 +37,8 @@ def register(sub) -> None:
                    help="torch threads of the decoding thread (default: CPU cores - 1, leaving one to the HTTP "
                         "server; on a GPU it hardly matters)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random drafter (--draft random)")
-    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
+                   help="server log verbosity (default info)")
     p.set_defaults(handler=run)
 
 

@@ -39,8 +39,10 @@ def register(sub) -> None:
     data.add_argument("--max-prompt-tokens", type=int, default=768, help="skip longer prompts (default 768)")
     data.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default 16)")
     data.add_argument("--temperature", type=float, default=0.0, help="0 = greedy responses (default)")
-    data.add_argument("--top-p", type=float, default=1.0)
-    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--top-p", type=float, default=1.0,
+                      help="nucleus sampling mass when --temperature > 0 (default 1.0: off)")
+    data.add_argument("--seed", type=int, default=0,
+                      help="sampling seed when --temperature > 0 (default 0)")
     data.add_argument("--num-features", type=int, default=5,
                       help="target layers to tap, spread by the published rule (default 5)")
     data.add_argument("--layer-ids", default=None, help="explicit comma-separated target layer ids to tap")
@@ -67,14 +69,17 @@ def register(sub) -> None:
                                         "`torchrun --nproc-per-node N -m specflash.cli train fit ...` for DDP.")
     fit.add_argument("--data", required=True, help="comma-separated shard folders from `train data`")
     fit.add_argument("--out", required=True, help="run folder: checkpoints, log.jsonl, loss.png, drafter/")
-    fit.add_argument("--target", default=DEFAULT_TARGET)
+    fit.add_argument("--target", default=DEFAULT_TARGET,
+                     help=f"target model the data was regenerated with (default {DEFAULT_TARGET})")
     fit.add_argument("--num-layers", type=int, default=1, help="draft layers (default 1; 5 for 8B targets)")
     fit.add_argument("--block-size", type=int, default=16, help="training block size (default 16)")
     fit.add_argument("--anchors", type=int, default=128, help="anchors sampled per sequence (default 128)")
-    fit.add_argument("--epochs", type=int, default=6)
-    fit.add_argument("--lr", type=float, default=6e-4)
-    fit.add_argument("--grad-accum", type=int, default=4, help="sequences per optimizer step per process")
-    fit.add_argument("--max-length", type=int, default=1024, help="truncate sequences to this many tokens")
+    fit.add_argument("--epochs", type=int, default=6, help="passes over the training data (default 6)")
+    fit.add_argument("--lr", type=float, default=6e-4,
+                     help="peak AdamW learning rate, with warm-up and cosine decay (default 6e-4)")
+    fit.add_argument("--grad-accum", type=int, default=4, help="sequences per optimizer step per process (default 4)")
+    fit.add_argument("--max-length", type=int, default=1024,
+                     help="truncate sequences to this many tokens (default 1024)")
     fit.add_argument("--draft-vocab", type=int, default=16384,
                      help="loss over the N most frequent target output tokens (0 = full vocabulary); the "
                           "drafter then proposes only those tokens: saved as draft_vocab.json beside the weights "
@@ -96,9 +101,11 @@ def register(sub) -> None:
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
-    fit.add_argument("--eval-every", type=int, default=200)
-    fit.add_argument("--save-every", type=int, default=100)
-    fit.add_argument("--seed", type=int, default=0)
+    fit.add_argument("--eval-every", type=int, default=200,
+                     help="steps between held-out acceptance estimates in log.jsonl (default 200)")
+    fit.add_argument("--save-every", type=int, default=100,
+                     help="steps between checkpoints to resume from (default 100)")
+    fit.add_argument("--seed", type=int, default=0, help="init, anchor sampling and shuffle seed (default 0)")
     fit.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from OUT/checkpoints/last.pt if present (default)")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -109,7 +116,7 @@ def register(sub) -> None:
                                            "model.safetensors in bf16 + README.md model card).")
     export.add_argument("--run", required=True, help="run folder of `train fit`")
     export.add_argument("--out", default=None, help="drafter folder (default RUN/drafter)")
-    export.add_argument("--threads", type=int, default=None)
+    export.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     export.set_defaults(handler=run_export)
 
 
