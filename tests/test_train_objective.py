@@ -109,6 +109,35 @@ def test_vocab_subset_maps_labels_and_drops_the_rest():
     assert math.isclose(subset.coverage(counts), 14 / 15)
 
 
+def test_subset_head_rows_are_cached_until_the_head_changes():
+    head = torch.randn(6, 3)
+    subset = VocabSubset(torch.tensor([4, 1]), 6)
+    rows = subset.head_rows(head)
+    assert torch.equal(rows, head[[1, 4]])
+    assert subset.head_rows(head) is rows  # gathered once, not per call
+    head.mul_(2.0)  # an in-place change to the head invalidates the cache
+    assert torch.equal(subset.head_rows(head), head[[1, 4]])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert subset.head_rows(head).dtype == torch.bfloat16  # cast once for autocast's matmul
+    assert subset.head_rows(head).dtype == torch.float32
+
+
+def test_subset_loss_is_the_loss_over_the_subset_rows_of_the_head():
+    torch.manual_seed(0)
+    hidden = torch.randn(8, 5)
+    head = torch.randn(7, 5)
+    ids = torch.tensor([0, 1, 2, 3, 4, 5, 6, 0, 1, 2])
+    blocks = build_blocks(ids, torch.ones(10, dtype=torch.bool), torch.tensor([0, 4]), 4, 6)
+    subset = VocabSubset(torch.tensor([1, 2, 3, 5]), 7)  # labels 4, 6 (and 0) fall outside
+    loss, stats = weighted_block_loss(hidden, head, blocks, subset)
+    labels = subset.to_subset[blocks.labels.clamp_min(0)]
+    keep = (blocks.labels >= 0) & (labels >= 0)
+    ce = torch.nn.functional.cross_entropy(hidden @ head[subset.ids].T, labels.clamp_min(0), reduction="none")
+    w = blocks.weights * keep
+    assert torch.allclose(loss, (ce * w).sum() / w.sum())
+    assert stats["count"].sum() == keep.sum()
+
+
 def test_cosine_schedule_warms_up_then_decays():
     lrs = [cosine_lr(s, 100, 1.0, warmup_frac=0.1) for s in range(100)]
     assert lrs[0] == 0.1 and lrs[9] == 1.0 and lrs[-1] < 0.01
