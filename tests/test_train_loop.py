@@ -255,3 +255,31 @@ def test_data_folders_that_tapped_different_layers_are_refused(tmp_path):
     assert data_layer_ids([str(tmp_path / "a")]) == [1, 3]
     with pytest.raises(InputError, match="tapped different target layers"):
         data_layer_ids([str(tmp_path / "a"), str(tmp_path / "b")])
+
+
+def test_training_set_estimate_uses_training_rows_only(setup):
+    """The memorization check scores target-written training rows, spread over the
+    training order, never a held-out one."""
+    trainer = Trainer(config(setup, "fit-sample", eval_sequences=5), target=setup[2], progress=False)
+    sample = trainer.train_eval_idx
+    assert len(sample) == 5 and len(set(sample)) == 5
+    assert set(sample) <= set(trainer.train_idx) and not set(sample) & set(trainer.eval_idx)
+    assert all(trainer.dataset.rows[i].response_from == "target" for i in sample)
+    assert sample[-1] > trainer.train_idx[len(trainer.train_idx) // 2]  # spread, not the first five
+
+
+def test_log_records_the_training_set_estimate_beside_the_held_out_one(setup):
+    target = setup[2]
+    trainer = Trainer(config(setup, "fit-log", max_steps=2, eval_every=2, log_every=1), target=target,
+                      progress=False)
+    fitted = trainer.evaluate(trainer.train_eval_idx)["tau_estimate"]
+    trainer.fit()
+    rows = [json.loads(line) for line in (trainer.out / "log.jsonl").read_text().splitlines()]
+    assert rows[0]["eval_train_tau_estimate"] == fitted
+    assert "eval_train_tau_estimate" in rows[-1] and rows[-1]["step"] == 2
+    off = Trainer(config(setup, "fit-log-off", max_steps=2, eval_every=2, log_every=1, train_estimate=False),
+                  target=target, progress=False)
+    off.fit()
+    rows = [json.loads(line) for line in (off.out / "log.jsonl").read_text().splitlines()]
+    assert not any("eval_train_tau_estimate" in r for r in rows)
+    assert "eval_tau_estimate" in rows[0]

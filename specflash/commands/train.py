@@ -103,6 +103,10 @@ def register(sub) -> None:
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
     fit.add_argument("--eval-every", type=int, default=200,
                      help="steps between held-out acceptance estimates in log.jsonl (default 200)")
+    fit.add_argument("--train-estimate", action=argparse.BooleanOptionalAction, default=True,
+                     help="at each held-out estimate, also estimate on as many training sequences "
+                          "(eval_train_* in log.jsonl, the green curve in loss.png): a training figure far above "
+                          "the held-out one means more data, not more epochs, is what helps (default on)")
     fit.add_argument("--save-every", type=int, default=100,
                      help="steps between checkpoints to resume from (default 100)")
     fit.add_argument("--seed", type=int, default=0, help="init, anchor sampling and shuffle seed (default 0)")
@@ -181,7 +185,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed)
+                         seed=args.seed, train_estimate=args.train_estimate)
     trainer = Trainer(config)
     try:
         trainer.fit(resume=args.resume)

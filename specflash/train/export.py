@@ -78,6 +78,8 @@ def write_model_card(folder: Path, drafter: DFlashDrafter, info: dict) -> Path:
         f"- tau estimate (teacher-forced blocks vs the target's greedy continuation): "
         f"{info.get('tau_estimate', '?')}",
         f"- P(first k drafts all right), k = 1..: {info.get('accept_through_position', '?')}",
+        (f"- the same estimate on training sequences: {info['train_tau_estimate']} (the gap to the held-out "
+         f"figure is what the drafter memorized rather than learned)" if info.get("train_tau_estimate") else None),
         "",
     ]
     path = folder / "README.md"

@@ -55,6 +55,7 @@ class TrainConfig:
     held_out_fraction: float = 0.03
     eval_every: int = 200
     eval_sequences: int = 32
+    train_estimate: bool = True  # also estimate on training sequences: the gap to held-out is memorization
     save_every: int = 100
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
@@ -212,6 +213,7 @@ class Trainer:
         self.train_idx, self.eval_idx = self.dataset.split(config.held_out_fraction, exclude)
         if not self.train_idx:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
+        self.train_eval_idx = train_estimate_sample(self.dataset, self.train_idx, config.eval_sequences)
         unlabelled = self.dataset.unlabelled_human_rows()
         if unlabelled and self.rank == 0:
             print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
@@ -410,6 +412,16 @@ class Trainer:
         return {"tau_estimate": float(lengths_t.mean()), "blocks": int(lengths_t.numel()),
                 "accept_through_position": [round(float(x), 4) for x in reach]}
 
+    def estimates(self) -> dict:
+        """The log's eval fields: the held-out estimate (eval_*) and, with train_estimate,
+        the same estimate on training sequences (eval_train_*); a training-set figure far
+        above the held-out one means the drafter is memorizing its data (more data, not
+        more epochs, is then what raises decoded tau)."""
+        record = {f"eval_{k}": v for k, v in self.evaluate().items()}
+        if self.config.train_estimate and self.train_eval_idx:
+            record.update({f"eval_train_{k}": v for k, v in self.evaluate(self.train_eval_idx).items()})
+        return record
+
     # ------------------------------------------------------------------ run
     def fit(self, resume: bool = True) -> dict:
         from tqdm.auto import tqdm
@@ -425,10 +437,12 @@ class Trainer:
         if self.step == 0 and self.config.eval_every and last > 0:
             # Where the run starts (a warm start's drafter, or an untrained one): the
             # reference the later held-out estimates are read against.
-            start = {"step": 0, **{f"eval_{k}": v for k, v in self.evaluate().items()}}
+            start = {"step": 0, **self.estimates()}
             if self.rank == 0:
                 _append_json(log_path, start)
-                print(f"held-out tau estimate at step 0: {start['eval_tau_estimate']}", flush=True)
+                train_part = (f" (training sequences: {start['eval_train_tau_estimate']})"
+                              if "eval_train_tau_estimate" in start else "")
+                print(f"held-out tau estimate at step 0: {start['eval_tau_estimate']}{train_part}", flush=True)
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < last:
             t0 = time.perf_counter()
@@ -440,7 +454,7 @@ class Trainer:
                 record.update(tokens_per_s=rate, tokens_seen=self.tokens_seen, train_seconds=self.train_seconds)
                 window_tokens, window_start = 0, time.perf_counter()
                 if self.config.eval_every and (self.step % self.config.eval_every == 0 or self.step == last):
-                    record.update({f"eval_{k}": v for k, v in self.evaluate().items()})
+                    record.update(self.estimates())
                 if self.rank == 0:
                     _append_json(log_path, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc1=f"{record['acc_first']:.2f}",
@@ -454,13 +468,23 @@ class Trainer:
         return record
 
 
+def train_estimate_sample(dataset: "ShardDataset", train_idx: list[int], count: int) -> list[int]:
+    """`count` target-written training rows spread evenly over the training order
+    (every k-th), fixed for the run, for the training-set acceptance estimate."""
+    rows = [i for i in train_idx if dataset.rows[i].response_from == "target"]
+    if not rows or count <= 0:
+        return []
+    stride = max(1, len(rows) // count)
+    return rows[::stride][:count]
+
+
 def _append_json(path: Path, record: dict) -> None:
     with path.open("a") as f:
         f.write(json.dumps(record) + "\n")
 
 
 def plot_loss_curve(log_path: Path, png: Path) -> bool:
-    """Loss and held-out tau estimate against step (needs matplotlib; skipped without)."""
+    """Loss, held-out and training-set tau estimates against step (needs matplotlib; skipped without)."""
     try:
         import matplotlib
 
@@ -481,7 +505,12 @@ def plot_loss_curve(log_path: Path, png: Path) -> bool:
         ax2 = ax.twinx()
         ax2.plot([r["step"] for r in evals], [r["eval_tau_estimate"] for r in evals], "o-", color="tab:orange",
                  label="held-out tau estimate")
+        fitted = [r for r in evals if r.get("eval_train_tau_estimate") is not None]
+        if fitted:
+            ax2.plot([r["step"] for r in fitted], [r["eval_train_tau_estimate"] for r in fitted], "s--",
+                     color="tab:green", label="training-set tau estimate")
         ax2.set_ylabel("tau estimate")
+        ax2.legend(loc="lower right")
     ax.legend(loc="upper right")
     fig.tight_layout()
     fig.savefig(png, dpi=100)
@@ -525,4 +554,6 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "tau_estimate": evaluation.get("tau_estimate"),
         "accept_through_position": evaluation.get("accept_through_position"),
     }
+    if cfg.train_estimate and trainer.train_eval_idx:
+        info["train_tau_estimate"] = trainer.evaluate(trainer.train_eval_idx).get("tau_estimate")
     return export_drafter(trainer.drafter, folder, info)
