@@ -283,3 +283,13 @@ def test_log_records_the_training_set_estimate_beside_the_held_out_one(setup):
     rows = [json.loads(line) for line in (off.out / "log.jsonl").read_text().splitlines()]
     assert not any("eval_train_tau_estimate" in r for r in rows)
     assert "eval_tau_estimate" in rows[0]
+
+
+def test_card_states_the_training_set_estimate_of_the_exported_weights(setup):
+    trainer = Trainer(config(setup, "fit-card", max_steps=2), target=setup[2], progress=False)
+    trainer.fit()
+    fitted = trainer.evaluate(trainer.train_eval_idx)["tau_estimate"]
+    out = export_run(trainer, setup[0] / "fit-card-drafter")
+    info = json.loads((out / "training_info.json").read_text())
+    assert info["train_tau_estimate"] == fitted
+    assert f"the same estimate on training sequences: {fitted}" in (out / "README.md").read_text()

@@ -535,7 +535,7 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
     from .export import export_drafter, machine_summary
 
     folder = Path(folder) if folder else trainer.out / "drafter"
-    evaluation = trainer.evaluate()
+    evaluation = trainer.estimates()
     cfg = trainer.config
     info = {
         "target": cfg.target,
@@ -551,9 +551,8 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "tokens_seen": trainer.tokens_seen,
         "train_hours": round(trainer.train_seconds / 3600, 3),
         "machine": machine_summary(),
-        "tau_estimate": evaluation.get("tau_estimate"),
-        "accept_through_position": evaluation.get("accept_through_position"),
+        "tau_estimate": evaluation.get("eval_tau_estimate"),
+        "accept_through_position": evaluation.get("eval_accept_through_position"),
+        "train_tau_estimate": evaluation.get("eval_train_tau_estimate"),
     }
-    if cfg.train_estimate and trainer.train_eval_idx:
-        info["train_tau_estimate"] = trainer.evaluate(trainer.train_eval_idx).get("tau_estimate")
     return export_drafter(trainer.drafter, folder, info)
