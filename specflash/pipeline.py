@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import DecodeConfig
+from .devices import resolve_device
 from .decode import GenerationResult, SpeculativeDecoder, Step
 from .loading import build_proposer
 from .metrics import SpecStats
@@ -62,6 +63,7 @@ class Pipeline:
         `TargetModel.configure_static_steps` (auto: CUDA graphs on CUDA)."""
         from .blockpolicy import make_policy, parse_block_size
 
+        device = str(resolve_device(device))  # a device this machine lacks: an InputError, not torch's assert
         block_size = parse_block_size(block_size)
         if draft is None:
             from .loading import default_draft

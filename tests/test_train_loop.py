@@ -169,6 +169,67 @@ def test_init_from_a_drafter_with_fewer_layers_grows_it_and_keeps_its_function(s
         Trainer(config(setup, "grow-d", num_layers=1, init_from=str(two)), target=target, progress=False)
 
 
+def test_init_from_a_run_carries_its_weights_feature_scale_and_optimizer_moments(setup):
+    target = setup[2]
+    earlier = Trainer(config(setup, "carry-a", max_steps=6, save_every=3), target=target, progress=False)
+    earlier.fit()
+    for source in (setup[0] / "carry-a", earlier.checkpoint_path):
+        warm = Trainer(config(setup, "carry-b", init_from=str(source)), target=target, progress=False)
+        assert warm.step == 0
+        assert torch.equal(warm.drafter.feature_scale, earlier.drafter.feature_scale)
+        for (name, mine), theirs in zip(warm.drafter.named_parameters(), earlier.drafter.parameters()):
+            assert torch.equal(mine, theirs), name
+            assert torch.equal(warm.optimizer.state[mine]["exp_avg_sq"], earlier.optimizer.state[theirs]["exp_avg_sq"])
+        assert warm.evaluate() == earlier.evaluate()
+
+
+def test_carried_moments_make_the_first_update_smaller_than_a_fresh_optimizer(setup):
+    target = setup[2]
+    earlier = Trainer(config(setup, "moments-a", max_steps=30, save_every=30), target=target, progress=False)
+    earlier.fit()
+    drafter = setup[0] / "moments-a-drafter"
+    export_run(earlier, drafter)
+
+    def first_update(name, source):
+        trainer = Trainer(config(setup, name, init_from=str(source), warmup_fraction=0.0, max_steps=1),
+                          target=target, progress=False)
+        before = [p.detach().clone() for p in trainer.drafter.parameters()]
+        trainer.train_step()
+        return sum((p.detach() - b).pow(2).sum() for p, b in zip(trainer.drafter.parameters(), before)).sqrt()
+
+    # A fresh AdamW moves every weight by about the learning rate on its first step.
+    assert first_update("moments-carried", setup[0] / "moments-a") < 0.5 * first_update("moments-fresh", drafter)
+
+
+def test_init_from_a_run_of_another_layer_count_is_refused_and_points_to_its_drafter(setup):
+    from specflash.errors import InputError
+
+    target = setup[2]
+    Trainer(config(setup, "carry-one", max_steps=2, save_every=2), target=target, progress=False).fit()
+    with pytest.raises(InputError, match="RUN/drafter"):
+        Trainer(config(setup, "carry-two", num_layers=2, init_from=str(setup[0] / "carry-one")), target=target,
+                progress=False)
+    broken = setup[0] / "broken.pt"
+    broken.write_text("not a checkpoint")
+    with pytest.raises(InputError, match="not a readable specflash training checkpoint"):
+        Trainer(config(setup, "carry-three", init_from=str(broken)), target=target, progress=False)
+
+
+def test_export_after_the_last_eval_reuses_its_estimates_and_a_step_renews_them(setup):
+    trainer = Trainer(config(setup, "reuse", max_steps=4, eval_every=4, train_estimate=False), target=setup[2],
+                      progress=False)
+    calls = []
+    evaluate = trainer.evaluate
+    trainer.evaluate = lambda *a, **k: calls.append(trainer.step) or evaluate(*a, **k)
+    trainer.fit()
+    assert calls == [0, 4]
+    export_run(trainer, setup[0] / "reuse-drafter")
+    assert calls == [0, 4]
+    trainer.train_step()
+    trainer.estimates()
+    assert calls == [0, 4, 5]
+
+
 def test_loss_positions_out_of_range_is_refused(setup):
     from specflash.errors import InputError
 

@@ -193,6 +193,7 @@ def run_synthetic_command(args: argparse.Namespace) -> int:
 
     from ..bench.synthetic import SHAPES, render, run_synthetic
     from ..blockpolicy import parse_block_size
+    from ..devices import resolve_device
     from ..errors import InputError
     from ..pipeline import parse_dtype
 
@@ -204,8 +205,7 @@ def run_synthetic_command(args: argparse.Namespace) -> int:
     for name in ("num_prompts", "max_new_tokens", "prompt_tokens"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"--device {args.device}: no CUDA device is available on this machine")
+    args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
     size = max([b for b in blocks if isinstance(b, int)] + [16])

@@ -60,6 +60,7 @@ def register(sub) -> None:
                            "target's own greedy tokens, and a block position is trained only while the answer "
                            "follows them, so the drafter still learns what the target would say; only the "
                            "context is human-written (default 0: every response from the target)")
+    add_device_flag(data, "where the target regenerates")
     data.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     data.set_defaults(handler=run_data)
 
@@ -93,10 +94,14 @@ def register(sub) -> None:
                           "later positions carry little weight anyway")
     fit.add_argument("--init", choices=["random", "target"], default="random",
                      help="random init, or copy the target's last layers into the draft layers")
-    fit.add_argument("--init-from", default=None, metavar="DRAFTER",
+    fit.add_argument("--init-from", default=None, metavar="DRAFTER|RUN",
                      help="warm start from an exported drafter folder of the same shape (e.g. a shipped drafter or "
                           "RUN/drafter of an earlier run), or one with fewer layers: it grows, the extra layers "
-                          "starting as no-ops; the new run's schedule starts from step 0")
+                          "starting as no-ops. Or from an earlier run's folder (or its checkpoints/last.pt): its "
+                          "weights and its optimizer's moments, so training on new data goes on without the dip a "
+                          "fresh optimizer causes. Either way the new run's schedule starts from step 0")
+    fit.add_argument("--warmup-fraction", type=float, default=None,
+                     help="fraction of the steps spent warming the learning rate up from 0 (default 0.04)")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
@@ -112,6 +117,7 @@ def register(sub) -> None:
     fit.add_argument("--seed", type=int, default=0, help="init, anchor sampling and shuffle seed (default 0)")
     fit.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from OUT/checkpoints/last.pt if present (default)")
+    add_device_flag(fit, "where the target and drafter run")
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     fit.set_defaults(handler=run_fit)
 
@@ -120,6 +126,7 @@ def register(sub) -> None:
                                            "model.safetensors in bf16 + README.md model card).")
     export.add_argument("--run", required=True, help="run folder of `train fit`")
     export.add_argument("--out", default=None, help="drafter folder (default RUN/drafter)")
+    add_device_flag(export, "where the export's acceptance estimate runs")
     export.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     export.set_defaults(handler=run_export)
 
@@ -131,6 +138,12 @@ def _threads(args) -> None:
         torch.set_num_threads(args.threads)
 
 
+def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--device", default="auto",
+                        help=f"{what}: auto (default: a GPU when there is one; under torchrun, the process's "
+                             "own), cpu, cuda or cuda:N")
+
+
 def run_data(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
@@ -138,6 +151,7 @@ def run_data(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import default_target_layer_ids
+    from ..devices import resolve_device
     from ..errors import InputError
     from ..target import TargetModel
     from ..train.prompts import load_training_prompts
@@ -146,7 +160,8 @@ def run_data(args: argparse.Namespace) -> int:
     if not 0.0 <= args.human_fraction <= 1.0:
         raise InputError(f"--human-fraction must be between 0 and 1, got {args.human_fraction}")
     _threads(args)
-    target = TargetModel.from_pretrained(args.target, dtype=getattr(torch, args.dtype))
+    target = TargetModel.from_pretrained(args.target, dtype=getattr(torch, args.dtype),
+                                         device=resolve_device(args.device))
     if args.layer_ids:
         layer_ids = tuple(int(x) for x in args.layer_ids.split(","))
     else:
@@ -175,17 +190,24 @@ def run_data(args: argparse.Namespace) -> int:
 def run_fit(args: argparse.Namespace) -> int:
     import json
 
+    from ..devices import resolve_device
+    from ..errors import InputError
     from ..train.loop import TrainConfig, Trainer, export_run, init_distributed, shutdown_distributed
 
     _threads(args)
-    rank, _world = init_distributed()
+    device = resolve_device(args.device)
+    rank, _world = init_distributed(device)
     config = TrainConfig(data=args.data.split(","), out=args.out, target=args.target, num_layers=args.num_layers,
                          block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
                          lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed, train_estimate=args.train_estimate)
+                         seed=args.seed, train_estimate=args.train_estimate, device=str(device))
+    if args.warmup_fraction is not None:
+        if not 0 <= args.warmup_fraction < 1:
+            raise InputError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
+        config.warmup_fraction = args.warmup_fraction
     trainer = Trainer(config)
     try:
         trainer.fit(resume=args.resume)
@@ -203,6 +225,7 @@ def run_export(args: argparse.Namespace) -> int:
 
     import torch
 
+    from ..devices import resolve_device
     from ..errors import InputError
     from ..train.loop import TrainConfig, Trainer, export_run
 
@@ -211,7 +234,9 @@ def run_export(args: argparse.Namespace) -> int:
     if not checkpoint.exists():
         raise InputError(f"no checkpoint at {checkpoint}; run `specflash train fit --out {args.run}` first")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    trainer = Trainer(TrainConfig(**saved["config"]), progress=False)
+    config = TrainConfig(**saved["config"])
+    config.device = str(resolve_device(args.device))  # not the training run's: it may have had a GPU
+    trainer = Trainer(config, progress=False)
     trainer.load_checkpoint()
     folder = export_run(trainer, args.out)
     print(json.dumps({"drafter": str(folder), "step": trainer.step}))

@@ -10,12 +10,15 @@ import dataclasses
 import json
 import math
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from ..config import DrafterConfig
+from ..devices import resolve_device
 from ..drafter import DFlashDrafter, DraftHead
 from ..errors import InputError
 from ..loading import drafter_config_for_target
@@ -60,11 +63,12 @@ class TrainConfig:
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
     init: str = "random"  # or "target": copy the target's last layers
-    init_from: str | None = None  # warm start: the weights of an exported drafter folder
+    init_from: str | None = None  # warm start: an exported drafter folder, or an earlier run (weights + AdamW moments)
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
+    device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
     extra: dict = field(default_factory=dict)
 
 
@@ -74,11 +78,14 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU)."""
+def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
+    """Join the torchrun process group when launched by torchrun: nccl when training on
+    GPUs, gloo on CPUs (also on a GPU machine told --device cpu)."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
         if not torch.distributed.is_initialized():
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            backend = "nccl" if device is not None and device.type == "cuda" else "gloo"
+            if backend == "nccl":
+                torch.cuda.set_device(device)
             if backend == "gloo" and os.environ.get("LOCAL_WORLD_SIZE") == os.environ["WORLD_SIZE"]:
                 # All ranks on this machine: talk over loopback rather than whatever interface the
                 # hostname resolves to (in containers and sandboxes that one may not accept connections).
@@ -162,6 +169,67 @@ def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
             drafter.norm.weight.copy_(state[norm_key])
 
 
+SHAPE_FIELDS = ("hidden_size", "block_size", "target_layer_ids", "intermediate_size",
+                "num_attention_heads", "num_key_value_heads")
+
+
+def check_same_shape(drafter: DFlashDrafter, theirs: DrafterConfig, source: str | Path) -> None:
+    """A warm start needs the source's width, block size and tapped layers; only the number of
+    draft layers may differ (and only upwards, which the callers check)."""
+    for name in SHAPE_FIELDS:
+        a, b = getattr(drafter.config, name, None), getattr(theirs, name, None)
+        if a != b:
+            raise InputError(f"--init-from {source}: its {name} is {b}, this run's is {a}; "
+                             f"start from a drafter of the same shape or drop --init-from")
+
+
+def checkpoint_to_init_from(path: str) -> Path | None:
+    """The training checkpoint that `--init-from` names, or None when it names an exported
+    drafter folder: a `.pt` file, or an earlier run's folder (its checkpoints/last.pt)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".pt":
+        return p
+    if not (p / "config.json").is_file() and (p / "checkpoints" / "last.pt").is_file():
+        return p / "checkpoints" / "last.pt"
+    return None
+
+
+def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> dict:
+    """Warm start from an earlier run's training checkpoint: its weights and feature scale
+    exactly as they were being trained (nothing folded), and the optimizer state returned to
+    be carried over (`carry_optimizer_moments`). A fresh AdamW restarts with steps of about
+    the learning rate on every weight whatever its gradient, which set earlier warm starts back
+    by a few thousand steps; the carried moments keep the steps the size they had."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        saved, moments = state["drafter"], state["optimizer"]
+        config = DrafterConfig.from_dict(state["drafter_config"])
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
+        raise InputError(f"--init-from {path}: not a readable specflash training checkpoint ({err}); pass an "
+                         f"earlier run's folder, its checkpoints/last.pt, or an exported drafter folder") from err
+    check_same_shape(drafter, config, path)
+    params = dict(drafter.named_parameters())
+    its = len({k.split(".")[1] for k in saved if k.startswith("layers.")})
+    if its != len(drafter.layers) or any(name not in saved or saved[name].shape != p.shape
+                                         for name, p in params.items()):
+        raise InputError(f"--init-from {path}: the checkpoint's drafter has {its} draft layers, this run "
+                         f"{len(drafter.layers)}; a training checkpoint continues a drafter of exactly its shape. "
+                         f"To grow it, pass the run's exported drafter folder (RUN/drafter) instead")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p))
+        drafter.feature_scale.copy_(state["feature_scale"].to(drafter.feature_scale))
+    return moments
+
+
+def carry_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+    """Take the per-parameter state (AdamW's moments and step counts) of a saved optimizer,
+    keeping this run's hyper-parameters (learning rate, weight decay, betas)."""
+    mine = optimizer.state_dict()
+    mine["state"] = saved["state"]
+    optimizer.load_state_dict(mine)
+
+
 def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
     """Warm start: copy every weight of an exported drafter of the same shape. The export
     folded the feature scale into fc.weight; it is unfolded with this run's scale, so the
@@ -172,13 +240,7 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
     MLP down_proj), so it adds nothing to the residual stream and the grown drafter again
     computes the source's function; training then puts the new layer to use."""
     source = DFlashDrafter.from_pretrained(folder)
-    mine, theirs = drafter.config, source.config
-    for name in ("hidden_size", "block_size", "target_layer_ids", "intermediate_size",
-                 "num_attention_heads", "num_key_value_heads"):
-        a, b = getattr(mine, name, None), getattr(theirs, name, None)
-        if a != b:
-            raise InputError(f"--init-from {folder}: its {name} is {b}, this run's is {a}; "
-                             f"start from a drafter of the same shape or drop --init-from")
+    check_same_shape(drafter, source.config, folder)
     ours, its = len(drafter.layers), len(source.layers)
     if its > ours:
         raise InputError(f"--init-from {folder}: it has {its} draft layers, this run {ours}; pass --num-layers "
@@ -203,7 +265,7 @@ class Trainer:
         self.rank, self.world = _rank_world()
         self.progress = progress and self.rank == 0
         self.out = Path(config.out)
-        self.target = target or TargetModel.from_pretrained(config.target)
+        self.target = target or TargetModel.from_pretrained(config.target, device=resolve_device(config.device))
         for p in self.target.model.parameters():
             p.requires_grad_(False)
         self.dataset = ShardDataset(config.data, max_length=config.max_length)
@@ -233,11 +295,18 @@ class Trainer:
             init_from_target(self.drafter, self.target)
         if config.standardize_features:
             self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
+        moments = None
         if config.init_from:
-            init_from_drafter(self.drafter, config.init_from)
+            checkpoint = checkpoint_to_init_from(config.init_from)
+            if checkpoint is not None:
+                moments = init_from_checkpoint(self.drafter, checkpoint)
+            else:
+                init_from_drafter(self.drafter, config.init_from)
         self.model = self.drafter
         if self.world > 1:
-            self.model = torch.nn.parallel.DistributedDataParallel(self.drafter)
+            device = self.target.device
+            self.model = torch.nn.parallel.DistributedDataParallel(
+                self.drafter, device_ids=[device] if device.type == "cuda" else None)
         self.head = self.target._head.weight.detach()
         self.subset = None
         if config.draft_vocab:
@@ -248,6 +317,8 @@ class Trainer:
         self.draft_head = DraftHead(self.drafter, self.target)
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
+        if moments is not None:
+            carry_optimizer_moments(self.optimizer, moments)
         per_step = config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.train_idx) // per_step)
         self.total_steps = self.steps_per_epoch * config.epochs
@@ -255,6 +326,7 @@ class Trainer:
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.bf16 = use_bf16(config.precision, self.target.device)
+        self._estimates: tuple[int, dict] | None = None  # (step, estimates()) of the current weights
 
     def _autocast(self):
         return torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -304,6 +376,7 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self._estimates = None
         return True
 
     # ------------------------------------------------------------ data order
@@ -416,10 +489,14 @@ class Trainer:
         """The log's eval fields: the held-out estimate (eval_*) and, with train_estimate,
         the same estimate on training sequences (eval_train_*); a training-set figure far
         above the held-out one means the drafter is memorizing its data (more data, not
-        more epochs, is then what raises decoded tau)."""
+        more epochs, is then what raises decoded tau). Weights change only by a step, so the
+        figures of the current step are kept: export after the run's last eval reuses them."""
+        if self._estimates is not None and self._estimates[0] == self.step:
+            return dict(self._estimates[1])
         record = {f"eval_{k}": v for k, v in self.evaluate().items()}
         if self.config.train_estimate and self.train_eval_idx:
             record.update({f"eval_train_{k}": v for k, v in self.evaluate(self.train_eval_idx).items()})
+        self._estimates = (self.step, dict(record))
         return record
 
     # ------------------------------------------------------------------ run

@@ -169,8 +169,8 @@ def weighted_block_loss(hidden: torch.Tensor, head_weight: torch.Tensor, blocks:
     hidden [Q, H] (after the drafter's final norm); head_weight [V, H] the target's frozen
     LM head. Returns (loss, stats) with stats: weight sum, per-position correct counts
     (argmax over the loss vocabulary) and supervised counts."""
-    labels = blocks.labels
-    weights = blocks.weights
+    labels = blocks.labels.to(hidden.device)  # blocks are built on the CPU; the drafter may run on a GPU
+    weights = blocks.weights.to(hidden.device)
     if subset is not None:
         labels = torch.where(labels >= 0, subset.to_subset.to(labels.device)[labels.clamp_min(0)], labels)
         weights = weights * (labels >= 0)

@@ -322,7 +322,7 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
         if all_features is not None:
             # Fed tokens: the prompt (right-aligned in the padded width) then the first
             # length - 1 generated tokens; the last generated token is never fed.
-            features = all_features[row, width - len(prompts[row]): width + length - 1].clone()
+            features = all_features[row, width - len(prompts[row]): width + length - 1].to("cpu", copy=True)
         results.append((out_tokens[row, :length].tolist(), reason, features))
     return results
 
