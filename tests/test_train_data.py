@@ -209,3 +209,23 @@ def test_existing_shards_get_greedy_labels_added_in_place(target, tmp_path):
     assert {r.id: r.target_greedy for r in ShardDataset([tmp_path]).rows} == fresh
     assert {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")} == features_before
     assert regen.add_target_greedy(target, tmp_path, progress=False) == 0
+
+
+def test_train_data_no_features_keeps_tokens_and_the_tapped_layers_only(tmp_path):
+    import json
+
+    from specflash.cli import main
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}"}) + "\n" for w in ("sea", "wind", "salt")))
+    common = ["train", "data", "--target", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6",
+              "--batch-size", "2", "--layer-ids", "1,3", "--device", "cpu"]
+    assert main([*common, "--out", str(tmp_path / "bare"), "--no-features"]) == 0
+    assert main([*common, "--out", str(tmp_path / "full")]) == 0
+    bare, full = ShardDataset([str(tmp_path / "bare")]), ShardDataset([str(tmp_path / "full")])
+    assert [r.input_ids for r in bare.rows] == [r.input_ids for r in full.rows] and len(bare.rows) == 3
+    assert not list((tmp_path / "bare").glob("*.features.safetensors"))
+    assert list((tmp_path / "full").glob("*.features.safetensors"))
+    meta = json.loads((tmp_path / "bare" / "meta.json").read_text())
+    assert meta["layer_ids"] == [1, 3] and meta["features"] is False

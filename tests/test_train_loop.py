@@ -230,6 +230,27 @@ def test_export_after_the_last_eval_reuses_its_estimates_and_a_step_renews_them(
     assert calls == [0, 4, 5]
 
 
+def test_data_without_stored_features_trains_on_features_the_target_recomputes(setup):
+    from train_fixtures import prompt_records
+
+    from specflash.train.regenerate import RegenConfig, regenerate
+
+    root, folder, target, data = setup
+    bare = root / "data-no-features"
+    regenerate(target, prompt_records(96), bare, RegenConfig(max_new_tokens=40, batch_size=8, shard_size=16),
+               progress=False)
+    (bare / "meta.json").write_text(json.dumps({"layer_ids": [1, 3], "features": False}))
+    assert not list(bare.glob("*.features.safetensors"))
+    stored = Trainer(config(setup, "stored"), target=target, progress=False)
+    recomputed = Trainer(config(setup, "recomputed", data=[str(bare)]), target=target, progress=False)
+    example = recomputed.dataset[recomputed.train_idx[0]]
+    assert example.features is None
+    twin = next(i for i in stored.train_idx if stored.dataset.rows[i].id == example.id)
+    expected = stored.dataset[twin].features.float()  # float16 on disk
+    assert torch.allclose(recomputed._features(example), expected, atol=2e-2, rtol=1e-2)
+    recomputed.train_step()  # and a step runs on them
+
+
 def test_loss_positions_out_of_range_is_refused(setup):
     from specflash.errors import InputError
 
