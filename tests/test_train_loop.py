@@ -251,6 +251,24 @@ def test_data_without_stored_features_trains_on_features_the_target_recomputes(s
     recomputed.train_step()  # and a step runs on them
 
 
+def test_a_warm_start_keeps_the_draft_vocabulary_its_drafter_was_trained_on(setup):
+    target = setup[2]
+    # The source counts its vocabulary over other training rows than the runs below.
+    source = Trainer(config(setup, "vocab-a", draft_vocab=24, held_out_fraction=0.6, max_steps=2, save_every=2),
+                     target=target, progress=False)
+    source.fit()
+    drafter = export_run(source, setup[0] / "vocab-a" / "drafter")
+    recounted = Trainer(config(setup, "vocab-b", draft_vocab=24), target=target, progress=False)
+    assert not torch.equal(recounted.subset.ids, source.subset.ids)  # what a recount would pick
+    for origin in (drafter, setup[0] / "vocab-a"):
+        warm = Trainer(config(setup, "vocab-c", draft_vocab=24, init_from=str(origin)), target=target, progress=False)
+        assert torch.equal(warm.subset.ids, source.subset.ids), origin
+        assert torch.equal(warm.drafter.draft_vocab, source.subset.ids)
+    # Asking for another size recounts.
+    other = Trainer(config(setup, "vocab-d", draft_vocab=32, init_from=str(drafter)), target=target, progress=False)
+    assert other.subset.ids.numel() == 32
+
+
 def test_loss_positions_out_of_range_is_refused(setup):
     from specflash.errors import InputError
 

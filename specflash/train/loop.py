@@ -19,7 +19,7 @@ import torch
 
 from ..config import DrafterConfig
 from ..devices import resolve_device
-from ..drafter import DFlashDrafter, DraftHead
+from ..drafter import DRAFT_VOCAB_NAME, DFlashDrafter, DraftHead, read_draft_vocab
 from ..errors import InputError
 from ..loading import drafter_config_for_target
 from ..target import TargetModel
@@ -194,12 +194,14 @@ def checkpoint_to_init_from(path: str) -> Path | None:
     return None
 
 
-def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> dict:
+def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torch.Tensor | None]:
     """Warm start from an earlier run's training checkpoint: its weights and feature scale
     exactly as they were being trained (nothing folded), and the optimizer state returned to
-    be carried over (`carry_optimizer_moments`). A fresh AdamW restarts with steps of about
-    the learning rate on every weight whatever its gradient, which set earlier warm starts back
-    by a few thousand steps; the carried moments keep the steps the size they had."""
+    be carried over (`carry_optimizer_moments`), with the run's draft vocabulary (None when
+    neither the checkpoint nor the run's exported drafter has one). A fresh AdamW restarts
+    with steps of about the learning rate on every weight whatever its gradient, which set
+    earlier warm starts back by a few thousand steps; the carried moments keep the steps the
+    size they had."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
         saved, moments = state["drafter"], state["optimizer"]
@@ -219,7 +221,11 @@ def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> dict:
         for name, p in params.items():
             p.copy_(saved[name].to(p))
         drafter.feature_scale.copy_(state["feature_scale"].to(drafter.feature_scale))
-    return moments
+    vocab = state.get("draft_vocab")
+    exported = path.parent.parent / "drafter"  # checkpoints written before they kept the vocabulary
+    if vocab is None and (exported / DRAFT_VOCAB_NAME).is_file():
+        vocab = torch.as_tensor(read_draft_vocab(exported), dtype=torch.long)
+    return moments, vocab
 
 
 def carry_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
@@ -230,7 +236,7 @@ def carry_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> No
     optimizer.load_state_dict(mine)
 
 
-def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
+def init_from_drafter(drafter: DFlashDrafter, folder: str) -> torch.Tensor | None:
     """Warm start: copy every weight of an exported drafter of the same shape. The export
     folded the feature scale into fc.weight; it is unfolded with this run's scale, so the
     drafter computes the same function and trains on standardized features.
@@ -238,7 +244,8 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
     A source with fewer draft layers (otherwise the same shape) grows: its layers fill the
     first ones, and each extra layer starts with zero output projections (attention o_proj,
     MLP down_proj), so it adds nothing to the residual stream and the grown drafter again
-    computes the source's function; training then puts the new layer to use."""
+    computes the source's function; training then puts the new layer to use.
+    Returns the source's draft vocabulary (None without one), which the run keeps."""
     source = DFlashDrafter.from_pretrained(folder)
     check_same_shape(drafter, source.config, folder)
     ours, its = len(drafter.layers), len(source.layers)
@@ -257,6 +264,7 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> None:
                 proj.weight.zero_()
                 if proj.bias is not None:
                     proj.bias.zero_()
+    return source.draft_vocab  # [N] target ids, or None: a full-vocabulary drafter
 
 
 class Trainer:
@@ -295,13 +303,13 @@ class Trainer:
             init_from_target(self.drafter, self.target)
         if config.standardize_features:
             self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
-        moments = None
+        moments, inherited_vocab = None, None
         if config.init_from:
             checkpoint = checkpoint_to_init_from(config.init_from)
             if checkpoint is not None:
-                moments = init_from_checkpoint(self.drafter, checkpoint)
+                moments, inherited_vocab = init_from_checkpoint(self.drafter, checkpoint)
             else:
-                init_from_drafter(self.drafter, config.init_from)
+                inherited_vocab = init_from_drafter(self.drafter, config.init_from)
         self.model = self.drafter
         if self.world > 1:
             device = self.target.device
@@ -311,7 +319,13 @@ class Trainer:
         self.subset = None
         if config.draft_vocab:
             counts = self.dataset.token_counts(self.train_idx, self.target.vocab_rows)
-            self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
+            if inherited_vocab is not None and inherited_vocab.numel() == config.draft_vocab:
+                # A warm start keeps the vocabulary its drafter learned to rank: a recount over new
+                # data swaps in tokens it was never trained against, whose logits are arbitrary
+                # (it moved the same drafter's held-out estimate by -0.05 and +0.05 in two runs).
+                self.subset = VocabSubset(inherited_vocab, self.target.vocab_rows)
+            else:
+                self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
             self.subset_coverage = self.subset.coverage(counts)
             self.drafter.set_draft_vocab(self.subset.ids)  # exported with the drafter, used at decode time
         self.draft_head = DraftHead(self.drafter, self.target)
@@ -359,6 +373,7 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {"drafter": self.drafter.state_dict(), "feature_scale": self.drafter.feature_scale,
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
+                 "draft_vocab": None if self.subset is None else self.subset.ids,
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
                  "config": dataclasses.asdict(self.config), "drafter_config": self.drafter.config.to_dict()}
         tmp = path.with_suffix(".tmp")
