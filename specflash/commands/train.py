@@ -103,8 +103,9 @@ def register(sub) -> None:
                      help="warm start from an exported drafter folder of the same shape (e.g. a shipped drafter or "
                           "RUN/drafter of an earlier run), or one with fewer layers: it grows, the extra layers "
                           "starting as no-ops. Or from an earlier run's folder (or its checkpoints/last.pt): its "
-                          "weights and its optimizer's moments, so training on new data goes on without the dip a "
-                          "fresh optimizer causes. Either way the new run's schedule starts from step 0")
+                          "weights and its optimizer's moments (a fresh optimizer sets a trained drafter back about "
+                          "twice as far). Either way the run keeps the source's draft vocabulary and its schedule "
+                          "starts from step 0")
     fit.add_argument("--warmup-fraction", type=float, default=None,
                      help="fraction of the steps spent warming the learning rate up from 0 (default 0.04)")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
