@@ -276,6 +276,14 @@ def test_loss_positions_out_of_range_is_refused(setup):
         Trainer(config(setup, "lp", loss_positions=8), target=setup[2], progress=False)
 
 
+def test_warmup_fraction_out_of_range_is_refused(setup):
+    from specflash.errors import InputError
+
+    for bad in (-0.1, 1.0):
+        with pytest.raises(InputError, match="--warmup-fraction"):
+            Trainer(config(setup, "wf", warmup_fraction=bad), target=setup[2], progress=False)
+
+
 def test_a_run_logs_its_starting_held_out_estimate(setup):
     """Step 0 of the log is the held-out estimate before any update (a warm start's
     reference point); later records keep their losses and the plot still renders."""

@@ -198,7 +198,6 @@ def run_fit(args: argparse.Namespace) -> int:
     import json
 
     from ..devices import resolve_device
-    from ..errors import InputError
     from ..train.loop import TrainConfig, Trainer, export_run, init_distributed, shutdown_distributed
 
     _threads(args)
@@ -212,9 +211,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed, train_estimate=args.train_estimate, device=str(device))
     if args.warmup_fraction is not None:
-        if not 0 <= args.warmup_fraction < 1:
-            raise InputError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
-        config.warmup_fraction = args.warmup_fraction
+        config.warmup_fraction = args.warmup_fraction  # checked by Trainer with the other settings
     trainer = Trainer(config)
     try:
         trainer.fit(resume=args.resume)

@@ -289,6 +289,8 @@ class Trainer:
             print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
                   "drafter learns their human tokens, which the target would often not write; run `specflash "
                   "train data` on the data folder(s) again to add the labels", flush=True)
+        if not 0 <= config.warmup_fraction < 1:
+            raise InputError(f"--warmup-fraction must be in [0, 1), got {config.warmup_fraction}")
         if config.loss_positions is not None and not 1 <= config.loss_positions <= config.block_size - 1:
             raise InputError(f"--loss-positions must be between 1 and block size - 1 = {config.block_size - 1}, "
                              f"got {config.loss_positions}")
@@ -301,15 +303,14 @@ class Trainer:
         check_feature_width(self.dataset, self.train_idx[0], self.drafter)
         if config.init == "target":
             init_from_target(self.drafter, self.target)
-        if config.standardize_features:
+        checkpoint = checkpoint_to_init_from(config.init_from) if config.init_from else None
+        if config.standardize_features and checkpoint is None:  # a checkpoint brings the scale it trained with
             self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
         moments, inherited_vocab = None, None
-        if config.init_from:
-            checkpoint = checkpoint_to_init_from(config.init_from)
-            if checkpoint is not None:
-                moments, inherited_vocab = init_from_checkpoint(self.drafter, checkpoint)
-            else:
-                inherited_vocab = init_from_drafter(self.drafter, config.init_from)
+        if checkpoint is not None:
+            moments, inherited_vocab = init_from_checkpoint(self.drafter, checkpoint)
+        elif config.init_from:
+            inherited_vocab = init_from_drafter(self.drafter, config.init_from)
         self.model = self.drafter
         if self.world > 1:
             device = self.target.device
