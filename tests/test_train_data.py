@@ -198,10 +198,13 @@ def test_existing_shards_get_greedy_labels_added_in_place(target, tmp_path):
     regenerate(target, records, tmp_path, config, progress=False)
     fresh = {r.id: r.target_greedy for r in ShardDataset([tmp_path]).rows}
     features_before = {p.name: p.read_bytes() for p in tmp_path.glob("*.safetensors")}
-    for shard in tmp_path.glob("shard-*.jsonl"):  # make them old-style
-        rows = [json.loads(line) for line in shard.read_text().splitlines()]
-        shard.write_text("".join(json.dumps({k: v for k, v in r.items() if k != "target_greedy"}) + "\n"
-                                 for r in rows))
+    from specflash.data.corpus import read_rows, shard_files
+
+    for shard in shard_files(tmp_path):  # make them old-style: JSONL without the labels
+        rows = read_rows(shard)
+        shard.with_suffix(".jsonl").write_text(
+            "".join(json.dumps({k: v for k, v in r.items() if k != "target_greedy"}) + "\n" for r in rows))
+        shard.unlink()
     old = ShardDataset([tmp_path])
     assert old.unlabelled_human_rows() == sum(v is not None for v in fresh.values()) > 0
     labelled = regen.add_target_greedy(target, tmp_path, batch_size=3, progress=False)
@@ -229,3 +232,54 @@ def test_train_data_no_features_keeps_tokens_and_the_tapped_layers_only(tmp_path
     assert list((tmp_path / "full").glob("*.features.safetensors"))
     meta = json.loads((tmp_path / "bare" / "meta.json").read_text())
     assert meta["layer_ids"] == [1, 3] and meta["features"] is False
+
+
+def test_train_data_appends_to_a_corpus_and_its_manifest_says_how(tmp_path):
+    import json
+
+    from specflash.cli import main
+    from specflash.data.corpus import read_manifest, shard_files
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}"}) + "\n"
+                               for w in ("sea", "wind", "salt", "tide", "moon")))
+    common = ["train", "data", "--target", str(folder), "--prompts", str(prompts), "--max-new-tokens", "6",
+              "--batch-size", "2", "--layer-ids", "1,3", "--device", "cpu", "--out", str(tmp_path / "corpus"),
+              "--no-features"]
+    assert main([*common, "--max-prompts", "2"]) == 0
+    first = read_manifest(tmp_path / "corpus")
+    assert main([*common, "--max-prompts", "5", "--temperature", "0.7"]) == 0
+    manifest = read_manifest(tmp_path / "corpus")
+    assert first["totals"]["rows"] == 2 and manifest["totals"]["rows"] == 5  # appended, nothing repeated
+    assert len(ShardDataset([tmp_path / "corpus"]).rows) == 5
+    assert all(p.suffix == ".npz" for p in shard_files(tmp_path / "corpus"))
+    assert manifest["target"] == str(folder) and len(manifest["target_sha256"]) == 64
+    assert manifest["totals"]["rows_by_writer"] == {"target/float32": 2, "target/float32/T=0.7": 3}
+    settings = [s["settings"] for s in manifest["shards"].values()]
+    assert {s["temperature"] for s in settings} == {0.0, 0.7} and all(s["dtype"] == "float32" for s in settings)
+
+
+def test_train_pack_turns_an_older_folder_into_corpus_shards(tmp_path, capsys):
+    import json
+
+    from specflash.cli import main
+    from specflash.data.corpus import read_rows, shard_files, write_rows
+
+    folder = tiny_model_folder(tmp_path / "tiny")
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"Tell me about {w}"}) + "\n" for w in ("sea", "wind", "salt")))
+    old = tmp_path / "old"
+    assert main(["train", "data", "--target", str(folder), "--prompts", str(prompts), "--max-new-tokens", "5",
+                 "--batch-size", "2", "--layer-ids", "1,3", "--device", "cpu", "--out", str(old)]) == 0
+    for shard in shard_files(old):  # as older versions wrote them
+        write_rows(shard.with_suffix(".jsonl"), read_rows(shard))
+        shard.unlink()
+    (old / "manifest.json").unlink()
+    capsys.readouterr()
+    assert main(["train", "pack", "--data", str(old), "--out", str(tmp_path / "corpus")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 3 and report["corpus"]["rows"] == 3
+    packed = ShardDataset([tmp_path / "corpus"])
+    assert sorted(r.input_ids for r in packed.rows) == sorted(r.input_ids for r in ShardDataset([old]).rows)
+    assert packed[0].features is not None  # cached features came along

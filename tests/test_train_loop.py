@@ -323,11 +323,11 @@ def test_human_answers_teach_the_target_through_its_greedy_labels(tmp_path_facto
         (root / name / "meta.json").write_text(json.dumps({"layer_ids": [1, 3]}))
     stripped = root / "stripped"
     stripped.mkdir()
+    from specflash.data.corpus import read_rows, write_rows
+
     for f in (root / "human").iterdir():
-        if f.suffix == ".jsonl":
-            rows = [json.loads(line) for line in f.read_text().splitlines()]
-            f_out = "".join(json.dumps({k: v for k, v in r.items() if k != "target_greedy"}) + "\n" for r in rows)
-            (stripped / f.name).write_text(f_out)
+        if f.suffix == ".npz":
+            write_rows(stripped / f.name, [{k: v for k, v in r.items() if k != "target_greedy"} for r in read_rows(f)])
         else:
             (stripped / f.name).write_bytes(f.read_bytes())
     taus = {}

@@ -127,6 +127,17 @@ def register(sub) -> None:
     fit.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     fit.set_defaults(handler=run_fit)
 
+    pack = stages.add_parser("pack", help="append another data folder to a corpus, as compact shards",
+                             description="Append the rows of data folders (older JSONL folders included) to a "
+                                         "corpus folder as compact shards of token ids (the format `train data` "
+                                         "now writes), skipping ids already there; the manifest records how "
+                                         "each was made. Cached features travel with shards carried whole.")
+    pack.add_argument("--data", required=True, help="comma-separated data folders to append")
+    pack.add_argument("--out", required=True, help="corpus folder, e.g. corpus/smollm2-135m-instruct")
+    pack.add_argument("--target", default=None,
+                      help="target that wrote the data (checked against the corpus's; default: the data's meta.json)")
+    pack.set_defaults(handler=run_pack)
+
     export = stages.add_parser("export", help="export the last checkpoint of a run",
                                description="Write RUN's last checkpoint as a drafter folder (config.json + "
                                            "model.safetensors in bf16 + README.md model card).")
@@ -157,7 +168,9 @@ def run_data(args: argparse.Namespace) -> int:
     import torch
 
     from ..config import default_target_layer_ids
+    from ..data.corpus import check_target, weights_sha256
     from ..devices import resolve_device
+    from ..models import resolve_model
     from ..errors import InputError
     from ..target import TargetModel
     from ..train.prompts import load_training_prompts
@@ -180,14 +193,19 @@ def run_data(args: argparse.Namespace) -> int:
                          max_prompt_tokens=args.max_prompt_tokens, layer_ids=layer_ids if args.features else (),
                          template_kwargs=template_kwargs, human_fraction=args.human_fraction)
     out = Path(args.out)
+    sha256 = weights_sha256(resolve_model(args.target, progress=False))
+    check_target(out, args.target, sha256)  # before writing anything into the folder
     out.mkdir(parents=True, exist_ok=True)
     meta = {"target": args.target, "layer_ids": list(layer_ids), "prompts": args.prompts,
             "max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_p": args.top_p,
             "thinking": args.thinking, "dtype": args.dtype, "human_fraction": args.human_fraction,
             "features": args.features}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    settings = {k: v for k, v in meta.items() if k not in ("target", "layer_ids", "features")}
+    settings.update(seed=args.seed, max_prompt_tokens=args.max_prompt_tokens, device=str(target.device))
     labelled = add_target_greedy(target, out, batch_size=args.batch_size)  # shards from before the labels
-    stats = regenerate(target, records, out, config, total=len(records))
+    stats = regenerate(target, records, out, config, total=len(records), settings=settings,
+                       target_name=args.target, target_sha256=sha256)
     if labelled:
         stats["human_answers_labelled_in_existing_shards"] = labelled
     print(json.dumps(stats))
@@ -220,6 +238,24 @@ def run_fit(args: argparse.Namespace) -> int:
     if rank == 0:
         folder = export_run(trainer, command="specflash " + " ".join(sys.argv[1:]))
         print(json.dumps({"drafter": str(folder), "step": trainer.step, "total_steps": trainer.total_steps}))
+    return 0
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from ..data.corpus import pack_folder, read_manifest, weights_sha256
+    from ..models import resolve_model
+
+    totals = {"rows": 0, "skipped": 0, "shards": 0}
+    for folder in args.data.split(","):
+        meta = Path(folder) / "meta.json"
+        target = args.target or (json.loads(meta.read_text()).get("target") if meta.exists() else None)
+        sha256 = weights_sha256(resolve_model(target, progress=False)) if target else None
+        for key, value in pack_folder(folder, args.out, target, sha256).items():
+            totals[key] += value
+    print(json.dumps(totals | {"corpus": read_manifest(args.out).get("totals", {})}))
     return 0
 
 

@@ -6,21 +6,23 @@ applies it. Generation runs many prompts at once (each prompt prefilled on its o
 decoded together left-aligned in one preallocated KV cache, finished rows leaving the
 batch), which on a CPU gives several times the tokens/s of one prompt at a time.
 
-Shards: `OUT/shard-NNNNN.jsonl`, one JSON object per line:
+Shards: `OUT/shard-NNNNN.npz`, compact token ids in the corpus format of
+`specflash.data.corpus` (older folders hold `shard-NNNNN.jsonl`; both read back as rows
   {"id", "source", "input_ids": prompt + response ids, "num_prompt_tokens",
    "response_from": "target" | "human", "finish_reason"}
-  plus, for a human answer, "target_greedy": the target's greedy token at each response
-  position given the tokens before it (what the drafter is trained to predict there).
+plus, for a human answer, "target_greedy": the target's greedy token at each response
+position given the tokens before it, what the drafter is trained to predict there), and
+`OUT/manifest.json`, which records how each shard was made.
 With `layer_ids`, the tapped target features that generation computes anyway are kept
 too (`OUT/shard-NNNNN.features.safetensors`, one float16 tensor [len(input_ids) - 1, K*H]
-per row, keyed by row number): the training objective needs exactly these, so no second
-teacher-forced pass over the data is needed.
+per row, keyed by row number; a local cache, not part of a committed corpus): the
+training objective needs exactly these, so no second teacher-forced pass is needed.
 When regeneration is too slow for the budget, `human_fraction` of the prompts that come
 with an existing answer (ShareGPT's first assistant turn, a JSONL "response") keep that
 answer instead (teacher forcing: one batched forward, no decoding), marked
 `"response_from": "human"`; which prompts is fixed by a hash of their id, so a resumed run
 picks the same ones.
-A shard is written whole (features first, then the JSONL by rename), so a killed run
+A shard is written whole (features first, then the shard by rename), so a killed run
 loses at most the shard in progress; on restart the ids already present are skipped (no
 duplicates, no gaps).
 """
@@ -28,7 +30,6 @@ duplicates, no gaps).
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -38,6 +39,7 @@ from pathlib import Path
 import torch
 
 from ..batchcache import buffered_cache, prefill_rows, select_rows
+from ..data.corpus import features_path, folder_ids, next_shard_index, read_rows, record_shard, shard_files, write_rows
 from ..gqa_attention import grouped_query_attention
 from ..sampling import warp_logits
 from ..target import TargetModel
@@ -153,13 +155,13 @@ def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_pro
 
 def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int = 16, progress: bool = True) -> int:
     """Give the teacher-forced (human) answers of existing shards their `target_greedy`
-    labels (shards written before the labels existed); rewrites those JSONL files whole,
+    labels (shards written before the labels existed); rewrites those shard files whole,
     features untouched. Returns the number of rows labelled."""
     from tqdm.auto import tqdm
 
     todo: list[tuple[Path, list[dict], list[int]]] = []
-    for shard in sorted(Path(out_dir).glob("shard-*.jsonl")):
-        rows = [json.loads(line) for line in shard.read_text().splitlines() if line.strip()]
+    for shard in shard_files(out_dir):
+        rows = read_rows(shard)
         missing = [i for i, r in enumerate(rows)
                    if r.get("response_from", "target") != "target" and "target_greedy" not in r]
         if missing:
@@ -176,46 +178,22 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
             for i, (_, greedy) in zip(chunk, labelled):
                 rows[i]["target_greedy"] = greedy
             bar.update(len(chunk))
-        _write_jsonl(shard, rows)
+        write_rows(shard, rows)
     bar.close()
     return total
 
 
-def done_ids(out_dir: Path) -> set[str]:
-    ids: set[str] = set()
-    for shard in sorted(out_dir.glob("shard-*.jsonl")):
-        with shard.open() as f:
-            for line in f:
-                if line.strip():
-                    ids.add(json.loads(line)["id"])
-    return ids
-
-
-def _next_shard_index(out_dir: Path) -> int:
-    indices = [int(p.stem.split("-")[1]) for p in out_dir.glob("shard-*.jsonl")]
-    return max(indices, default=-1) + 1
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Write whole, by rename: a reader sees the old file or the new one."""
-    tmp = path.with_suffix(".tmp")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
-    os.replace(tmp, path)
-
-
 def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None) -> Path:
-    path = out_dir / f"shard-{index:05d}.jsonl"
+    """Features first (when kept), then the compact shard by rename: a shard that exists is whole."""
+    path = out_dir / f"shard-{index:05d}.npz"
     if features is not None:
         from safetensors.torch import save_file
 
-        feature_path = out_dir / f"shard-{index:05d}.features.safetensors"
+        feature_path = features_path(path)
         tmp_features = feature_path.with_suffix(".tmp")
         save_file({str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}, str(tmp_features))
         os.replace(tmp_features, feature_path)
-    _write_jsonl(path, rows)
-    return path
+    return write_rows(path, rows)
 
 
 def _pad_id(target: TargetModel) -> int:
@@ -328,16 +306,19 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
 
 
 def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: str | Path, config: RegenConfig,
-               total: int | None = None, progress: bool = True) -> dict:
+               total: int | None = None, progress: bool = True, settings: dict | None = None,
+               target_name: str | None = None, target_sha256: str | None = None) -> dict:
     """Regenerate responses for `records` into shards under `out_dir`, resuming.
 
+    Each shard is recorded in the folder's manifest with `settings` (how it was made:
+    dtype, temperature, prompt sets, ...) and the target's name and weights' sha256.
     Returns counts: prompts done now, skipped (already present / too long), tokens."""
     from tqdm.auto import tqdm
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    seen = done_ids(out_dir)
-    shard_index = _next_shard_index(out_dir)
+    seen = folder_ids(out_dir)
+    shard_index = next_shard_index(out_dir)
     generator = torch.Generator(device=target.device).manual_seed(config.seed + shard_index)
     stats = {"done": 0, "already_present": 0, "too_long": 0, "response_tokens": 0,
              "human": 0, "human_response_tokens": 0}
@@ -389,7 +370,8 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
     def flush(force: bool = False) -> None:
         nonlocal shard_index, pending, pending_features
         if pending and (force or len(pending) >= config.shard_size):
-            write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
+            path = write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
+            record_shard(out_dir, path, pending, settings or {}, target_name, target_sha256)
             shard_index += 1
             pending, pending_features = [], []
 

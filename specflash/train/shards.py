@@ -10,12 +10,12 @@ position given the tokens before it, the labels the objective trains on."""
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..data.corpus import features_path, read_rows, shard_files
 from ..errors import InputError
 
 
@@ -43,28 +43,26 @@ class _Row:
 
 
 class ShardDataset:
-    """All rows of the `shard-*.jsonl` files in one or more folders."""
+    """All rows of the shard files (`shard-*.npz`, or older `shard-*.jsonl`) in one or more folders."""
 
     def __init__(self, folders: list[str | Path], max_length: int | None = None):
         self.rows: list[_Row] = []
         for folder in folders:
             folder = Path(folder)
-            shards = sorted(folder.glob("shard-*.jsonl"))
+            if not folder.is_dir():
+                raise InputError(f"no data folder {folder}; make one with `specflash train data --out {folder}`")
+            shards = shard_files(folder)
             if not shards:
-                raise InputError(f"no shard-*.jsonl files in {folder}; run `specflash train data` first")
+                raise InputError(f"no shard files in {folder}; run `specflash train data --out {folder}` first")
             for shard in shards:
-                with shard.open() as f:
-                    for i, line in enumerate(f):
-                        if not line.strip():
-                            continue
-                        d = json.loads(line)
-                        ids = tuple(d["input_ids"][:max_length] if max_length else d["input_ids"])
-                        n_prompt = int(d["num_prompt_tokens"])
-                        greedy = d.get("target_greedy")
-                        if greedy is not None:
-                            greedy = tuple(greedy[:max(0, len(ids) - n_prompt)])
-                        self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids, n_prompt,
-                                              d.get("response_from", "target"), greedy))
+                for i, d in enumerate(read_rows(shard)):
+                    ids = tuple(d["input_ids"][:max_length] if max_length else d["input_ids"])
+                    n_prompt = int(d["num_prompt_tokens"])
+                    greedy = d.get("target_greedy")
+                    if greedy is not None:
+                        greedy = tuple(greedy[:max(0, len(ids) - n_prompt)])
+                    self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids, n_prompt,
+                                          d.get("response_from", "target"), greedy))
         self._open: dict[Path, object] = {}
 
     def __len__(self) -> int:
@@ -107,7 +105,7 @@ class ShardDataset:
         return sum(max(0, len(self.rows[i].input_ids) - self.rows[i].num_prompt_tokens) for i in indices)
 
     def _features(self, row: _Row) -> torch.Tensor | None:
-        path = row.shard.with_name(row.shard.stem + ".features.safetensors")
+        path = features_path(row.shard)
         if not path.exists():
             return None
         from safetensors import safe_open

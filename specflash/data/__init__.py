@@ -1,0 +1,1 @@
+"""Data shared by training and benchmarking: the training corpus format."""
