@@ -14,7 +14,7 @@ from train_fixtures import prompt_records
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
-    from specflash.target import TargetModel
+    from specflash.hf.target import TargetModel
 
     return TargetModel.from_pretrained(str(tiny_model_folder(tmp_path_factory.mktemp("t") / "tiny")))
 
@@ -283,3 +283,25 @@ def test_train_pack_turns_an_older_folder_into_corpus_shards(tmp_path, capsys):
     packed = ShardDataset([tmp_path / "corpus"])
     assert sorted(r.input_ids for r in packed.rows) == sorted(r.input_ids for r in ShardDataset([old]).rows)
     assert packed[0].features is not None  # cached features came along
+
+
+def test_topk_logits_kept_are_the_targets_largest_where_it_wrote_each_token(target, tmp_path):
+    config = RegenConfig(max_new_tokens=10, batch_size=3, layer_ids=(1, 3), topk=5)
+    regenerate(target, prompt_records(6), tmp_path, config, progress=False)
+    data = ShardDataset([tmp_path])
+    for i in range(len(data)):
+        example, row = data[i], data.rows[i]
+        n_prompt = row.num_prompt_tokens
+        n_response = example.input_ids.numel() - n_prompt
+        assert example.topk_ids.shape == example.topk_logits.shape == (n_response, 5)
+        logits = target.forward(example.input_ids[None, :-1]).logits[0, n_prompt - 1:].float()  # [R, V]
+        values, ids = logits.topk(5, dim=-1)
+        assert torch.equal(example.topk_ids, ids)
+        assert torch.allclose(example.topk_logits, values, atol=1e-2, rtol=1e-3)
+        assert torch.equal(example.topk_ids[:, 0], example.input_ids[n_prompt:])  # greedy: the top-1 is the token
+
+
+def test_no_topk_means_no_distribution_kept(target, tmp_path):
+    regenerate(target, prompt_records(3), tmp_path, RegenConfig(max_new_tokens=6, layer_ids=(1, 3)), progress=False)
+    example = ShardDataset([tmp_path])[0]
+    assert example.topk_ids is None and example.topk_logits is None and example.features is not None

@@ -51,6 +51,10 @@ def register(sub) -> None:
                            "the target; --no-features stores tokens only (about 5.8 KB less per token for "
                            "SmolLM2-135M, 5 taps, float16: 57 GB per 10M tokens) and `fit` recomputes the "
                            "features with one target forward per sequence, cheap on a GPU")
+    data.add_argument("--topk", type=int, default=32,
+                      help="with the features, also keep the target's K largest logits at every generated token "
+                           "(about 200 bytes a token), the distribution `fit --distill` trains towards "
+                           "(default 32; 0: none)")
     data.add_argument("--thinking", choices=["on", "off", "auto"], default="auto",
                       help="thinking switch for chat templates that have one (enable_thinking); must match "
                            "how the drafter will be used")
@@ -167,15 +171,17 @@ def run_data(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..config import default_target_layer_ids
+    from ..drafter.config import default_target_layer_ids
     from ..data.corpus import check_target, weights_sha256
     from ..devices import resolve_device
     from ..models import resolve_model
     from ..errors import InputError
-    from ..target import TargetModel
+    from ..hf.target import TargetModel
     from ..train.prompts import load_training_prompts
     from ..train.regenerate import RegenConfig, add_target_greedy, regenerate
 
+    if args.topk < 0:
+        raise InputError(f"--topk must be 0 (none) or a positive count, got {args.topk}")
     if not 0.0 <= args.human_fraction <= 1.0:
         raise InputError(f"--human-fraction must be between 0 and 1, got {args.human_fraction}")
     _threads(args)
@@ -191,6 +197,7 @@ def run_data(args: argparse.Namespace) -> int:
     config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
                          max_prompt_tokens=args.max_prompt_tokens, layer_ids=layer_ids if args.features else (),
+                         topk=args.topk if args.features else 0,
                          template_kwargs=template_kwargs, human_fraction=args.human_fraction)
     out = Path(args.out)
     sha256 = weights_sha256(resolve_model(args.target, progress=False))

@@ -17,6 +17,9 @@ With `layer_ids`, the tapped target features that generation computes anyway are
 too (`OUT/shard-NNNNN.features.safetensors`, one float16 tensor [len(input_ids) - 1, K*H]
 per row, keyed by row number; a local cache, not part of a committed corpus): the
 training objective needs exactly these, so no second teacher-forced pass is needed.
+With `topk`, the same file keeps the target's k largest logits at every generated token
+(`topk_ids.N` int32 and `topk_logits.N` float16, [len(response), k]): its distribution
+there, which distillation trains the drafter towards.
 When regeneration is too slow for the budget, `human_fraction` of the prompts that come
 with an existing answer (ShareGPT's first assistant turn, a JSONL "response") keep that
 answer instead (teacher forcing: one batched forward, no decoding), marked
@@ -38,11 +41,11 @@ from pathlib import Path
 
 import torch
 
-from ..batchcache import buffered_cache, prefill_rows, select_rows
+from ..hf.batchcache import buffered_cache, prefill_rows, select_rows
 from ..data.corpus import features_path, folder_ids, next_shard_index, read_rows, record_shard, shard_files, write_rows
-from ..gqa_attention import grouped_query_attention
-from ..sampling import warp_logits
-from ..target import TargetModel
+from ..hf.gqa_attention import grouped_query_attention
+from ..runtime.sampling import warp_logits
+from ..hf.target import TargetModel
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,7 @@ class RegenConfig:
     max_prompt_tokens: int = 768
     shard_size: int = 64
     layer_ids: tuple[int, ...] = ()  # target layers whose features to keep (empty: none)
+    topk: int = 0  # keep the target's k largest logits at each generated token (with the features; 0: none)
     human_fraction: float = 0.0  # share of prompts with an existing answer that keep it
     template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
 
@@ -183,15 +187,22 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
     return total
 
 
-def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None) -> Path:
-    """Features first (when kept), then the compact shard by rename: a shard that exists is whole."""
+def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None,
+                topk: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Path:
+    """Features (and top-k logits) first when kept, then the compact shard by rename: a
+    shard that exists is whole."""
     path = out_dir / f"shard-{index:05d}.npz"
     if features is not None:
         from safetensors.torch import save_file
 
+        tensors = {str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}
+        for i, pair in enumerate(topk or []):
+            if pair is not None:
+                tensors[f"topk_ids.{i}"] = pair[0].to(torch.int32).contiguous()
+                tensors[f"topk_logits.{i}"] = pair[1].to(torch.float16).contiguous()
         feature_path = features_path(path)
         tmp_features = feature_path.with_suffix(".tmp")
-        save_file({str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}, str(tmp_features))
+        save_file(tensors, str(tmp_features))
         os.replace(tmp_features, feature_path)
     return write_rows(path, rows)
 
@@ -216,13 +227,15 @@ def left_padded(target: TargetModel, sequences: list[list[int]]) -> tuple[torch.
 @torch.inference_mode()
 def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenConfig,
                    generator: torch.Generator | None = None,
-                   on_step=None) -> list[tuple[list[int], str, torch.Tensor | None]]:
+                   on_step=None) -> list[tuple[list[int], str, torch.Tensor | None, tuple | None]]:
     """Continue each prompt (greedy or sampled) until an eos token or max_new_tokens;
     `on_step(tokens)` (optional) hears how many tokens each decoding step added.
 
-    Left-pads the batch; returns (response ids, finish_reason, features) per prompt, where
-    features [len(prompt) + len(response) - 1, K*H] are the tapped layers' outputs for
-    every token fed to the target (None when target.taps is empty).
+    Left-pads the batch; returns (response ids, finish_reason, features, topk) per prompt,
+    where features [len(prompt) + len(response) - 1, K*H] are the tapped layers' outputs
+    for every token fed to the target (None when target.taps is empty), and topk, with
+    config.topk = k > 0, is (ids int32, logits float16), each [len(response), k]: the
+    target's k largest logits where it chose each response token (else None).
 
     Speed (this is most of a data run's time): the KV cache is preallocated (no per-step
     copy of it), decode attention does not copy KV heads (`gqa_attention`), and rows that
@@ -242,6 +255,9 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
     finished = torch.zeros(n, dtype=torch.bool, device=device)  # by original row
     rows = torch.arange(n, device=device)  # original row of each live batch row
     all_features: torch.Tensor | None = None  # [n, width + steps, F] float16
+    k = config.topk
+    topk_ids = torch.zeros((n, steps, k), dtype=torch.int32, device=device) if k else None  # [n, steps, k]
+    topk_logits = torch.zeros((n, steps, k), dtype=torch.float16, device=device) if k else None  # [n, steps, k]
 
     def keep_features(features: torch.Tensor, at: torch.Tensor | int, start: int) -> None:
         """features [m, F] of row `at`, or [live, m, F] of rows `at`, stored from `start`."""
@@ -272,6 +288,10 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
                 logits = out.logits[:, -1]  # [live, V]
             else:
                 logits = torch.cat(first_logits)  # [n, V]
+            if k:
+                values, indices = logits.float().topk(k, dim=-1)  # [live, k]
+                topk_ids[rows, t] = indices.to(torch.int32)
+                topk_logits[rows, t] = values.to(torch.float16)
             if config.temperature == 0:
                 nxt = logits.argmax(-1)
             else:
@@ -301,7 +321,10 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
             # Fed tokens: the prompt (right-aligned in the padded width) then the first
             # length - 1 generated tokens; the last generated token is never fed.
             features = all_features[row, width - len(prompts[row]): width + length - 1].to("cpu", copy=True)
-        results.append((out_tokens[row, :length].tolist(), reason, features))
+        topk = None
+        if k:
+            topk = (topk_ids[row, :length].to("cpu", copy=True), topk_logits[row, :length].to("cpu", copy=True))
+        results.append((out_tokens[row, :length].tolist(), reason, features, topk))
     return results
 
 
@@ -326,6 +349,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
     keep_features = bool(config.layer_ids)
     pending: list[dict] = []
     pending_features: list[torch.Tensor] = []
+    pending_topk: list[tuple | None] = []
     bar = tqdm(total=total, desc="regenerating", unit="prompt", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     bar.update(len(seen))
@@ -368,12 +392,13 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
                             tok_per_s=f"{(stats['response_tokens'] + in_batch['tokens']) / (now - started):.0f}")
 
     def flush(force: bool = False) -> None:
-        nonlocal shard_index, pending, pending_features
+        nonlocal shard_index, pending, pending_features, pending_topk
         if pending and (force or len(pending) >= config.shard_size):
-            path = write_shard(out_dir, shard_index, pending, pending_features if keep_features else None)
+            path = write_shard(out_dir, shard_index, pending, pending_features if keep_features else None,
+                               pending_topk if keep_features else None)
             record_shard(out_dir, path, pending, settings or {}, target_name, target_sha256)
             shard_index += 1
-            pending, pending_features = [], []
+            pending, pending_features, pending_topk = [], [], []
 
     for kind, batch in batches():
         if kind == "human":
@@ -381,11 +406,11 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
             answers = [encode_answer(target, r, p, m, config.template_kwargs) for (r, p), m in zip(batch, room)]
             forced = teacher_force_batch(target, [p + a for (_, p), (a, _) in zip(batch, answers)],
                                          [len(p) for _, p in batch])
-            outputs = [(a, reason, f, g) for (a, reason), (f, g) in zip(answers, forced)]
+            outputs = [(a, reason, f, g, None) for (a, reason), (f, g) in zip(answers, forced)]
         else:
-            outputs = [(*out, None) for out in generate_batch(target, [p for _, p in batch], config, generator,
-                                                              on_step=show_step)]
-        for (record, prompt), (response, reason, features, greedy) in zip(batch, outputs):
+            outputs = [(response, reason, features, None, topk) for response, reason, features, topk
+                       in generate_batch(target, [p for _, p in batch], config, generator, on_step=show_step)]
+        for (record, prompt), (response, reason, features, greedy, topk) in zip(batch, outputs):
             row = {"id": record.id, "source": record.source, "input_ids": prompt + response,
                    "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason}
             if greedy is not None:
@@ -393,6 +418,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
             pending.append(row)
             if keep_features:
                 pending_features.append(features)
+                pending_topk.append(topk)
             stats["done"] += 1
             stats["response_tokens"] += len(response)
             if kind == "human":

@@ -28,6 +28,9 @@ class Example:
     features: torch.Tensor | None  # [S - 1, K*H] float, or None when not stored
     response_from: str = "target"
     greedy_ids: torch.Tensor | None = None  # [S] long: the target's greedy token at each position (None: = input_ids)
+    # The target's k largest logits where it wrote each response token (from the features cache; None without):
+    topk_ids: torch.Tensor | None = None  # [S - num_prompt_tokens, k] long
+    topk_logits: torch.Tensor | None = None  # [S - num_prompt_tokens, k] float
 
 
 @dataclass(frozen=True)
@@ -104,7 +107,8 @@ class ShardDataset:
     def num_response_tokens(self, indices: list[int]) -> int:
         return sum(max(0, len(self.rows[i].input_ids) - self.rows[i].num_prompt_tokens) for i in indices)
 
-    def _features(self, row: _Row) -> torch.Tensor | None:
+    def _cache(self, row: _Row):
+        """The open features cache of the row's shard, or None when it has none."""
         path = features_path(row.shard)
         if not path.exists():
             return None
@@ -114,8 +118,21 @@ class ShardDataset:
         if handle is None:
             handle = safe_open(str(path), "pt")
             self._open[path] = handle
-        features = handle.get_tensor(str(row.row))
-        return features[: len(row.input_ids) - 1]
+        return handle
+
+    def _features(self, row: _Row) -> torch.Tensor | None:
+        handle = self._cache(row)
+        if handle is None:
+            return None
+        return handle.get_tensor(str(row.row))[: len(row.input_ids) - 1]
+
+    def _topk(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
+        handle = self._cache(row)
+        if handle is None or f"topk_ids.{row.row}" not in handle.keys():
+            return None, None
+        n = max(0, len(row.input_ids) - row.num_prompt_tokens)
+        ids = handle.get_tensor(f"topk_ids.{row.row}")[:n].long()
+        return ids, handle.get_tensor(f"topk_logits.{row.row}")[:n].float()
 
     def __getitem__(self, index: int) -> Example:
         row = self.rows[index]
@@ -126,4 +143,6 @@ class ShardDataset:
         if row.target_greedy is not None:
             greedy = ids.clone()
             greedy[row.num_prompt_tokens:] = torch.tensor(row.target_greedy, dtype=torch.long)
-        return Example(row.id, row.source, ids, mask, self._features(row), row.response_from, greedy)
+        topk_ids, topk_logits = self._topk(row)
+        return Example(row.id, row.source, ids, mask, self._features(row), row.response_from, greedy,
+                       topk_ids, topk_logits)
