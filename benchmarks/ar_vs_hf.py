@@ -38,10 +38,10 @@ class _Clock:
 
 def main() -> None:
     from specflash.cli import _quiet_libraries  # noqa: PLC2701
-    from specflash.config import DecodeConfig
-    from specflash.decode import SpeculativeDecoder
-    from specflash.loading import build_proposer
-    from specflash.target import TargetModel
+    from specflash.runtime.config import DecodeConfig
+    from specflash.runtime.decode import SpeculativeDecoder
+    from specflash.runtime.loading import build_proposer
+    from specflash.hf.target import TargetModel
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", default="smollm2-135m-instruct")

@@ -25,7 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from specflash.costmodel import best_num_drafts, expected_tokens
+from specflash.perf.costmodel import best_num_drafts, expected_tokens
 
 
 def link_subset(data: Path, study_data: Path, shards: int) -> int:
@@ -89,9 +89,9 @@ def main() -> None:
 
     import torch
 
-    from specflash.costmodel import measure_costs
-    from specflash.loading import build_proposer
-    from specflash.target import TargetModel
+    from specflash.perf.measure import measure_costs
+    from specflash.runtime.loading import build_proposer
+    from specflash.hf.target import TargetModel
 
     torch.set_num_threads(2)
     target = TargetModel.from_pretrained(args.target)

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import DecodeConfig
-from .decode import GenerationResult, SpeculativeDecoder
-from .target import TargetModel
+from .runtime.config import DecodeConfig
+from .runtime.decode import GenerationResult, SpeculativeDecoder
+from .hf.target import TargetModel
 
 DEMO_PROMPTS = (
     "Write a Python function that checks whether a string is a palindrome.",

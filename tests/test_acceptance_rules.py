@@ -4,7 +4,7 @@ rejection sampler on its own."""
 import pytest
 import torch
 
-from specflash.acceptance import greedy_accept, rejection_accept
+from specflash.runtime.acceptance import greedy_accept, rejection_accept
 
 T = lambda *xs: torch.tensor(xs, dtype=torch.long)  # noqa: E731
 

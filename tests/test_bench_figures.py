@@ -4,7 +4,7 @@ speedup and the same-output check, each against numbers worked out by hand."""
 import pytest
 
 from specflash.bench import figures
-from specflash.metrics import SpecStats
+from specflash.runtime.metrics import SpecStats
 
 
 def trace(steps, num_new_tokens, decode_time_s, ttft=0.5, first_step_tokens=1):

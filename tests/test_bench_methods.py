@@ -6,7 +6,7 @@ import torch
 
 from specflash.bench.methods import HFMethod, ZlabMethod, _Arrivals
 from specflash.bench.runner import _compare_drafts
-from specflash.config import DecodeConfig
+from specflash.runtime.config import DecodeConfig
 
 
 class FakeRuntime:
@@ -87,8 +87,8 @@ def test_tokens_past_max_new_tokens_are_dropped_and_counted():
 
 def test_the_hf_baseline_runs_transformers_as_shipped(targets):
     """Our few-row LM-head kernel speeds up our loop only, never the `generate` baseline."""
-    from specflash.kernelchoice import AVX2_DEFAULT, STOCK
-    from specflash.kernels import uses_small_batch_kernel
+    from specflash.perf.kernelchoice import AVX2_DEFAULT, STOCK
+    from specflash.perf.kernels import uses_small_batch_kernel
 
     target = targets("llama")
     target.set_kernel_choice(AVX2_DEFAULT)  # a machine where the routed kernel was chosen

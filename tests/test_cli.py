@@ -61,8 +61,8 @@ def test_generate_streams_text(capsys, folder):
 
 
 def test_drafter_folder_round_trip_through_the_cli(capsys, folder, tmp_path):
-    from specflash.loading import random_drafter
-    from specflash.target import TargetModel
+    from specflash.runtime.loading import random_drafter
+    from specflash.hf.target import TargetModel
 
     target = TargetModel.from_pretrained(folder)
     random_drafter(target, block_size=8).save_pretrained(tmp_path / "drafter")

@@ -7,11 +7,11 @@ import random
 
 import pytest
 
-from specflash.blockpolicy import AutoBlock, FixedBlock, make_policy, parse_block_size
-from specflash.costmodel import (StepCosts, best_num_drafts, engine_efficiency, expected_tokens, load_or_measure,
-                                 measure_costs, modeled_time_s, non_decreasing, relative_spread)
+from specflash.runtime.blockpolicy import AutoBlock, FixedBlock, make_policy, parse_block_size
+from specflash.perf.costmodel import StepCosts, best_num_drafts, engine_efficiency, expected_tokens, modeled_time_s
+from specflash.perf.measure import load_or_measure, measure_costs, non_decreasing, relative_spread
 from specflash.errors import InputError
-from specflash.proposers import DFlashProposer
+from specflash.runtime.proposers import DFlashProposer
 from tiny import tiny_drafter
 
 
@@ -165,7 +165,7 @@ def test_best_num_drafts_uses_per_k_draft_costs():
 
 
 def test_steady_costs_are_cached_and_noisy_ones_are_not(targets, tmp_path, monkeypatch):
-    import specflash.costmodel as costmodel
+    import specflash.perf.measure as measure
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
     target = targets("llama")
@@ -177,7 +177,7 @@ def test_steady_costs_are_cached_and_noisy_ones_are_not(targets, tmp_path, monke
         calls.append(1)
         return StepCosts({1: 1.0, 8: 2.0}, 0.5, 20, outcome["noisy"])
 
-    monkeypatch.setattr(costmodel, "measure_costs", fake_measure)
+    monkeypatch.setattr(measure, "measure_costs", fake_measure)
     first = load_or_measure(target, proposer, max_tokens=8)
     assert load_or_measure(target, proposer, max_tokens=8) == first and len(calls) == 1  # read back
     assert len(list(tmp_path.glob("*.json"))) == 1

@@ -2,10 +2,10 @@
 accepted draft tokens."""
 
 from specflash.cli import main
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
 from specflash.demo import accepted_mask
-from specflash.proposers import OracleProposer
+from specflash.runtime.proposers import OracleProposer
 from tiny import hf_greedy, tiny_model_folder
 
 

@@ -3,8 +3,8 @@ whole context, and the block's own K/V are never kept."""
 
 import torch
 
-from specflash.proposers import DFlashProposer
-from specflash.sampling import Sampler
+from specflash.runtime.proposers import DFlashProposer
+from specflash.runtime.sampling import Sampler
 from tiny import tiny_drafter
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from specflash.config import DrafterConfig, default_target_layer_ids
+from specflash.drafter import DrafterConfig, default_target_layer_ids
 from specflash.drafter import DFlashDrafter
 from specflash.errors import CheckpointError
-from specflash.loading import check_compatible, load_drafter
+from specflash.runtime.loading import check_compatible, load_drafter
 from tiny import tiny_drafter
 
 H, I, HEADS, KV, HD, V, L_T = 64, 96, 4, 2, 16, 256, 6  # noqa: E741

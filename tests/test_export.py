@@ -10,8 +10,8 @@ from safetensors.torch import load_file, save_file
 
 from specflash.cli import main
 from specflash.export import check_drafter, launch_command
-from specflash.loading import random_drafter
-from specflash.target import TargetModel
+from specflash.runtime.loading import random_drafter
+from specflash.hf.target import TargetModel
 from tiny import tiny_model_folder
 
 

@@ -5,9 +5,9 @@ for every way of choosing how many drafts a step verifies (fixed, auto, arbitrar
 import pytest
 import torch
 
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
-from specflash.proposers import DFlashProposer, NgramProposer, OracleProposer
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
+from specflash.runtime.proposers import DFlashProposer, NgramProposer, OracleProposer
 from tiny import FAMILIES, hf_greedy, policy_for, tiny_drafter
 
 POLICIES = ("fixed", "auto", "random")
@@ -106,7 +106,7 @@ def test_context_limit_stops_with_length(targets):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("policy", POLICIES)
 def test_draft_vocabulary_drafter_matches_hf_generate_and_proposes_only_its_tokens(targets, family, policy):
-    from specflash.sampling import Sampler
+    from specflash.runtime.sampling import Sampler
 
     target = targets(family)
     prompt = _prompt(7, seed=11)

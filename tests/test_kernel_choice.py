@@ -5,11 +5,11 @@ machine and model, applied before step costs are measured, and never changes out
 import pytest
 import torch
 
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
-from specflash.kernelchoice import AVX2_DEFAULT, STOCK, KernelChoice, choose_kernels, pick
-from specflash.kernels import uses_small_batch_kernel
-from specflash.proposers import DFlashProposer
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
+from specflash.perf.kernelchoice import AVX2_DEFAULT, STOCK, KernelChoice, choose_kernels, pick
+from specflash.perf.kernels import uses_small_batch_kernel
+from specflash.runtime.proposers import DFlashProposer
 from tiny import hf_greedy, tiny_drafter, tiny_target
 
 
@@ -30,7 +30,7 @@ def test_stock_and_the_avx2_default_describe_themselves():
 
 
 def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
-    import specflash.kernelchoice as kc
+    import specflash.perf.kernelchoice as kc
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
     real = kc.measure_choice  # steady by decree: sub-millisecond tiny forwards jitter on a shared machine
@@ -70,25 +70,25 @@ def test_any_kernel_choice_keeps_greedy_output(monkeypatch):
 
 
 def test_make_policy_applies_the_choice_before_measuring_costs(monkeypatch, tmp_path):
-    import specflash.costmodel as costmodel
-    from specflash.blockpolicy import make_policy
+    import specflash.perf.measure as measure
+    from specflash.runtime.blockpolicy import make_policy
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
     target = tiny_target("llama", dtype=torch.float32)
     seen = []
-    real = costmodel.measure_costs
+    real = measure.measure_costs
 
     def spy(t, *args, **kwargs):
         seen.append(t.kernel_choice)
         return real(t, *args, **kwargs)
 
-    monkeypatch.setattr(costmodel, "measure_costs", spy)
+    monkeypatch.setattr(measure, "measure_costs", spy)
     make_policy("auto", target, DFlashProposer(tiny_drafter(target, block_size=4), target))
     assert seen and seen[0] is target.kernel_choice and seen[0].measured  # measured, then costs under it
 
 
 def test_a_noisy_choice_is_used_but_not_cached(monkeypatch, tmp_path):
-    import specflash.kernelchoice as kc
+    import specflash.perf.kernelchoice as kc
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
     target = tiny_target("llama", dtype=torch.float32)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from specflash.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel, uses_small_batch_kernel
+from specflash.perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel, uses_small_batch_kernel
 
 
 def test_small_batch_linear_matches_f_linear_for_every_row_count():
@@ -43,7 +43,7 @@ def test_module_routing_and_stock_kernels_context():
 
 
 def test_target_routes_few_row_linears_and_one_row_steps_stay_exact(targets):
-    from specflash.kernelchoice import AVX2_DEFAULT, STOCK
+    from specflash.perf.kernelchoice import AVX2_DEFAULT, STOCK
 
     target = targets("qwen3")
     assert not any(uses_small_batch_kernel(m) for m in target.model.modules())  # stock until chosen
@@ -66,7 +66,7 @@ def test_target_routes_few_row_linears_and_one_row_steps_stay_exact(targets):
 
 
 def test_routing_takes_only_the_chosen_row_counts(monkeypatch):
-    import specflash.kernels as kernels
+    import specflash.perf.kernels as kernels
 
     routed_rows = []
     real_mm = torch.mm

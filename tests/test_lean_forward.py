@@ -6,8 +6,8 @@ import pytest
 import torch
 from transformers import DynamicCache
 
-from specflash.leanforward import LeanForward
-from specflash.target import TargetModel
+from specflash.hf.leanforward import LeanForward
+from specflash.hf.target import TargetModel
 from tiny import tiny_hf_model
 
 LEAN_FAMILIES = ("llama", "qwen2", "qwen3")

@@ -3,9 +3,9 @@ leaves the output unchanged."""
 
 import pytest
 
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
-from specflash.proposers import OracleProposer
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
+from specflash.runtime.proposers import OracleProposer
 from tiny import hf_greedy
 
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from specflash.cli import main
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
-from specflash.loading import build_proposer
-from specflash.target import TargetModel
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
+from specflash.runtime.loading import build_proposer
+from specflash.hf.target import TargetModel
 
 pytestmark = pytest.mark.slow
 

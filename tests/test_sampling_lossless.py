@@ -9,10 +9,10 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
-from specflash.proposers import DFlashProposer, NgramProposer
-from specflash.sampling import warp_logits
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
+from specflash.runtime.proposers import DFlashProposer, NgramProposer
+from specflash.runtime.sampling import warp_logits
 from tiny import tiny_drafter, tiny_target
 
 VOCAB = 12
@@ -134,7 +134,7 @@ class _FixedProposer(NgramProposer):
         self.tokens = tokens
 
     def propose(self, anchor, position, num_tokens, sampler):
-        from specflash.proposers import Proposal
+        from specflash.runtime.proposers import Proposal
 
         return Proposal(torch.tensor(self.tokens[:num_tokens], dtype=torch.long))
 

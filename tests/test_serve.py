@@ -17,9 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from specflash.cli import main
-from specflash.config import DecodeConfig
-from specflash.pipeline import Pipeline
-from specflash.proposers import OracleProposer
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.pipeline import Pipeline
+from specflash.runtime.proposers import OracleProposer
 from specflash.serve import ServerThread, ServeSettings, create_app
 from tiny import tiny_model_folder
 

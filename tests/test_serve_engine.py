@@ -4,8 +4,8 @@ step-by-step round-robin scheduler, its queue bound, and the Prometheus text wri
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from specflash.config import DecodeConfig
-from specflash.pipeline import Pipeline
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.pipeline import Pipeline
 from specflash.serve.engine import Engine, Job, QueueFullError, TextAssembler
 from specflash.serve.prometheus import Counter, Gauge, Histogram, Registry
 from specflash.serve.stats import ServerMetrics

@@ -14,11 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from specflash.config import DecodeConfig
-from specflash.decode import SpeculativeDecoder
+from specflash.runtime.config import DecodeConfig
+from specflash.runtime.decode import SpeculativeDecoder
 from specflash.errors import InputError
-from specflash.proposers import DFlashProposer, OracleProposer
-from specflash.staticsteps import CapturedStep, capacity_bucket
+from specflash.runtime.proposers import DFlashProposer, OracleProposer
+from specflash.hf.staticsteps import CapturedStep, capacity_bucket
 from tiny import hf_greedy, policy_for, tiny_drafter, tiny_target
 
 LEAN_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -224,7 +224,7 @@ def test_sampling_through_static_steps_draws_the_dynamic_paths_tokens(targets):
 def test_both_step_functions_trace_as_one_graph(targets):
     """No host sync, no data-dependent Python in a step: what CUDA graph capture needs
     (checked here by tracing each step whole, without graph breaks)."""
-    from specflash.staticsteps import StaticDraftSteps
+    from specflash.hf.staticsteps import StaticDraftSteps
 
     target = targets("qwen3")
     drafter = tiny_drafter(target, block_size=8)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from specflash.config import DrafterConfig, default_target_layer_ids
+from specflash.drafter import DrafterConfig, default_target_layer_ids
 from specflash.drafter import DFlashDrafter
-from specflash.target import TargetModel
+from specflash.hf.target import TargetModel
 
 FAMILIES = ("llama", "qwen2", "qwen3", "gemma3")
 
@@ -135,8 +135,8 @@ class RandomDrafts:
 
 def policy_for(name: str, block_size: int):
     """fixed / auto (on a synthetic cost curve where the choice moves with acceptance) / random."""
-    from specflash.blockpolicy import AutoBlock, FixedBlock
-    from specflash.costmodel import StepCosts
+    from specflash.runtime.blockpolicy import AutoBlock, FixedBlock
+    from specflash.perf.costmodel import StepCosts
 
     if name == "fixed":
         return FixedBlock()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from specflash.target import TargetModel
+from specflash.hf.target import TargetModel
 from specflash.train.regenerate import PromptRecord, RegenConfig, regenerate
 from tiny import tiny_model_folder
 

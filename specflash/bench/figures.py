@@ -27,7 +27,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Sequence
 
-from ..metrics import SpecStats
+from ..runtime.metrics import SpecStats
 
 
 def pool(stats: Sequence[SpecStats]) -> SpecStats:
@@ -68,7 +68,7 @@ def model_efficiency(stats: Sequence[SpecStats], costs) -> float | None:
     """Engine efficiency with the forwards' times from the cost model; None without one."""
     if costs is None:
         return None
-    from ..costmodel import modeled_time_s
+    from ..perf.costmodel import modeled_time_s
 
     ideal = sum(modeled_time_s(costs, s.drafted_per_step) for s in stats)
     actual = sum(s.decode_time_s for s in stats if s.drafted_per_step)

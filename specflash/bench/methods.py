@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import DecodeConfig
-from ..decode import SpeculativeDecoder
+from ..runtime.config import DecodeConfig
+from ..runtime.decode import SpeculativeDecoder
 from ..errors import CheckpointError
-from ..metrics import SpecStats
-from ..proposers.base import Proposal, Proposer
-from ..target import TargetModel
+from ..runtime.metrics import SpecStats
+from ..runtime.proposers.base import Proposal, Proposer
+from ..hf.target import TargetModel
 from .names import METHODS
 
 class MethodUnavailable(Exception):
@@ -169,8 +169,8 @@ class SpecflashMethod(Method):
 
     def __init__(self, name: str, target: TargetModel, proposer: Proposer | None, block: int | str | None,
                  say=None):
-        from ..blockpolicy import make_policy
-        from ..costmodel import load_or_measure
+        from ..runtime.blockpolicy import make_policy
+        from ..perf.measure import load_or_measure
 
         self.name = name
         self.target = target
@@ -228,7 +228,7 @@ class ZlabMethod(Method):
     def check_drafter(self, folder: Path, workdir: Path, seed: int = 0) -> dict:
         """Both runtimes' drafter forward on the same random inputs (40 context features, one
         block at the positions after them): how far apart are the hidden states?"""
-        from ..drafter import DFlashDrafter
+        from ..drafter.model import DFlashDrafter
 
         drafter = DFlashDrafter.from_pretrained(folder, dtype=torch.float32)
         generator = torch.Generator().manual_seed(seed)
@@ -269,7 +269,7 @@ class ZlabMethod(Method):
 # ------------------------------------------------------------------ factory
 def build_method(name: str, ctx: BenchContext) -> Method:
     """The method called `name` (optionally NAME@B), ready to run; MethodUnavailable says why it cannot."""
-    from ..loading import build_proposer
+    from ..runtime.loading import build_proposer
     from .names import split_method
 
     base, block = split_method(name)

@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import DecodeConfig
+from ..runtime.config import DecodeConfig
 from ..errors import InputError
 from . import figures
 from .datasets import DATASETS, BenchPrompt, DatasetUnavailable, load_prompts, load_prompts_file, select
@@ -191,7 +191,7 @@ def _drafter_folder(opts: BenchOptions, target, workdir: Path) -> tuple[Path | N
     if key == "none":
         return None, "--draft none was given"
     if key == "random":
-        from ..loading import random_drafter
+        from ..runtime.loading import random_drafter
 
         folder = workdir / "drafter-random"
         block = opts.block_size if isinstance(opts.block_size, int) else 16
@@ -207,7 +207,7 @@ def _drafter_folder(opts: BenchOptions, target, workdir: Path) -> tuple[Path | N
     path = Path(opts.draft).expanduser()
     if path.is_dir():
         return path, None
-    from ..drafter import _drafter_folder as fetch  # hub ids
+    from ..drafter.checkpoint import drafter_folder as fetch  # hub ids
 
     return fetch(opts.draft), None
 
@@ -242,9 +242,9 @@ def run_bench(opts: BenchOptions) -> BenchResult:
     from tqdm import tqdm
 
     from ..models import resolve_model
-    from ..pipeline import parse_dtype
-    from ..target import TargetModel
-    from .machine import library_versions, machine_info
+    from ..runtime.pipeline import parse_dtype
+    from ..hf.target import TargetModel
+    from ..perf.machine import library_versions, machine_info
 
     opts.validate()
     t_start = time.perf_counter()

@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..config import DecodeConfig
-from ..decode import SpeculativeDecoder
-from ..proposers.base import Proposal
-from ..sampling import Sampler
-from ..target import TargetModel
+from ..runtime.config import DecodeConfig
+from ..runtime.decode import SpeculativeDecoder
+from ..runtime.proposers.base import Proposal
+from ..runtime.sampling import Sampler
+from ..hf.target import TargetModel
 from .report import STEP_MODES
 
 # Published shapes (config.json facts of the named models).
@@ -146,10 +146,10 @@ def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], dev
                   dtype: torch.dtype = torch.float32, num_prompts: int = 4, prompt_tokens: int = 128,
                   max_new_tokens: int = 128, draft_layers: int | None = None, block_size: int = 16, seed: int = 0,
                   static_steps: str = "auto", say=print) -> SyntheticResult:
-    from ..blockpolicy import AutoBlock
-    from ..costmodel import measure_costs
-    from ..loading import random_drafter
-    from ..proposers import DFlashProposer
+    from ..runtime.blockpolicy import AutoBlock
+    from ..perf.measure import measure_costs
+    from ..runtime.loading import random_drafter
+    from ..runtime.proposers import DFlashProposer
 
     say(f"building a random {shape} target on {device} ({str(dtype).removeprefix('torch.')}) ...")
     target = synthetic_target(shape, device, dtype, seed)

@@ -192,10 +192,10 @@ def run_synthetic_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.synthetic import SHAPES, render, run_synthetic
-    from ..blockpolicy import parse_block_size
+    from ..runtime.blockpolicy import parse_block_size
     from ..devices import resolve_device
     from ..errors import InputError
-    from ..pipeline import parse_dtype
+    from ..runtime.pipeline import parse_dtype
 
     if args.synthetic not in SHAPES:
         raise InputError(f"unknown --synthetic shape {args.synthetic!r}; choose from {', '.join(SHAPES)}")

@@ -53,7 +53,7 @@ def block_size_arg(value: str) -> int | str:
 def resolve_draft_flag(args: argparse.Namespace) -> str:
     """Fill in an omitted --draft: the shipped drafter for the target, else none."""
     if args.draft is None:
-        from ..loading import default_draft
+        from ..runtime.loading import default_draft
 
         args.draft = default_draft(args.target)
     return args.draft

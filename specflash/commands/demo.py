@@ -30,12 +30,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..decode import SpeculativeDecoder
+    from ..runtime.decode import SpeculativeDecoder
     from ..demo import DEMO_PROMPTS, format_table, marked_text, run_demo
     from ..errors import InputError
-    from ..blockpolicy import make_policy
-    from ..loading import build_proposer
-    from ..target import TargetModel
+    from ..runtime.blockpolicy import make_policy
+    from ..runtime.loading import build_proposer
+    from ..hf.target import TargetModel
 
     if args.threads:
         torch.set_num_threads(args.threads)

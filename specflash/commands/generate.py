@@ -34,9 +34,9 @@ def block_label(pipe) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..config import DecodeConfig
+    from ..runtime.config import DecodeConfig
     from ..errors import InputError
-    from ..pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline
 
     resolve_draft_flag(args)
     if not args.prompt.strip():
@@ -55,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         payload.update(result.to_dict())
         print(json.dumps(payload))
         return 0
-    from ..metrics import SpecStats
+    from ..runtime.metrics import SpecStats
 
     stats = SpecStats()
     for delta in pipe.stream(prompt, config, chat=args.chat, stats=stats):

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--port must be in 0..65535 (got {args.port})")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
 
-    from ..pipeline import Pipeline
+    from ..runtime.pipeline import Pipeline
     from ..serve import ServeSettings, create_app, serve_forever
     from ..serve.runner import LOOPBACK_HOSTS
 

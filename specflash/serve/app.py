@@ -24,9 +24,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..config import DecodeConfig
+from ..runtime.config import DecodeConfig
 from ..errors import SpecflashError
-from ..pipeline import Pipeline
+from ..runtime.pipeline import Pipeline
 from . import protocol as P
 from .engine import Engine, Job, QueueFullError
 from .prometheus import CONTENT_TYPE

@@ -26,11 +26,11 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
-from ..config import DecodeConfig
-from ..decode import SpeculativeDecoder
+from ..runtime.config import DecodeConfig
+from ..runtime.decode import SpeculativeDecoder
 from ..errors import SpecflashError
-from ..metrics import SpecStats
-from ..pipeline import Pipeline
+from ..runtime.metrics import SpecStats
+from ..runtime.pipeline import Pipeline
 from .stats import ServerMetrics
 
 logger = logging.getLogger("specflash.serve")

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import DrafterConfig
+from ..drafter import DrafterConfig
 from ..devices import resolve_device
 from ..drafter import DRAFT_VOCAB_NAME, DFlashDrafter, DraftHead, read_draft_vocab
 from ..errors import InputError
-from ..loading import drafter_config_for_target
-from ..target import TargetModel
+from ..runtime.loading import drafter_config_for_target
+from ..hf.target import TargetModel
 from .objective import (
     VocabSubset,
     acceptance_from_hits,

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import torch
 
-from ..drafter import DFlashDrafter, DraftHead
+from ...drafter.model import DFlashDrafter
+from ...drafter.vocab import DraftHead
 from ..sampling import Sampler
-from ..staticsteps import StaticDraftSteps, StaticKV
-from ..target import TargetModel
+from ...hf.staticsteps import StaticDraftSteps, StaticKV
+from ...hf.target import TargetModel
 from .base import Proposal
 
 

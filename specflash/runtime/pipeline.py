@@ -16,12 +16,12 @@ from dataclasses import dataclass
 import torch
 
 from .config import DecodeConfig
-from .devices import resolve_device
+from ..devices import resolve_device
 from .decode import GenerationResult, SpeculativeDecoder, Step
 from .loading import build_proposer
 from .metrics import SpecStats
 from .proposers.base import Proposer
-from .target import TargetModel
+from ..hf.target import TargetModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -33,7 +33,7 @@ def parse_dtype(name: str | torch.dtype | None, device: str) -> torch.dtype:
         return name
     if name in (None, "auto"):
         return torch.float32 if str(device).startswith("cpu") else torch.bfloat16
-    from .errors import InputError
+    from ..errors import InputError
 
     if name not in _DTYPES:
         raise InputError(f"unknown dtype {name!r}; choose one of auto, {', '.join(sorted(_DTYPES))}")

@@ -3,14 +3,14 @@
 Speculative decoding runs the LM head (and every linear) on a handful of rows: 1 token
 per plain step, k + 1 per verify step, k per draft. `F.linear(x, W)` and the same product
 written as (W @ x^T)^T give the same result to rounding, but their speed for 2..16 rows
-depends on the machine: with the MKL build of PyTorch on an AVX2 AMD EPYC VM the second
-stayed close to the cost of reading W once while F.linear took 2-3x as long (49152 x 576 LM
-head of SmolLM2-135M, fp32, 2 threads: 2 rows 19.7 vs 7.2 ms, 4 rows 21.9 vs 7.3 ms); on an
-AVX-512 / AMX Intel Xeon VM it is the other way round (2 rows 3.9 vs 11.6 ms). Which row
-counts take which kernel is therefore measured per machine (kernelchoice.py) and set per
-module with `use_small_batch_kernel(linear, rows)`. One row always takes `F.linear`, so
-plain decoding runs transformers' exact kernels and logits; everything else (training,
-prefill, GPUs, non-fp32) goes through `F.linear` unchanged.
+depends on the machine: on some CPUs (MKL on AVX2) the second stays close to the cost of
+reading W once while F.linear leaves its matrix-vector path and takes several times as
+long; on others (AVX-512 / AMX) it is the other way round (measurements with their
+machines: docs/performance.md, "Few-row verify kernels"). Which row counts take which
+kernel is therefore measured per machine (kernelchoice.py) and set per module with
+`use_small_batch_kernel(linear, rows)`. One row always takes `F.linear`, so plain decoding
+runs transformers' exact kernels and logits; everything else (training, prefill, GPUs,
+non-fp32) goes through `F.linear` unchanged.
 """
 
 from __future__ import annotations

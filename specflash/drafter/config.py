@@ -1,12 +1,10 @@
-"""Configuration dataclasses.
+"""A DFlash drafter's configuration.
 
 `DrafterConfig` reads and writes the `config.json` of a DFlash drafter in exactly the
 layout z-lab publishes and vLLM / SGLang read (top-level Qwen3 keys plus `block_size`,
 `num_target_layers`, `layer_types` and a `dflash_config` dict with `mask_token_id` and
 `target_layer_ids`). Keys we do not model are kept in `extra` and written back, so a
 load/save round trip never loses information.
-
-`DecodeConfig` holds the knobs of one generation call and validates them.
 """
 
 from __future__ import annotations
@@ -17,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError, InputError
+from ..errors import CheckpointError, InputError
 
 DRAFTER_ARCHITECTURE = "DFlashDraftModel"
 
@@ -234,41 +232,3 @@ class DrafterConfig:
 def _infer_num_features(data: dict[str, Any]) -> int:
     """Without target_layer_ids the feature count is unknown; published drafters use 5."""
     return int(data.get("num_target_features", 5))
-
-
-@dataclass(frozen=True)
-class DecodeConfig:
-    """Knobs of one generation call.
-
-    temperature 0 means greedy; top_k 0 and top_p 1.0 disable those filters.
-    block_size: verify width (anchor + block_size - 1 drafts); 1 = plain decoding.
-    """
-
-    max_new_tokens: int = 128
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    block_size: int | None = None
-    seed: int | None = None
-    stop_token_ids: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        validate_sampling(self.temperature, self.top_p, self.top_k)
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.block_size is not None and self.block_size < 1:
-            raise InputError(f"block size must be >= 1 (got {self.block_size}); "
-                             "use 1 for plain autoregressive decoding")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
-
-
-def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
-    if temperature < 0:
-        raise InputError(f"temperature must be >= 0 (got {temperature}); use 0 for greedy decoding")
-    if not 0.0 < top_p <= 1.0:
-        raise InputError(f"top_p must be in (0, 1] (got {top_p}); use 1.0 to disable it")
-    if top_k < 0:
-        raise InputError(f"top_k must be >= 0 (got {top_k}); use 0 to disable it")

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import torch
 
-from .config import DrafterConfig, default_target_layer_ids
-from .drafter import DFlashDrafter
-from .errors import CheckpointError, InputError
+from ..drafter.config import DrafterConfig, default_target_layer_ids
+from ..drafter.model import DFlashDrafter
+from ..errors import CheckpointError, InputError
 from .proposers import DFlashProposer, NgramProposer
 from .proposers.base import Proposer
-from .target import TargetModel, choose_mask_token_id
+from ..hf.target import TargetModel, choose_mask_token_id
 
 
 def drafter_config_for_target(target: TargetModel, num_layers: int = 1, block_size: int = 16,
@@ -91,7 +91,7 @@ DRAFT_CHOICES_HELP = ("default (the drafter shipped for the target), none (plain
 
 def default_draft(target_name: str) -> str:
     """What an omitted --draft means: the shipped drafter when the target has one, else none."""
-    from .drafters import shipped_drafter
+    from ..drafters import shipped_drafter
 
     return "default" if shipped_drafter(target_name) is not None else "none"
 
@@ -107,7 +107,7 @@ def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
     if key == "ngram":
         return NgramProposer()
     if key == "default":
-        from .drafters import shipped_drafter
+        from ..drafters import shipped_drafter
 
         folder = shipped_drafter(target.name)
         if folder is None:

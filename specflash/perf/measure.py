@@ -1,21 +1,11 @@
-"""Step costs of speculative decoding and the number of drafts that pays best.
+"""Measuring step costs on this machine, and caching measurements.
 
-A verify step that checks k drafts costs
-
-    step(k) = t_draft(k) * [k > 0] + t_verify(k + 1)
-
-(the drafter runs its whole block in one forward whatever k is, but the LM head only over
-the k drafts the step verifies, so t_draft grows a little with k; k = 0 is a plain
-decoding step). With a_i = P(draft i accepted | drafts 1..i-1 accepted), the step
-delivers on average
-
-    E[tokens | k] = 1 + sum_{i=1..k} a_1 * ... * a_i
-
-tokens (the accepted drafts plus the recovered or bonus token), so the number of drafts
-that maximises expected tokens per second is argmax_k E[tokens | k] / step(k).
-
-`measure_costs` times the bare forwards once per target / proposer / machine (cached as
-JSON under `$SPECFLASH_HOME/costs/`); `expected_tokens` and `best_num_drafts` are pure.
+`measure_costs` times bare target forwards of 1..B tokens after a cached context and
+proposer calls, round-robin, medians; `load_or_measure` caches the result as JSON under
+`$SPECFLASH_COST_CACHE` (default `$SPECFLASH_HOME/costs/`) keyed by everything it depends
+on (model, proposer, device, dtype, threads, CPU, kernels, forward path, step mode).
+`cached_measurement` is the read / measure / retry-when-noisy / atomic-write logic shared
+with the kernel choice (kernelchoice.py).
 """
 
 from __future__ import annotations
@@ -26,126 +16,18 @@ import os
 import platform
 import statistics
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from .costmodel import StepCosts
 
-@dataclass(frozen=True)
-class StepCosts:
-    """Measured seconds: `verify` maps tokens fed to one target forward (incl. LM head) to
-    its median time; `draft` is one proposer call for a full block; `drafts`, when
-    measured, maps the number of drafts asked of the proposer to its median time."""
-
-    verify: dict[int, float]
-    draft: float
-    context: int = 0  # cached tokens in front of the measured forwards
-    noisy: bool = False  # the timings spread widely: the machine was busy while measuring
-    drafts: dict[int, float] | None = None
-
-    def __post_init__(self):
-        if not self.verify or 1 not in self.verify:
-            raise ValueError("verify costs need at least the 1-token forward")
-
-    def verify_s(self, tokens: int) -> float:
-        """Cost of a `tokens`-token target forward, linear between measured sizes and
-        extrapolated from the last two beyond them."""
-        return interpolate(self.verify, tokens)
-
-    def draft_s(self, num_drafts: int) -> float:
-        """Cost of one proposer call asked for `num_drafts` drafts (0 for none)."""
-        if num_drafts <= 0:
-            return 0.0
-        if not self.drafts:
-            return self.draft
-        return min(interpolate(self.drafts, num_drafts), max(self.drafts.values()))
-
-    def step_s(self, num_drafts: int) -> float:
-        return self.draft_s(num_drafts) + self.verify_s(num_drafts + 1)
-
-    def to_dict(self) -> dict:
-        data = {"verify": {str(k): v for k, v in sorted(self.verify.items())}, "draft": self.draft,
-                "context": self.context, "noisy": self.noisy}
-        if self.drafts:
-            data["drafts"] = {str(k): v for k, v in sorted(self.drafts.items())}
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> StepCosts:
-        drafts = data.get("drafts")
-        return cls({int(k): float(v) for k, v in data["verify"].items()}, float(data["draft"]),
-                   int(data.get("context", 0)), bool(data.get("noisy", False)),
-                   {int(k): float(v) for k, v in drafts.items()} if drafts else None)
-
-
-def interpolate(values: dict[int, float], n: int) -> float:
-    """values at measured sizes -> value at n: linear between sizes, extrapolated from the
-    last two beyond them, the first one below them."""
-    sizes = sorted(values)
-    if n in values:
-        return values[n]
-    lo = max((s for s in sizes if s < n), default=sizes[0])
-    hi = min((s for s in sizes if s > n), default=None)
-    if hi is None:
-        if len(sizes) == 1:
-            return values[lo]
-        a, b = sizes[-2], sizes[-1]
-        slope = (values[b] - values[a]) / (b - a)
-        return values[b] + slope * (n - b)
-    if n < lo:
-        return values[lo]
-    frac = (n - lo) / (hi - lo)
-    return values[lo] + frac * (values[hi] - values[lo])
-
-
-def expected_tokens(accept: Sequence[float], num_drafts: int) -> float:
-    """E[tokens delivered] by a step verifying `num_drafts` drafts; accept[i] is the
-    conditional acceptance rate of draft i + 1 (positions beyond the list count as 0)."""
-    total, reach = 1.0, 1.0
-    for i in range(num_drafts):
-        reach *= accept[i] if i < len(accept) else 0.0
-        total += reach
-    return total
-
-
-def best_num_drafts(accept: Sequence[float], costs: StepCosts, max_drafts: int) -> int:
-    """The k in 0..max_drafts with the most expected tokens per second (ties: fewer drafts)."""
-    best_k, best_rate = 0, 1.0 / costs.step_s(0)
-    total, reach = 1.0, 1.0
-    for k in range(1, max_drafts + 1):
-        reach *= accept[k - 1] if k - 1 < len(accept) else 0.0
-        total += reach
-        rate = total / costs.step_s(k)
-        if rate > best_rate * (1 + 1e-12):
-            best_k, best_rate = k, rate
-    return best_k
-
-
-def modeled_time_s(costs: StepCosts, drafts_per_step: Sequence[int]) -> float:
-    """Time the forwards alone would take for these steps (the ideal of engine efficiency)."""
-    return sum(costs.step_s(k) for k in drafts_per_step)
-
-
-def engine_efficiency(costs: StepCosts, drafts_per_step: Sequence[int], decode_time_s: float) -> float | None:
-    """Ideal time (bare forwards, from the cost model) / measured decode time.
-
-    For a fixed block B this is the achieved tokens/s over tau / (t_draft + t_verify(B)):
-    everything the engine does beside the two forwards (Python, cache bookkeeping,
-    sampling, host syncs, stop checks) lowers it."""
-    if not drafts_per_step or decode_time_s <= 0:
-        return None
-    return modeled_time_s(costs, drafts_per_step) / decode_time_s
-
-
-# ------------------------------------------------------------------ measuring
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _timed(fn, device: torch.device) -> float:
+def timed(fn, device: torch.device) -> float:
     _sync(device)
     t0 = time.perf_counter()
     fn()
@@ -191,7 +73,7 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
     verify costs made non-decreasing in the number of tokens. `noisy` is set when the
     repeats of some size spread by more than `noise_limit` (interquartile range / median):
     another process was competing for the cores."""
-    from .sampling import Sampler
+    from ..runtime.sampling import Sampler
 
     device = target.device
     context = max(1, min(context, target.max_context - 2 * max_tokens - 2))
@@ -222,7 +104,7 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
     times: dict = {key: [] for key in jobs}
     for _ in range(repeats):
         for key, fn in jobs.items():
-            times[key].append(_timed(fn, device))
+            times[key].append(timed(fn, device))
     noisy = any(relative_spread(t) > noise_limit for t in times.values())
     verify = non_decreasing({n: statistics.median(t) for n, t in times.items() if isinstance(n, int)})
     drafts = non_decreasing({key[1]: statistics.median(t) for key, t in times.items() if isinstance(key, tuple)})
@@ -236,14 +118,14 @@ def costs_dir() -> Path:
     env = os.environ.get("SPECFLASH_COST_CACHE")
     if env:
         return Path(env).expanduser()
-    from .models.resolve import specflash_home
+    from ..models.resolve import specflash_home
 
     return specflash_home() / "costs"
 
 
 def cost_key(target, proposer, max_tokens: int) -> str:
     """Everything a measurement depends on: model, proposer, device, dtype, threads, machine."""
-    from .bench.machine import machine_info
+    from .machine import machine_info
 
     drafter = getattr(proposer, "drafter", None)
     parts = {
@@ -302,7 +184,3 @@ def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool =
         f"measuring step costs for {getattr(target, 'name', 'target')} (once per model and machine) ...",
         "warning: the machine was busy while step costs were measured (timings spread widely); using them for "
         "this run only, not caching them")
-
-
-__all__ = ["StepCosts", "best_num_drafts", "engine_efficiency", "expected_tokens", "load_or_measure",
-           "measure_costs", "modeled_time_s"]

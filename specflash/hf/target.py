@@ -24,9 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .errors import CheckpointError, InputError
-from .kernelchoice import STOCK, KernelChoice
-from .kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
+from ..errors import CheckpointError, InputError
+from ..perf.kernelchoice import STOCK, KernelChoice
+from ..perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
 from .leanforward import LeanForward, decoder_of, lean_forward_allowed
 from .staticsteps import StaticKV, StaticTargetSteps
 
@@ -71,7 +71,7 @@ class TargetModel:
         """Load a registered name (see `specflash models`), a local folder or a hub id."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .models import resolve_model
+        from ..models import resolve_model
 
         from transformers.utils import logging as hf_logging
 
@@ -87,7 +87,7 @@ class TargetModel:
                 hf_logging.enable_progress_bar()
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         target = cls(model.to(device), tokenizer, name=str(name_or_path))
-        target._lean_forward()  # its bit-identity check (~0.5 s on SmolLM2-135M) at load, not in a first request
+        target._lean_forward()  # its bit-identity check at load, not in a first request
         return target
 
     # ------------------------------------------------------------- properties

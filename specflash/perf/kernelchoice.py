@@ -2,10 +2,9 @@
 
 A verify forward of n = 2..16 tokens multiplies n rows by every weight matrix. Two exact
 ways to do it differ a lot by machine: `F.linear` (transformers' own) and (W @ x^T)^T
-(kernels.py). On the 2-core AMD EPYC VM (AVX2) the second made SmolLM2-135M verifies of
-2-16 tokens 1.1-1.3x faster (LM head for 2..16 rows, decoder linears for 2..4); on a 2-core
-Intel Xeon VM with AVX-512 and AMX it made a 2-token verify 2.1x *slower* (82.8 vs 39.4 ms).
-So the routing is chosen per machine by timing whole target forwards of n tokens after a
+(kernels.py). The same routing that makes verifies faster on one CPU can make them about
+twice as slow on another (AVX2 against AVX-512 / AMX; measurements in docs/performance.md,
+"Few-row verify kernels"). So the routing is chosen per machine by timing whole target forwards of n tokens after a
 cached context under each candidate (`CANDIDATES`), interleaved, medians; per n the fastest
 is kept, and sizes between the measured ones take the choice of the measured size below.
 The choice is cached beside the cost model (same machine / model / dtype / threads key; a
@@ -62,7 +61,7 @@ class KernelChoice:
 
 
 STOCK = KernelChoice()
-# What the AMD EPYC VM measured (the routing before choices were measured per machine).
+# The routing that measured best on an AVX2 CPU, used before choices were measured per machine.
 AVX2_DEFAULT = KernelChoice(frozenset(range(2, 17)), frozenset(range(2, 5)))
 
 
@@ -100,7 +99,7 @@ def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: in
     """Time target forwards of n tokens (n in the cost model's sizes, 2..max_tokens) after a
     `context`-token cache under each candidate routing, round-robin; pick per n. `noisy`
     when some repeats spread by more than `noise_limit` (interquartile range / median)."""
-    from .costmodel import _timed, default_sizes, relative_spread
+    from .measure import default_sizes, relative_spread, timed
 
     device = target.device
     context = max(1, min(context, target.max_context - 2 * max_tokens - 2))
@@ -125,7 +124,7 @@ def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: in
             for name, choice in choices.items():
                 target.set_kernel_choice(choice)
                 for n in sizes:
-                    elapsed = _timed(lambda n=n: run(n), device)
+                    elapsed = timed(lambda n=n: run(n), device)
                     if rep:
                         times[n][name].append(elapsed)
     finally:
@@ -137,7 +136,7 @@ def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: in
 
 def choice_key(target, max_tokens: int) -> str:
     """What the choice depends on: model shape, device, dtype, threads, torch, CPU."""
-    from .bench.machine import machine_info
+    from .machine import machine_info
 
     parts = {
         "target": str(getattr(target, "name", "")), "layers": target.num_layers, "hidden": target.hidden_size,
@@ -150,9 +149,9 @@ def choice_key(target, max_tokens: int) -> str:
 
 def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None) -> KernelChoice:
     """Apply the measured kernel choice for this target and machine (CPU fp32 only; measured
-    on first use, ~10 s for SmolLM2-135M, then cached); returns it. SPECFLASH_KERNELS=stock
+    once per machine on first use, then cached); returns it. SPECFLASH_KERNELS=stock
     keeps transformers' kernels for every size."""
-    from .costmodel import cached_measurement, costs_dir
+    from .measure import cached_measurement, costs_dir
 
     if os.environ.get("SPECFLASH_KERNELS", "").lower() == "stock" or target.device.type != "cpu" \
             or target.dtype != torch.float32:

@@ -22,11 +22,11 @@ import torch
 from .acceptance import greedy_accept, rejection_accept
 from .blockpolicy import FixedBlock
 from .config import DecodeConfig
-from .errors import ContextLengthError, InputError
+from ..errors import ContextLengthError, InputError
 from .metrics import SpecStats
 from .proposers.base import Proposer
 from .sampling import Sampler
-from .target import TargetModel
+from ..hf.target import TargetModel
 
 
 @dataclass

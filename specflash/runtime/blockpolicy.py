@@ -12,7 +12,7 @@ so outputs are the same for any policy.
 
 from __future__ import annotations
 
-from .costmodel import StepCosts, best_num_drafts
+from ..perf.costmodel import StepCosts, best_num_drafts
 
 
 class FixedBlock:
@@ -85,7 +85,7 @@ class AutoBlock:
 
 def parse_block_size(value: str | int | None) -> int | str | None:
     """`--block-size` value: None (the default), 'auto', or an int >= 1."""
-    from .errors import InputError
+    from ..errors import InputError
 
     if value is None:
         return None
@@ -107,13 +107,13 @@ def make_policy(block_size: int | str | None, target, proposer, log=None) -> tup
     if proposer is None:
         return 1, FixedBlock()
     native = int(getattr(proposer, "block_size", 8))
-    from .kernelchoice import choose_kernels
+    from ..perf.kernelchoice import choose_kernels
 
     choose_kernels(target, max_tokens=native, log=log)  # this machine's few-row kernels, before any cost
     if block_size is None:
         return native, FixedBlock()
     if block_size == "auto":
-        from .costmodel import load_or_measure
+        from ..perf.measure import load_or_measure
 
         costs = load_or_measure(target, proposer, max_tokens=native, log=log)
         return native, AutoBlock(costs, native - 1)

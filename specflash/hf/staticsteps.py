@@ -298,7 +298,7 @@ def static_block_mask(block_positions: torch.Tensor, key_positions: torch.Tensor
     """Mask of a draft block [q] over a static context [capacity] and itself: a context key
     is visible iff its position is before the block's first (the anchor's), then the
     layer's own causal / sliding-window rule. -> [1, 1, q, capacity + q] bool."""
-    from .drafter import block_attention_mask
+    from ..drafter.model import block_attention_mask
 
     q = block_positions.shape[0]
     context = (key_positions[None, :] < block_positions[:1, None]).expand(q, -1)  # [q, capacity]

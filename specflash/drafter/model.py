@@ -1,4 +1,4 @@
-"""The DFlash drafter network (`DFlashDrafter`), and its checkpoint I/O.
+"""The DFlash drafter network (`DFlashDrafter`).
 
 A stack of Qwen3-style decoder layers with no embedding and no LM head of its own:
 - feature fusion: tapped target hidden states [.., K*H_t] -> fc -> hidden_norm -> c_t [.., H]
@@ -10,13 +10,6 @@ A stack of Qwen3-style decoder layers with no embedding and no LM head of its ow
 - output: final `norm`; the caller applies the target's LM head, or only its rows of
   the drafter's reduced draft vocabulary when it has one (`draft_vocab`).
 
-Draft vocabulary: a drafter trained with its loss over the N most frequent target output
-tokens never learned to push the other logits down, so at inference it proposes only
-from those N tokens (also N/V of the LM head cost). The ids live in `draft_vocab.json`
-beside the weights, not in model.safetensors, since vLLM stops at an unknown tensor: the
-engines and the z-lab runtime load the same folder and use the full LM head, which is
-still lossless (every draft is verified), only a little slower.
-
 Weight names match the published checkpoints (`fc.weight`, `hidden_norm.weight`,
 `layers.{i}.self_attn.q_proj.weight`, ..., `norm.weight`), so z-lab drafters load here
 and ours load in vLLM / SGLang / the z-lab runtime.
@@ -24,22 +17,17 @@ and ours load in vLLM / SGLang / the z-lab runtime.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import ContextKVCache
+from ..errors import CheckpointError
+from ..hf.cache import ContextKVCache
+from .checkpoint import CONFIG_NAME, check_weights, drafter_folder, read_weights, write_checkpoint
 from .config import DrafterConfig
-from .errors import CheckpointError
-
-WEIGHTS_NAME = "model.safetensors"
-WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-CONFIG_NAME = "config.json"
-DRAFT_VOCAB_NAME = "draft_vocab.json"
-DRAFT_VOCAB_FORMAT = "specflash.draft_vocab/1"
+from .vocab import read_draft_vocab
 
 
 class RMSNorm(nn.Module):
@@ -353,154 +341,19 @@ class DFlashDrafter(nn.Module):
 
     # ------------------------------------------------------------ checkpoint
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:
-        """Write config.json + model.safetensors (default bf16) in the published layout."""
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().to(dtype).contiguous().cpu() for k, v in self.published_state_dict().items()}
-        save_file(state, str(folder / WEIGHTS_NAME), metadata={"format": "pt"})
-        config = self.config.to_dict()
-        config["torch_dtype"] = str(dtype).removeprefix("torch.")
-        (folder / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-        vocab_file = folder / DRAFT_VOCAB_NAME
-        if self.draft_vocab is not None:
-            vocab_file.write_text(json.dumps({"format": DRAFT_VOCAB_FORMAT, "size": int(self.draft_vocab.numel()),
-                                              "target_ids": self.draft_vocab.tolist()}) + "\n")
-        elif vocab_file.exists():
-            vocab_file.unlink()  # a stale vocabulary of an earlier save must not restrict this drafter
-        return folder
+        """Write config.json + model.safetensors (default bf16) in the published layout, and
+        draft_vocab.json when the drafter has a draft vocabulary."""
+        return write_checkpoint(folder, self.published_state_dict(), self.config, dtype, self.draft_vocab)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | Path, dtype: torch.dtype = torch.float32,
                         device: torch.device | str = "cpu") -> "DFlashDrafter":
         """Load a drafter from a local folder or a hub id (no trust_remote_code)."""
-        folder = _drafter_folder(name_or_path)
+        folder = drafter_folder(name_or_path)
         config = DrafterConfig.from_json_file(folder / CONFIG_NAME)
-        state = _read_weights(folder)
+        state = read_weights(folder)
         model = cls(config)
-        expected = {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}
-        missing = sorted(set(expected) - set(state))
-        unexpected = sorted(set(state) - set(expected))
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing weights {_short(missing)}")
-            if unexpected:
-                parts.append(f"unexpected weights {_short(unexpected)}")
-            raise CheckpointError(f"drafter checkpoint {folder} does not match its config.json: "
-                                  + "; ".join(parts))
-        wrong = [f"{k} {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-                 if tuple(state[k].shape) != tuple(v.shape)]
-        if wrong:
-            raise CheckpointError(f"drafter checkpoint {folder} has weights of the wrong shape for its "
-                                  f"config.json: {_short(wrong)}")
+        check_weights(folder, {k: v for k, v in model.state_dict().items() if not k.startswith("rotary.")}, state)
         model.load_state_dict(state, strict=False)
         model.set_draft_vocab(read_draft_vocab(folder))
         return model.to(device=device, dtype=dtype).eval()
-
-
-class DraftHead:
-    """How a drafter's outputs become token scores: the target's full LM head, or only the
-    rows of the drafter's draft vocabulary (gathered once, again if the vocabulary changes).
-    One place for the proposer at decode time and the trainer's held-out estimate."""
-
-    def __init__(self, drafter: DFlashDrafter, target):
-        self.drafter = drafter
-        self.target = target
-        self._vocab = None  # (drafter.draft_vocab, its ids on the target's device, their LM head rows)
-
-    def _rows(self):
-        vocab = self.drafter.draft_vocab
-        if self._vocab is None or self._vocab[0] is not vocab:
-            ids = vocab.to(self.target.device)
-            self._vocab = (vocab, ids, self.target.head_rows(ids))
-        return self._vocab[1], self._vocab[2]
-
-    def _vocab_logits(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden [.., H] -> (the draft vocabulary's target ids [N], their logits [.., N])."""
-        ids, rows = self._rows()
-        return ids, self.drafter.compute_logits(hidden, lambda h: self.target.lm_head(h, rows))
-
-    def greedy(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [.., H] -> [..] the drafter's greedy target token ids."""
-        if self.drafter.draft_vocab is None:
-            return self.drafter.compute_logits(hidden, self.target.lm_head).argmax(dim=-1)
-        ids, sub = self._vocab_logits(hidden)
-        return ids[sub.argmax(dim=-1)]
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """hidden [.., H] -> [.., V] logits over the target's vocabulary; -inf outside the
-        draft vocabulary (probability 0 there, so rejection sampling stays exact)."""
-        if self.drafter.draft_vocab is None:
-            return self.drafter.compute_logits(hidden, self.target.lm_head)
-        ids, sub = self._vocab_logits(hidden)
-        logits = sub.new_full((*sub.shape[:-1], self.target.output_rows), float("-inf"))
-        logits[..., ids] = sub
-        return logits
-
-
-def read_draft_vocab(folder: Path) -> list[int] | None:
-    """The ids of `draft_vocab.json` in a drafter folder (None when there is none)."""
-    path = Path(folder) / DRAFT_VOCAB_NAME
-    if not path.exists():
-        return None
-    try:
-        data = json.loads(path.read_text())
-        ids = [int(i) for i in data["target_ids"]]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"{path} is not a draft vocabulary ({type(exc).__name__}: {exc}); delete it to "
-                              f"use the full vocabulary") from None
-    if data.get("format") != DRAFT_VOCAB_FORMAT or data.get("size", len(ids)) != len(ids):
-        raise CheckpointError(f"{path}: expected format {DRAFT_VOCAB_FORMAT!r} with `size` equal to the number of "
-                              f"target_ids; delete it to use the full vocabulary")
-    return ids
-
-
-def _short(items: list[str], limit: int = 4) -> str:
-    shown = ", ".join(items[:limit])
-    return shown + (f" (+{len(items) - limit} more)" if len(items) > limit else "")
-
-
-def _drafter_folder(name_or_path: str | Path) -> Path:
-    path = Path(name_or_path).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise CheckpointError(f"{path} is a file; pass the drafter folder holding config.json "
-                              "and model.safetensors")
-    text = str(name_or_path)
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, allow_patterns=["*.json", "*.safetensors", "*.md"]))
-        except Exception as exc:  # offline, unknown repo, auth
-            raise CheckpointError(f"drafter {text!r} is not a local folder and could not be fetched "
-                                  f"from the hub ({type(exc).__name__}: {str(exc).splitlines()[0][:160]})") from None
-    raise CheckpointError(f"drafter folder {text!r} does not exist; pass a folder with config.json "
-                          "and model.safetensors, or a hub id like org/name")
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    files: list[Path]
-    if (folder / WEIGHTS_NAME).exists():
-        files = [folder / WEIGHTS_NAME]
-    elif (folder / WEIGHTS_INDEX_NAME).exists():
-        index = json.loads((folder / WEIGHTS_INDEX_NAME).read_text())
-        files = [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
-    else:
-        raise CheckpointError(f"no {WEIGHTS_NAME} in {folder}")
-    state: dict[str, torch.Tensor] = {}
-    for file in files:
-        try:
-            state.update(load_file(str(file)))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"cannot read {file}: {exc}") from None
-    # Some exports prefix names with "model."; the published layout has no prefix.
-    if state and all(k.startswith("model.") for k in state):
-        state = {k[len("model."):]: v for k, v in state.items()}
-    return state

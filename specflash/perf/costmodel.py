@@ -1,0 +1,131 @@
+"""Step costs of speculative decoding and the number of drafts that pays best.
+
+A verify step that checks k drafts costs
+
+    step(k) = t_draft(k) * [k > 0] + t_verify(k + 1)
+
+(the drafter runs its whole block in one forward whatever k is, but the LM head only over
+the k drafts the step verifies, so t_draft grows a little with k; k = 0 is a plain
+decoding step). With a_i = P(draft i accepted | drafts 1..i-1 accepted), the step
+delivers on average
+
+    E[tokens | k] = 1 + sum_{i=1..k} a_1 * ... * a_i
+
+tokens (the accepted drafts plus the recovered or bonus token), so the number of drafts
+that maximises expected tokens per second is argmax_k E[tokens | k] / step(k).
+
+Everything here is pure arithmetic over measured times; measure.py takes the
+measurements (`load_or_measure`: once per target / proposer / machine, cached as JSON under
+`$SPECFLASH_HOME/costs/`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StepCosts:
+    """Measured seconds: `verify` maps tokens fed to one target forward (incl. LM head) to
+    its median time; `draft` is one proposer call for a full block; `drafts`, when
+    measured, maps the number of drafts asked of the proposer to its median time."""
+
+    verify: dict[int, float]
+    draft: float
+    context: int = 0  # cached tokens in front of the measured forwards
+    noisy: bool = False  # the timings spread widely: the machine was busy while measuring
+    drafts: dict[int, float] | None = None
+
+    def __post_init__(self):
+        if not self.verify or 1 not in self.verify:
+            raise ValueError("verify costs need at least the 1-token forward")
+
+    def verify_s(self, tokens: int) -> float:
+        """Cost of a `tokens`-token target forward, linear between measured sizes and
+        extrapolated from the last two beyond them."""
+        return interpolate(self.verify, tokens)
+
+    def draft_s(self, num_drafts: int) -> float:
+        """Cost of one proposer call asked for `num_drafts` drafts (0 for none)."""
+        if num_drafts <= 0:
+            return 0.0
+        if not self.drafts:
+            return self.draft
+        return min(interpolate(self.drafts, num_drafts), max(self.drafts.values()))
+
+    def step_s(self, num_drafts: int) -> float:
+        return self.draft_s(num_drafts) + self.verify_s(num_drafts + 1)
+
+    def to_dict(self) -> dict:
+        data = {"verify": {str(k): v for k, v in sorted(self.verify.items())}, "draft": self.draft,
+                "context": self.context, "noisy": self.noisy}
+        if self.drafts:
+            data["drafts"] = {str(k): v for k, v in sorted(self.drafts.items())}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> StepCosts:
+        drafts = data.get("drafts")
+        return cls({int(k): float(v) for k, v in data["verify"].items()}, float(data["draft"]),
+                   int(data.get("context", 0)), bool(data.get("noisy", False)),
+                   {int(k): float(v) for k, v in drafts.items()} if drafts else None)
+
+
+def interpolate(values: dict[int, float], n: int) -> float:
+    """values at measured sizes -> value at n: linear between sizes, extrapolated from the
+    last two beyond them, the first one below them."""
+    sizes = sorted(values)
+    if n in values:
+        return values[n]
+    lo = max((s for s in sizes if s < n), default=sizes[0])
+    hi = min((s for s in sizes if s > n), default=None)
+    if hi is None:
+        if len(sizes) == 1:
+            return values[lo]
+        a, b = sizes[-2], sizes[-1]
+        slope = (values[b] - values[a]) / (b - a)
+        return values[b] + slope * (n - b)
+    if n < lo:
+        return values[lo]
+    frac = (n - lo) / (hi - lo)
+    return values[lo] + frac * (values[hi] - values[lo])
+
+
+def expected_tokens(accept: Sequence[float], num_drafts: int) -> float:
+    """E[tokens delivered] by a step verifying `num_drafts` drafts; accept[i] is the
+    conditional acceptance rate of draft i + 1 (positions beyond the list count as 0)."""
+    total, reach = 1.0, 1.0
+    for i in range(num_drafts):
+        reach *= accept[i] if i < len(accept) else 0.0
+        total += reach
+    return total
+
+
+def best_num_drafts(accept: Sequence[float], costs: StepCosts, max_drafts: int) -> int:
+    """The k in 0..max_drafts with the most expected tokens per second (ties: fewer drafts)."""
+    best_k, best_rate = 0, 1.0 / costs.step_s(0)
+    total, reach = 1.0, 1.0
+    for k in range(1, max_drafts + 1):
+        reach *= accept[k - 1] if k - 1 < len(accept) else 0.0
+        total += reach
+        rate = total / costs.step_s(k)
+        if rate > best_rate * (1 + 1e-12):
+            best_k, best_rate = k, rate
+    return best_k
+
+
+def modeled_time_s(costs: StepCosts, drafts_per_step: Sequence[int]) -> float:
+    """Time the forwards alone would take for these steps (the ideal of engine efficiency)."""
+    return sum(costs.step_s(k) for k in drafts_per_step)
+
+
+def engine_efficiency(costs: StepCosts, drafts_per_step: Sequence[int], decode_time_s: float) -> float | None:
+    """Ideal time (bare forwards, from the cost model) / measured decode time.
+
+    For a fixed block B this is the achieved tokens/s over tau / (t_draft + t_verify(B)):
+    everything the engine does beside the two forwards (Python, cache bookkeeping,
+    sampling, host syncs, stop checks) lowers it."""
+    if not drafts_per_step or decode_time_s <= 0:
+        return None
+    return modeled_time_s(costs, drafts_per_step) / decode_time_s
