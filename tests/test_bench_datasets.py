@@ -136,3 +136,26 @@ def test_stdlib_problem_skips_private_undocumented_and_nested_definitions():
     assert problems[:3] == [None, None, None]
     assert problems[3].startswith("def public(x, *, y=2) -> int:\n    \"\"\"Add things")
     assert "return" not in problems[3]
+
+
+def test_package_functions_come_from_installed_sources_minus_tests_and_known_problems(tmp_path):
+    from specflash.bench.datasets import PACKAGE_SKIP, _function_problems, _normalise
+
+    doc = "Return the thing this function computes, described at some length for the filter."
+    for rel in ("pkg/core.py", "pkg/tests/test_core.py", "pkg-1.0.dist-info/x.py", "other/twin.py"):
+        path = tmp_path / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f'def {path.stem}_fn(a, b=2):\n    """{doc}"""\n    return a\n\n'
+                        f'def _private(a):\n    """{doc}"""\n')
+    (tmp_path / "other" / "dup.py").write_text(f'def core_fn(a, b=2):\n    """{doc}"""\n    return b\n')
+    import ast
+
+    from specflash.bench.datasets import stdlib_problem
+
+    twin = _normalise(stdlib_problem(ast.parse((tmp_path / "other" / "twin.py").read_text()).body[0]))
+    problems = _function_problems("package-functions", [tmp_path], PACKAGE_SKIP, seen={twin})
+    ids = {p.id for p in problems}
+    assert len(ids & {"pkg.core.core_fn", "other.dup.core_fn"}) == 1  # one problem, however many copies
+    assert "other.twin.twin_fn" not in ids  # already known (as stdlib-functions' problems are)
+    assert not any("tests" in i or "dist-info" in i or "_private" in i for i in ids)
+    assert all(p.turns[0].startswith("Write a solution") and p.split in ("train", "eval") for p in problems)

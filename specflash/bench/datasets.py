@@ -13,6 +13,10 @@ Offline sets (installed from PyPI, no hub needed):
   as its signature and docstring (body removed), worded as ``humaneval`` is. About 900
   problems on CPython 3.11 (the set follows the interpreter's version); code prompts for
   training beyond HumanEval's 86 train problems.
+- ``package-functions``: the same kind of problem made from the pure-Python sources of the
+  installed packages (site-packages: numpy, scipy, transformers, ...; specflash itself and
+  test folders left out), minus any problem ``stdlib-functions`` already has: several
+  thousand more code prompts for training; which ones follows what is installed.
 
 Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
 `DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
@@ -47,7 +51,8 @@ from pathlib import Path
 from ..errors import InputError, SpecflashError
 
 SPLITS = ("train", "eval", "all")
-EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1, "stdlib-functions": 0.1}
+EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1, "stdlib-functions": 0.1,
+                 "package-functions": 0.1}
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
                       "```python\n{prompt}\n```")
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -222,6 +227,51 @@ def stdlib_problem(node) -> str | None:
     return ast.unparse(ast.fix_missing_locations(stub))
 
 
+PACKAGE_SKIP = ("test", "tests", "testing", "_vendor", "vendor", "specflash", "setuptools", "pip", "_distutils_hack")
+
+
+def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
+                       seen: set[str] | None = None) -> list[BenchPrompt]:
+    """HumanEval-shaped problems from the module-level functions of every .py file under
+    `roots` (parts named in `skip` left out), de-duplicated by normalised text, also
+    against `seen`."""
+    import ast
+
+    out, seen = [], set(seen or ())
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            rel = path.relative_to(root)
+            if any(part in skip or part.endswith((".dist-info", ".egg-info")) for part in rel.parts):
+                continue
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except (SyntaxError, UnicodeDecodeError, OSError, ValueError, RecursionError):
+                continue
+            module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
+            for node in tree.body:
+                problem = stdlib_problem(node)
+                key = problem and _normalise(problem)
+                if not key or key in seen:  # e.g. posixpath / ntpath twins
+                    continue
+                seen.add(key)
+                out.append(BenchPrompt(name, f"{module}.{node.name}", (HUMANEVAL_TEMPLATE.format(prompt=problem),),
+                                       split=split_of(name, key)))
+    if not out:
+        raise DatasetUnavailable(f"dataset {name} found no Python sources under {', '.join(map(str, roots))}")
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _package_functions_all() -> tuple[BenchPrompt, ...]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    stdlib = {_normalise(p.turns[0]) for p in _stdlib_functions_all()}
+    problems = _function_problems("package-functions", [r for r in roots if r.is_dir()], PACKAGE_SKIP)
+    return tuple(p for p in problems if _normalise(p.turns[0]) not in stdlib)
+
+
 @functools.lru_cache(maxsize=1)
 def _stdlib_functions_all() -> tuple[BenchPrompt, ...]:
     import ast
@@ -280,7 +330,7 @@ HUB_SETS: dict[str, HubSet] = {
                        lambda r: tuple(t.strip() for t in r["prompt"]), "prompt_id"),
     "alpaca": HubSet("tatsu-lab/alpaca", None, "train", _alpaca),
 }
-OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns", "stdlib-functions")
+OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns", "stdlib-functions", "package-functions")
 DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
 
 
@@ -384,6 +434,8 @@ def load_prompts(name: str, split: str = "eval") -> list[BenchPrompt]:
         return _keep(_sharegpt_turns_all(), split)
     if name == "stdlib-functions":
         return _keep(_stdlib_functions_all(), split)
+    if name == "package-functions":
+        return _keep(_package_functions_all(), split)
     if name in HUB_SETS:
         if name not in EVAL_FRACTION and split == "train":
             raise InputError(f"dataset {name} is a test set: it has no training split")
