@@ -90,7 +90,7 @@ def test_finished_rows_leave_the_batch_and_outputs_stay_greedy(target, monkeypat
         results = generate_batch(target, prompts, RegenConfig(max_new_tokens=20), on_step=heard.append)
         assert calls, "no row left the batch: the test did not exercise compaction"
         assert sum(heard) == sum(len(r[0]) for r in results)  # the progress bar's count is exact
-        for prompt, (response, reason, features, _topk) in zip(prompts, results):
+        for prompt, (response, reason, features, _topk, _greedy) in zip(prompts, results):
             expected = hf_greedy(target, prompt, 20, eos=[stop])
             assert response == expected
             assert reason == ("stop" if stop in expected else "length")

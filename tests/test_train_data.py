@@ -183,7 +183,7 @@ def test_teacher_forced_labels_do_not_depend_on_the_logits_budget(target):
     target.set_taps((1, 3))
     whole = regen.teacher_force_batch(target, seqs, n_prompt)
     one_by_one = regen.teacher_force_batch(target, seqs, n_prompt, logits_budget=1)
-    for (f1, g1), (f2, g2) in zip(whole, one_by_one):
+    for (f1, g1, _), (f2, g2, _) in zip(whole, one_by_one):
         assert g1 == g2 and torch.allclose(f1.float(), f2.float(), atol=2e-2)
 
 
@@ -249,13 +249,15 @@ def test_train_data_appends_to_a_corpus_and_its_manifest_says_how(tmp_path):
               "--no-features"]
     assert main([*common, "--max-prompts", "2"]) == 0
     first = read_manifest(tmp_path / "corpus")
-    assert main([*common, "--max-prompts", "5", "--temperature", "0.7"]) == 0
+    assert main([*common, "--max-prompts", "5"]) == 0
+    assert read_manifest(tmp_path / "corpus")["totals"]["rows"] == 5  # appended, nothing repeated
+    assert main([*common, "--max-prompts", "3", "--temperature", "0.7"]) == 0  # sampled answers: new rows
     manifest = read_manifest(tmp_path / "corpus")
-    assert first["totals"]["rows"] == 2 and manifest["totals"]["rows"] == 5  # appended, nothing repeated
-    assert len(ShardDataset([tmp_path / "corpus"]).rows) == 5
+    assert first["totals"]["rows"] == 2 and manifest["totals"]["rows"] == 8
+    assert len(ShardDataset([tmp_path / "corpus"]).rows) == 8
     assert all(p.suffix == ".npz" for p in shard_files(tmp_path / "corpus"))
     assert manifest["target"] == str(folder) and len(manifest["target_sha256"]) == 64
-    assert manifest["totals"]["rows_by_writer"] == {"target/float32": 2, "target/float32/T=0.7": 3}
+    assert manifest["totals"]["rows_by_writer"] == {"target/float32": 5, "target/float32/T=0.7": 3}
     settings = [s["settings"] for s in manifest["shards"].values()]
     assert {s["temperature"] for s in settings} == {0.0, 0.7} and all(s["dtype"] == "float32" for s in settings)
 
@@ -305,3 +307,40 @@ def test_no_topk_means_no_distribution_kept(target, tmp_path):
     regenerate(target, prompt_records(3), tmp_path, RegenConfig(max_new_tokens=6, layer_ids=(1, 3)), progress=False)
     example = ShardDataset([tmp_path])[0]
     assert example.topk_ids is None and example.topk_logits is None and example.features is not None
+
+
+def test_sampled_answers_carry_the_targets_greedy_labels_and_their_seed(target, tmp_path):
+    records = prompt_records(6)
+    for seed in (1, 2):
+        regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=12, batch_size=3, temperature=1.5,
+                                                          seed=seed), progress=False)
+    data = ShardDataset([tmp_path])
+    assert sorted(r.id for r in data.rows) == sorted(f"{r.id}#T1.5s{s}" for r in records for s in (1, 2))
+    differs = 0
+    for i in range(len(data)):
+        row, example = data.rows[i], data[i]
+        n_prompt = row.num_prompt_tokens
+        logits = target.forward(example.input_ids[None, :-1]).logits[0, n_prompt - 1:]
+        assert list(row.target_greedy) == logits.argmax(-1).tolist()  # greedy given the sampled tokens before
+        differs += list(row.target_greedy) != list(row.input_ids[n_prompt:])
+    assert differs  # at T=1.5 some sampled answers leave the greedy path
+    again = regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=12, temperature=1.5, seed=2),
+                       progress=False)
+    assert again["done"] == 0 and again["already_present"] == len(records)
+
+
+def test_sampled_answers_of_held_out_prompts_are_never_trained_on(tmp_path):
+    from specflash.data.corpus import write_rows
+
+    rows = []
+    for i in range(200):
+        rows.append({"id": f"q{i}", "source": "x", "input_ids": [1, 2, 3], "num_prompt_tokens": 1})
+        rows.append({"id": f"q{i}#T0.7s0", "source": "x", "input_ids": [1, 2, 4], "num_prompt_tokens": 1,
+                     "target_greedy": [2, 3]})
+    write_rows(tmp_path / "shard-00000.npz", rows)
+    data = ShardDataset([tmp_path])
+    train, held = data.split(0.2)
+    held_prompts = {data.rows[i].id for i in held}
+    assert 20 <= len(held) <= 60 and all("#" not in p for p in held_prompts)
+    assert not {data.rows[i].id.split("#")[0] for i in train} & held_prompts
+    assert len(train) == 400 - 2 * len(held)

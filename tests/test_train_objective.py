@@ -14,6 +14,7 @@ from specflash.train.objective import (
     default_gamma,
     greedy_consistent,
     position_weights,
+    sample_anchors,
     valid_anchors,
     weighted_block_loss,
 )
@@ -191,3 +192,74 @@ def test_loss_positions_supervise_only_the_first_l_drafts():
     w = blocks.weights.view(2, 5)
     assert (w[:, 3:] == 0).all() and torch.allclose(w[0, 1:3], position_weights(5, 2.0)[1:3])
     assert (position_weights(5, 2.0, loss_positions=2)[3:] == 0).all()
+
+
+def test_training_anchors_reach_the_end_of_the_response():
+    mask = torch.tensor([0, 0, 1, 1, 1, 1, 1, 0, 1, 1], dtype=torch.bool)
+    assert valid_anchors(mask, block_size=3, whole_blocks=False).tolist() == [2, 3, 4, 5, 8]  # up to S - 2
+    drawn = sample_anchors(mask, block_size=4, max_anchors=99)
+    assert drawn.tolist() == [2, 3, 4, 5, 8]
+
+
+def test_a_block_past_the_end_supervises_only_the_tokens_that_exist():
+    ids = torch.arange(10, 20)
+    mask = torch.ones(10, dtype=torch.bool)
+    mask[:3] = False
+    blocks = build_blocks(ids, mask, torch.tensor([7, 8]), block_size=4, mask_token_id=99)
+    labels = blocks.labels.view(2, 4)
+    assert labels[0].tolist() == [-100, 18, 19, -100]  # anchor 7: positions 8, 9 exist, 10 does not
+    assert labels[1].tolist() == [-100, 19, -100, -100]  # anchor 8 predicts the last token (end of turn)
+    assert blocks.positions.view(2, 4)[1].tolist() == [8, 9, 10, 11]
+    assert (blocks.weights.view(2, 4)[labels < 0] == 0).all()
+    greedy = build_blocks(ids, mask, torch.tensor([8]), 4, 99, greedy_ids=ids.clone())
+    assert greedy.labels.tolist() == [-100, 19, -100, -100]
+
+
+def test_distillation_is_smallest_when_the_drafter_matches_the_targets_distribution():
+    from specflash.train.objective import distillation_loss
+
+    g = torch.Generator().manual_seed(0)
+    soft_logits = torch.randn(4, 5, generator=g)
+    soft_ids = torch.stack([torch.randperm(12, generator=g)[:5] for _ in range(4)])
+    matching = torch.full((4, 12), -1e4)
+    matching.scatter_(1, soft_ids, soft_logits)
+    best, has = distillation_loss(matching, soft_ids, soft_logits, temperature=1.0)
+    p = torch.softmax(soft_logits, -1)
+    assert has.all() and torch.allclose(best, -(p * p.log()).sum(-1), atol=1e-5)  # H(p, p): p's entropy
+    for _ in range(5):
+        other, _ = distillation_loss(torch.randn(4, 12, generator=g) * 3, soft_ids, soft_logits, 1.0)
+        assert (other > best).all()
+
+
+def test_distillation_ignores_ids_outside_the_draft_vocabulary_and_unknown_rows():
+    from specflash.train.objective import distillation_loss
+
+    logits = torch.randn(2, 6)
+    ids = torch.tensor([[0, 3, -1], [-1, -1, -1]])
+    values = torch.tensor([[2.0, 1.0, 50.0], [1.0, 2.0, 3.0]])
+    loss, has = distillation_loss(logits, ids, values, temperature=2.0)
+    p = torch.softmax(values[0, :2] / 2.0, -1)
+    q = torch.log_softmax(logits[0] / 2.0, -1)[[0, 3]]
+    assert has.tolist() == [True, False]
+    assert torch.isclose(loss[0], -(p * q).sum() * 4.0) and loss[1] == 0
+
+
+def test_block_loss_mixes_distillation_only_where_the_distribution_is_known():
+    from specflash.train.objective import SoftTargets, block_soft_targets
+
+    ids = torch.arange(20, 40)
+    mask = torch.zeros(20, dtype=torch.bool)
+    mask[6:] = True
+    blocks = build_blocks(ids, mask, torch.tensor([6, 12]), block_size=4, mask_token_id=1)
+    hidden = torch.randn(8, 16)
+    head = torch.randn(64, 16)
+    topk_ids = torch.stack([ids[6:], (ids[6:] + 1) % 64], dim=1)  # [14, 2]: response token, then another
+    topk_logits = torch.tensor([[3.0, 1.0]]).repeat(14, 1)
+    soft = block_soft_targets(blocks.positions, 6, topk_ids, topk_logits, weight=0.0)
+    assert soft.ids[1].tolist() == topk_ids[1].tolist() and soft.ids[0].tolist() == topk_ids[0].tolist()
+    plain, _ = weighted_block_loss(hidden, head, blocks)
+    assert torch.isclose(weighted_block_loss(hidden, head, blocks, soft=soft)[0], plain)
+    mixed, _ = weighted_block_loss(hidden, head, blocks, soft=SoftTargets(soft.ids, soft.logits, 0.5))
+    assert not torch.isclose(mixed, plain)
+    unknown = SoftTargets(torch.full_like(soft.ids, -1), soft.logits, 0.5)
+    assert torch.isclose(weighted_block_loss(hidden, head, blocks, soft=unknown)[0], plain)

@@ -27,8 +27,9 @@ def register(sub) -> None:
     data.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
     data.add_argument("--prompts", default="sharegpt",
                       help="comma-separated prompt sets: sharegpt, sharegpt-turns (later turns with their history), "
-                           "humaneval, stdlib-functions (HumanEval-shaped problems from Python's standard library) "
-                           "(their TRAIN split only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
+                           "humaneval, stdlib-functions (HumanEval-shaped problems from Python's standard library), "
+                           "package-functions (the same from the installed packages' sources) (their TRAIN split "
+                           "only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
                            "files with 'prompt' or 'messages'")
     data.add_argument("--out", required=True, help="output folder for the shards (re-run to resume)")
     data.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
@@ -101,6 +102,13 @@ def register(sub) -> None:
                      help="supervise only block positions 1..L (default: all B-1). The LM head over unsupervised "
                           "rows is skipped, so a small L makes CPU steps much cheaper; with a small --gamma the "
                           "later positions carry little weight anyway")
+    fit.add_argument("--distill", type=float, default=0.0,
+                     help="share (0-1) of each position's loss that trains the drafter towards the target's "
+                          "distribution there (its top-k logits, kept by `train data --topk`) rather than its "
+                          "argmax token alone; positions without a kept distribution use the label only "
+                          "(default 0: labels only)")
+    fit.add_argument("--distill-temperature", type=float, default=1.0,
+                     help="temperature of both distributions in the distillation term (default 1)")
     fit.add_argument("--init", choices=["random", "target"], default="random",
                      help="random init, or copy the target's last layers into the draft layers")
     fit.add_argument("--init-from", default=None, metavar="DRAFTER|RUN",
@@ -112,6 +120,11 @@ def register(sub) -> None:
                           "starts from step 0")
     fit.add_argument("--warmup-fraction", type=float, default=None,
                      help="fraction of the steps spent warming the learning rate up from 0 (default 0.04)")
+    fit.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
+                     help="shards without cached features (a committed corpus on a new machine, or `train data "
+                          "--no-features`) get them once before training, with the target's top-k logits, written "
+                          "beside the shards (about 5.8 KB a token for SmolLM2-135M); --no-cache-features runs "
+                          "the target on every sequence of every step instead (default on)")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
@@ -231,6 +244,8 @@ def run_fit(args: argparse.Namespace) -> int:
     config = TrainConfig(data=args.data.split(","), out=args.out, target=args.target, num_layers=args.num_layers,
                          block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
                          lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
+                         distill=args.distill, distill_temperature=args.distill_temperature,
+                         cache_features=args.cache_features,
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,

@@ -76,9 +76,11 @@ def write_model_card(folder: Path, drafter: DFlashDrafter, info: dict) -> Path:
         "## Held-out acceptance (offline estimate)",
         "",
         f"- tau estimate (teacher-forced blocks vs the target's greedy continuation): "
-        f"{info.get('tau_estimate', '?')}",
+        f"{info.get('tau_estimate_text') or info.get('tau_estimate', '?')} (+- one standard error, sequences "
+        "as the unit)",
         f"- P(first k drafts all right), k = 1..: {info.get('accept_through_position', '?')}",
-        (f"- the same estimate on training sequences: {info['train_tau_estimate']} (the gap to the held-out "
+        (f"- the same estimate on training sequences: "
+         f"{info.get('train_tau_estimate_text') or info['train_tau_estimate']} (the gap to the held-out "
          f"figure is what the drafter memorized rather than learned)" if info.get("train_tau_estimate") else None),
         "",
     ]

@@ -1,8 +1,13 @@
 """The drafter training loop: AdamW, cosine schedule with warm-up, gradient clipping and
 accumulation, DDP through torchrun (gloo on CPU, nccl on GPU), checkpoints that resume
-exactly (model, optimizer, step, data position; anchors are a pure function of
-(seed, epoch, example)), a progress bar, a JSONL log, a loss-curve PNG, held-out
-offline acceptance, and export in the published checkpoint format."""
+exactly (model, optimizer, step, data position), a progress bar, a JSONL log, a loss-curve
+PNG, held-out offline acceptance with its standard error, and export in the published
+checkpoint format.
+
+Every pass over the data draws fresh anchors and a fresh order: both are pure functions of
+(seed, pass number, row id), and the pass number counts across a whole lineage of runs
+(a run continued with --init-from starts counting where its source stopped), so no two
+passes anywhere in a drafter's history repeat the same (context, block) pairs."""
 
 from __future__ import annotations
 
@@ -29,10 +34,12 @@ from .objective import (
     block_training_mask,
     build_blocks,
     cosine_lr,
+    block_soft_targets,
     sample_anchors,
     valid_anchors,
     weighted_block_loss,
 )
+from ..data.corpus import features_path
 from .shards import Example, ShardDataset
 
 
@@ -55,9 +62,11 @@ class TrainConfig:
     draft_vocab: int = 16384  # 0: full vocabulary in the loss
     gamma: float | None = None
     loss_positions: int | None = None  # supervise block positions 1..L only (default: all B-1)
-    held_out_fraction: float = 0.03
+    distill: float = 0.0  # share of each position's loss that distils the target's top-k distribution
+    distill_temperature: float = 1.0
+    held_out_fraction: float | None = None  # None: 3%, raised up to 20% to hold out ~eval_sequences rows
     eval_every: int = 200
-    eval_sequences: int = 32
+    eval_sequences: int = 256  # held-out rows per estimate (and as many training rows)
     train_estimate: bool = True  # also estimate on training sequences: the gap to held-out is memorization
     save_every: int = 100
     log_every: int = 10
@@ -65,6 +74,7 @@ class TrainConfig:
     init: str = "random"  # or "target": copy the target's last layers
     init_from: str | None = None  # warm start: an exported drafter folder, or an earlier run (weights + AdamW moments)
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
+    cache_features: bool = True  # features missing beside the data are computed once up front, not in every step
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
@@ -228,6 +238,49 @@ def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torc
     return moments, vocab
 
 
+UNKNOWN_LINEAGE_PASSES = 1000  # a source that did not count its passes: number ours beyond any it could have made
+
+
+def lineage_passes(source: str | None) -> int:
+    """Passes over data already made in the lineage `--init-from` continues: 0 for a fresh
+    drafter; a checkpoint's or an exported drafter's (training_info.json) count; and for a
+    source that predates the count, UNKNOWN_LINEAGE_PASSES, so our anchors never repeat the
+    seeds its passes used (those were numbered from 0 in every run)."""
+    if not source:
+        return 0
+    checkpoint = checkpoint_to_init_from(source)
+    if checkpoint is not None:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return int(state.get("passes_total", UNKNOWN_LINEAGE_PASSES))
+    info = Path(source) / "training_info.json"
+    if info.is_file():
+        try:
+            return int(json.loads(info.read_text()).get("passes_total", UNKNOWN_LINEAGE_PASSES))
+        except (ValueError, TypeError):
+            pass
+    return UNKNOWN_LINEAGE_PASSES
+
+
+def pass_seed(seed: int, pass_number: int, row_id: str) -> int:
+    """The anchor seed of one row in one pass (a 63-bit hash of all three)."""
+    import hashlib
+
+    digest = hashlib.sha256(f"{seed}:{pass_number}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def held_out_fraction(config: "TrainConfig", dataset: ShardDataset) -> float:
+    """The configured fraction, or by default 3% raised (up to 20%) until about
+    config.eval_sequences target-written rows are held out: an estimate over 32 sequences
+    has a standard error (~0.07 tau) larger than most differences between runs."""
+    if config.held_out_fraction is not None:
+        if not 0 <= config.held_out_fraction <= 1:
+            raise InputError(f"held_out_fraction must be in [0, 1], got {config.held_out_fraction}")
+        return config.held_out_fraction
+    own = sum(1 for r in dataset.rows if r.response_from == "target" and r.target_greedy is None)
+    return min(0.2, max(0.03, config.eval_sequences / max(1, own)))
+
+
 def carry_optimizer_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Take the per-parameter state (AdamW's moments and step counts) of a saved optimizer,
     keeping this run's hyper-parameters (learning rate, weight decay, betas)."""
@@ -280,7 +333,7 @@ class Trainer:
         exclude = set()
         if config.exclude_ids_file:
             exclude = {line.strip() for line in Path(config.exclude_ids_file).read_text().splitlines() if line.strip()}
-        self.train_idx, self.eval_idx = self.dataset.split(config.held_out_fraction, exclude)
+        self.train_idx, self.eval_idx = self.dataset.split(held_out_fraction(config, self.dataset), exclude)
         if not self.train_idx:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
         self.train_eval_idx = train_estimate_sample(self.dataset, self.train_idx, config.eval_sequences)
@@ -289,6 +342,13 @@ class Trainer:
             print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
                   "drafter learns their human tokens, which the target would often not write; run `specflash "
                   "train data` on the data folder(s) again to add the labels", flush=True)
+        if not 0 <= config.distill <= 1:
+            raise InputError(f"--distill must be between 0 (off) and 1 (distillation only), got {config.distill}")
+        if not config.distill_temperature > 0:
+            raise InputError(f"--distill-temperature must be positive, got {config.distill_temperature}")
+        if config.distill > 0 and self.dataset[self.train_idx[0]].topk_ids is None and self.rank == 0:
+            print("warning: --distill needs the target's top-k logits beside the data (`specflash train data` "
+                  "with the features and --topk); without them positions train on their labels alone", flush=True)
         if not 0 <= config.warmup_fraction < 1:
             raise InputError(f"--warmup-fraction must be in [0, 1), got {config.warmup_fraction}")
         if config.loss_positions is not None and not 1 <= config.loss_positions <= config.block_size - 1:
@@ -297,6 +357,8 @@ class Trainer:
         layer_ids = config.target_layer_ids or data_layer_ids(config.data)
         drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
                                                    block_size=config.block_size, target_layer_ids=layer_ids)
+        if config.cache_features:
+            self.fill_feature_cache(tuple(drafter_config.target_layer_ids))
         torch.manual_seed(config.seed)
         self.drafter = DFlashDrafter(drafter_config).init_weights(
             generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
@@ -338,10 +400,26 @@ class Trainer:
         self.steps_per_epoch = max(1, len(self.train_idx) // per_step)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.step = 0
+        self.passes_before = lineage_passes(config.init_from)  # passes made before this run, in its lineage
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.bf16 = use_bf16(config.precision, self.target.device)
         self._estimates: tuple[int, dict] | None = None  # (step, estimates()) of the current weights
+
+    def fill_feature_cache(self, layer_ids: tuple[int, ...]) -> None:
+        """Shards without cached features (a corpus on a new machine; `train data
+        --no-features`) get them now, with the target's top-k logits: one teacher-forced
+        pass, written beside the shards, instead of a target forward per sequence in every
+        step. Rank 0 writes; the other processes wait for it."""
+        from .regenerate import cache_features
+
+        folders = sorted({str(row.shard.parent) for row in self.dataset.rows
+                          if not features_path(row.shard).exists()})
+        if folders and self.rank == 0:
+            for folder in folders:
+                cache_features(self.target, folder, layer_ids, progress=self.progress)
+        if self.world > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
 
     def _autocast(self):
         return torch.autocast(self.target.device.type, dtype=torch.bfloat16, enabled=self.bf16)
@@ -376,6 +454,7 @@ class Trainer:
                  "optimizer": self.optimizer.state_dict(), "step": self.step,
                  "draft_vocab": None if self.subset is None else self.subset.ids,
                  "tokens_seen": self.tokens_seen, "train_seconds": self.train_seconds,
+                 "passes_before": self.passes_before, "passes_total": self.passes_total,
                  "config": dataclasses.asdict(self.config), "drafter_config": self.drafter.config.to_dict()}
         tmp = path.with_suffix(".tmp")
         torch.save(state, tmp)
@@ -392,12 +471,13 @@ class Trainer:
         self.step = int(state["step"])
         self.tokens_seen = int(state.get("tokens_seen", 0))
         self.train_seconds = float(state.get("train_seconds", 0.0))
+        self.passes_before = int(state.get("passes_before", self.passes_before))
         self._estimates = None
         return True
 
     # ------------------------------------------------------------ data order
     def _order(self, epoch: int) -> list[int]:
-        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
+        g = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.passes_before + epoch)
         perm = torch.randperm(len(self.train_idx), generator=g).tolist()
         return [self.train_idx[i] for i in perm]
 
@@ -410,8 +490,16 @@ class Trainer:
         return chunk[self.rank::self.world]
 
     def _anchor_generator(self, step: int, index: int) -> torch.Generator:
+        """Anchors of a row in this step's pass: fresh in every pass of the lineage, and the
+        same for a row whatever else the data holds (keyed by the row's id, not its index)."""
         epoch = step // self.steps_per_epoch
-        return torch.Generator().manual_seed((self.config.seed * 7919 + epoch) * 1_000_003 + index)
+        return torch.Generator().manual_seed(pass_seed(self.config.seed, self.passes_before + epoch,
+                                                       self.dataset.rows[index].id))
+
+    @property
+    def passes_total(self) -> int:
+        """Passes over the data in this drafter's lineage, the current one included once begun."""
+        return self.passes_before + math.ceil(self.step / self.steps_per_epoch)
 
     # --------------------------------------------------------------- compute
     def _features(self, example: Example) -> torch.Tensor:
@@ -450,9 +538,14 @@ class Trainer:
                                      self._anchor_generator(self.step, index))
             if anchors.numel() == 0:
                 continue
+            soft = None
+            if self.config.distill > 0 and example.topk_ids is not None:
+                soft = block_soft_targets(blocks_positions(anchors, self.config.block_size),
+                                          int((~example.loss_mask).sum()), example.topk_ids, example.topk_logits,
+                                          self.config.distill, self.config.distill_temperature)
             with self._autocast():
                 hidden, blocks = self._draft_hidden(example, anchors)
-                loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset)
+                loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset, soft=soft)
             (loss / len(indices)).backward()
             total_loss += loss.item() / len(indices)
             tokens += example.input_ids.numel()
@@ -473,7 +566,7 @@ class Trainer:
         target's own continuation, argmax over the drafter's vocabulary as at decode time."""
         self.drafter.eval()
         indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
-        lengths, hits_all = [], []
+        lengths, hits_all = [], []  # per sequence: [blocks] acceptance lengths, [blocks, B-1] reach
         for index in indices:
             example = self.dataset[index]
             anchors = valid_anchors(example.loss_mask, self.config.block_size)
@@ -493,13 +586,13 @@ class Trainer:
             if hits.numel():
                 lengths.append(acceptance_from_hits(hits).float())
                 hits_all.append(hits.float().cumprod(dim=1))
-        if not lengths:
-            return {"tau_estimate": None, "blocks": 0}
-        lengths_t = torch.cat(lengths)
-        reach = torch.cat(hits_all).mean(dim=0)  # P(first k drafts all right)
         self.drafter.train()
-        return {"tau_estimate": float(lengths_t.mean()), "blocks": int(lengths_t.numel()),
-                "accept_through_position": [round(float(x), 4) for x in reach]}
+        if not lengths:
+            return {"tau_estimate": None, "tau_estimate_se": None, "blocks": 0, "sequences": 0}
+        tau, se = clustered_mean([x.sum().item() for x in lengths], [x.numel() for x in lengths])
+        reach = torch.cat(hits_all).mean(dim=0)  # P(first k drafts all right)
+        return {"tau_estimate": tau, "tau_estimate_se": se, "blocks": sum(x.numel() for x in lengths),
+                "sequences": len(lengths), "accept_through_position": [round(float(x), 4) for x in reach]}
 
     def estimates(self) -> dict:
         """The log's eval fields: the held-out estimate (eval_*) and, with train_estimate,
@@ -533,9 +626,9 @@ class Trainer:
             start = {"step": 0, **self.estimates()}
             if self.rank == 0:
                 _append_json(log_path, start)
-                train_part = (f" (training sequences: {start['eval_train_tau_estimate']})"
+                train_part = (f"; training sequences: {format_estimate(start, 'eval_train_')}"
                               if "eval_train_tau_estimate" in start else "")
-                print(f"held-out tau estimate at step 0: {start['eval_tau_estimate']}{train_part}", flush=True)
+                print(f"held-out tau estimate at step 0: {format_estimate(start, 'eval_')}{train_part}", flush=True)
         window_tokens, window_start = 0, time.perf_counter()
         while self.step < last:
             t0 = time.perf_counter()
@@ -561,14 +654,42 @@ class Trainer:
         return record
 
 
+def blocks_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
+    """anchors [A] -> [A * B] absolute positions of every block query, as build_blocks lays them out."""
+    return (anchors[:, None] + torch.arange(block_size)[None, :]).flatten()
+
+
+def clustered_mean(sums: list[float], counts: list[int]) -> tuple[float, float | None]:
+    """Mean over blocks grouped in sequences, and its standard error with the sequence as
+    the unit (blocks of one sequence are not independent): the ratio estimator's
+    sqrt(m / (m - 1) * sum_i (s_i - mean * n_i)^2) / sum_i n_i. None with one sequence."""
+    total = float(sum(counts))
+    mean = sum(sums) / total
+    m = len(sums)
+    if m < 2:
+        return mean, None
+    spread = sum((s - mean * n) ** 2 for s, n in zip(sums, counts))
+    return mean, math.sqrt(m / (m - 1) * spread) / total
+
+
 def train_estimate_sample(dataset: "ShardDataset", train_idx: list[int], count: int) -> list[int]:
-    """`count` target-written training rows spread evenly over the training order
-    (every k-th), fixed for the run, for the training-set acceptance estimate."""
-    rows = [i for i in train_idx if dataset.rows[i].response_from == "target"]
+    """`count` training rows the target wrote greedily, spread evenly over the training
+    order (every k-th), fixed for the run, for the training-set acceptance estimate."""
+    rows = [i for i in train_idx if dataset.rows[i].response_from == "target" and dataset.rows[i].target_greedy is None]
     if not rows or count <= 0:
         return []
     stride = max(1, len(rows) // count)
     return rows[::stride][:count]
+
+
+def format_estimate(record: dict, prefix: str = "eval_") -> str:
+    """'1.792 +- 0.011 (256 sequences)' from a log record's estimate fields."""
+    tau = record.get(f"{prefix}tau_estimate")
+    if tau is None:
+        return "none (no scorable blocks)"
+    se = record.get(f"{prefix}tau_estimate_se")
+    spread = f" +- {se:.3f}" if se is not None else ""
+    return f"{tau:.3f}{spread} ({record.get(f'{prefix}sequences', '?')} sequences)"
 
 
 def _append_json(path: Path, record: dict) -> None:
@@ -620,7 +741,10 @@ def data_summary(trainer: "Trainer") -> dict:
                                               and ds.rows[i].target_greedy is not None])
     return {"sources": sources, "sequences": len(trainer.train_idx), "held_out": len(trainer.eval_idx),
             "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None,
-            "human_tokens_with_target_labels": greedy_labelled}
+            "human_tokens_with_target_labels": greedy_labelled,
+            "sampled_response_tokens": ds.num_response_tokens([i for i in trainer.train_idx
+                                                               if ds.rows[i].response_from == "target"
+                                                               and ds.rows[i].target_greedy is not None])}
 
 
 def export_run(trainer: "Trainer", folder: str | Path | None = None, command: str | None = None) -> Path:
@@ -636,16 +760,23 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "data": data_summary(trainer),
         "hyperparameters": {k: getattr(cfg, k) for k in (
             "num_layers", "block_size", "anchors_per_sequence", "epochs", "lr", "warmup_fraction", "weight_decay",
-            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "loss_positions", "init", "init_from",
+            "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "loss_positions", "distill",
+            "distill_temperature", "init", "init_from",
             "precision", "seed")} | {
             "world_size": trainer.world, "target_layer_ids": list(trainer.drafter.target_layer_ids)},
         "steps": trainer.step,
+        "passes_total": trainer.passes_total,
         "total_steps": trainer.total_steps,
         "tokens_seen": trainer.tokens_seen,
         "train_hours": round(trainer.train_seconds / 3600, 3),
         "machine": machine_summary(),
         "tau_estimate": evaluation.get("eval_tau_estimate"),
+        "tau_estimate_se": evaluation.get("eval_tau_estimate_se"),
+        "held_out_sequences": evaluation.get("eval_sequences"),
+        "tau_estimate_text": format_estimate(evaluation, "eval_"),
         "accept_through_position": evaluation.get("eval_accept_through_position"),
         "train_tau_estimate": evaluation.get("eval_train_tau_estimate"),
+        "train_tau_estimate_text": (format_estimate(evaluation, "eval_train_")
+                                    if evaluation.get("eval_train_tau_estimate") is not None else None),
     }
     return export_drafter(trainer.drafter, folder, info)

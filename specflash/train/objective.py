@@ -1,13 +1,22 @@
 """The block-diffusion training objective of DFlash, as pure tensor functions.
 
 For one sequence x_0..x_{S-1} with response mask m and tapped target features f_j:
-- anchors p: positions with m[p] and m[p+1] set and p <= S - B, sampled anew each epoch;
+- anchors p: positions with m[p] and m[p+1] set (p <= S - 2), sampled anew every pass over
+  the data; a block may run past the end of the sequence, its positions there unsupervised,
+  so the blocks that end a response (the end-of-turn token) are trained too;
 - block of anchor p: tokens [x_p, MASK x (B-1)] at positions p..p+B-1;
 - attention: a block sees context feature j only if j < p (strictly before its anchor),
   sees its own block bidirectionally, and never another block;
 - loss: block position k (1..L, L <= B-1) predicts x_{p+k} (same position, no shift),
   position 0 and non-response tokens excluded, weighted by w_k = exp(-(k-1)/gamma);
   loss = sum(w * CE) / sum(w).
+
+Distillation (optional, weight alpha, temperature T): where the target's distribution at the
+label's position is known (its top-k logits, kept at regeneration), a position's loss is
+(1 - alpha) * CE + alpha * T^2 * H(p_T, q_T): the cross-entropy of the drafter's tempered
+distribution q_T to the target's tempered top-k distribution p_T, both restricted to the
+draft vocabulary (equal to KL(p_T || q_T) up to a constant). It teaches the drafter how
+sure the target is, which the argmax label throws away.
 
 Labels on text the target did not write (teacher-forced human answers): the label of
 position i is then g_i, the target's greedy token given x_<i, and block position k is
@@ -48,20 +57,22 @@ def position_weights(block_size: int, gamma: float | None = None, loss_positions
     return w
 
 
-def valid_anchors(loss_mask: torch.Tensor, block_size: int) -> torch.Tensor:
-    """loss_mask [S] bool -> [n] positions p with mask[p] & mask[p+1] and p <= S - B."""
+def valid_anchors(loss_mask: torch.Tensor, block_size: int, whole_blocks: bool = True) -> torch.Tensor:
+    """loss_mask [S] bool -> [n] positions p with mask[p] & mask[p+1]; with whole_blocks,
+    only those whose block ends inside the sequence (p <= S - B), else up to p = S - 2."""
     s = loss_mask.shape[0]
-    if s < block_size or s < 2:
+    if s < 2 or (whole_blocks and s < block_size):
         return torch.empty(0, dtype=torch.long)
     ok = loss_mask[:-1] & loss_mask[1:]  # [S-1]: p and p+1 both response tokens
-    ok = ok[: s - block_size + 1]
+    if whole_blocks:
+        ok = ok[: s - block_size + 1]
     return ok.nonzero().flatten()
 
 
 def sample_anchors(loss_mask: torch.Tensor, block_size: int, max_anchors: int,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
-    """Up to max_anchors distinct valid anchors, drawn uniformly, sorted."""
-    candidates = valid_anchors(loss_mask, block_size)
+                   generator: torch.Generator | None = None, whole_blocks: bool = False) -> torch.Tensor:
+    """Up to max_anchors distinct valid anchors (by default up to S - 2), drawn uniformly, sorted."""
+    candidates = valid_anchors(loss_mask, block_size, whole_blocks)
     if candidates.numel() > max_anchors:
         pick = torch.randperm(candidates.numel(), generator=generator)[:max_anchors]
         candidates = candidates[pick]
@@ -97,9 +108,16 @@ def build_blocks(input_ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torc
     """input_ids, loss_mask [S]; anchors [A] -> Blocks with Q = A * B entries.
 
     greedy_ids [S] (optional): the target's greedy token at each position given the tokens
-    before it; labels then come from it, cut where the block's tokens leave it (module doc)."""
+    before it; labels then come from it, cut where the block's tokens leave it (module doc).
+    Block positions past the end of the sequence are unsupervised."""
     offsets = torch.arange(block_size)
     positions = (anchors[:, None] + offsets[None, :]).flatten()  # [Q]
+    past = int(positions.max()) + 1 - input_ids.numel() if positions.numel() else 0
+    if past > 0:  # blocks that run past the end: pad with unsupervised, never-read tokens
+        input_ids = torch.cat([input_ids, input_ids.new_full((past,), mask_token_id)])
+        loss_mask = torch.cat([loss_mask, loss_mask.new_zeros(past)])
+        if greedy_ids is not None:
+            greedy_ids = torch.cat([greedy_ids, greedy_ids.new_full((past,), mask_token_id)])
     targets = input_ids[positions] if greedy_ids is None else greedy_ids[positions]
     ids = torch.full_like(targets, mask_token_id).view(-1, block_size)
     ids[:, 0] = input_ids[anchors]
@@ -162,9 +180,45 @@ class VocabSubset:
         return token_counts[self.ids].sum().item() / total if total else 0.0
 
 
+@dataclass
+class SoftTargets:
+    """The target's distribution at each query's label position, as its top-k logits."""
+
+    ids: torch.Tensor  # [Q, k] target vocabulary ids; -1 where unknown
+    logits: torch.Tensor  # [Q, k] float
+    weight: float = 0.5  # alpha: the distillation share of each position's loss
+    temperature: float = 1.0
+
+
+def block_soft_targets(positions: torch.Tensor, num_prompt_tokens: int, topk_ids: torch.Tensor,
+                       topk_logits: torch.Tensor, weight: float, temperature: float = 1.0) -> SoftTargets:
+    """positions [Q] (absolute) and a sequence's response top-k ([R, k] each, row j for the
+    token at num_prompt_tokens + j) -> SoftTargets [Q, k], unknown outside the response."""
+    index = positions - num_prompt_tokens  # [Q] response row of each label position
+    known = (index >= 0) & (index < topk_ids.shape[0])
+    safe = index.clamp(0, max(0, topk_ids.shape[0] - 1))
+    ids = torch.where(known[:, None], topk_ids[safe], torch.full_like(topk_ids[safe], -1))
+    return SoftTargets(ids, topk_logits[safe].float(), weight, temperature)
+
+
+def distillation_loss(logits: torch.Tensor, soft_ids: torch.Tensor, soft_logits: torch.Tensor,
+                      temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [n, V'] of the drafter over the loss vocabulary; soft_ids [n, k] the target's
+    top-k as indices into that vocabulary (-1: outside it or unknown), soft_logits [n, k].
+    Returns (T^2 * H(p_T, q_T) [n], has [n] bool: rows with any known target mass)."""
+    valid = soft_ids >= 0  # [n, k]
+    has = valid.any(dim=-1)
+    target = (soft_logits / temperature).masked_fill(~valid, float("-inf"))
+    p = torch.softmax(target, dim=-1).nan_to_num(0.0)  # [n, k]; rows without mass are all zero
+    log_q = torch.log_softmax(logits / temperature, dim=-1).gather(1, soft_ids.clamp_min(0))  # [n, k]
+    return -(p * log_q).masked_fill(~valid, 0.0).sum(dim=-1) * temperature ** 2, has
+
+
 def weighted_block_loss(hidden: torch.Tensor, head_weight: torch.Tensor, blocks: Blocks,
-                        subset: VocabSubset | None = None, chunk: int = 1024) -> tuple[torch.Tensor, dict]:
-    """Decayed cross-entropy of the drafter's block outputs.
+                        subset: VocabSubset | None = None, chunk: int = 1024,
+                        soft: SoftTargets | None = None) -> tuple[torch.Tensor, dict]:
+    """Decayed cross-entropy of the drafter's block outputs, mixed with distillation to the
+    target's distribution where `soft` knows it (module doc).
 
     hidden [Q, H] (after the drafter's final norm); head_weight [V, H] the target's frozen
     LM head. Returns (loss, stats) with stats: weight sum, per-position correct counts
@@ -186,7 +240,15 @@ def weighted_block_loss(hidden: torch.Tensor, head_weight: torch.Tensor, blocks:
     for start in range(0, rows.numel(), chunk):
         r = rows[start:start + chunk]
         logits = (hidden[r] @ head_weight.T).float()  # [n, V']
-        ce = F.cross_entropy(logits, labels[r], reduction="none")
+        ce = F.cross_entropy(logits, labels[r], reduction="none")  # [n]
+        if soft is not None and soft.weight > 0:
+            soft_ids = soft.ids[r.to(soft.ids.device)].to(hidden.device)  # [n, k] target ids
+            if subset is not None:
+                soft_ids = torch.where(soft_ids >= 0, subset.to_subset.to(soft_ids.device)[soft_ids.clamp_min(0)],
+                                       soft_ids).clamp_min(-1)  # -100 (outside the subset) -> -1
+            kd, has = distillation_loss(logits, soft_ids, soft.logits[r.to(soft.logits.device)].to(hidden.device),
+                                        soft.temperature)
+            ce = torch.where(has, (1 - soft.weight) * ce + soft.weight * kd, ce)
         total = total + (ce * weights[r]).sum()
         with torch.no_grad():
             pos = r % blocks.block_size

@@ -86,6 +86,15 @@ def encode_record(target: TargetModel, record: PromptRecord, template_kwargs: di
     return target.encode_prompt(record.messages[-1][1], chat=False)
 
 
+def row_id(record: PromptRecord, config: RegenConfig) -> str:
+    """A shard row's id: the prompt's id for a greedy answer; a sampled answer adds its
+    temperature and seed ("<prompt id>#T0.7s3"), so several samples of one prompt can live in
+    one corpus (each run with its own --seed) and a resumed run skips the ones it made."""
+    if config.temperature > 0:
+        return f"{record.id}#T{config.temperature:g}s{config.seed}"
+    return record.id
+
+
 def keeps_human_answer(record: PromptRecord, fraction: float) -> bool:
     """Whether `record` is teacher-forced on its existing answer: it has one and its id's
     hash falls below `fraction` (a fixed choice, the same on every resumed run)."""
@@ -118,11 +127,13 @@ def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], 
 
 @torch.inference_mode()
 def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_prompt_tokens: list[int] | None = None,
-                        logits_budget: int = 2 ** 27) -> list[tuple[torch.Tensor | None, list[int] | None]]:
-    """Left-padded forwards over whole sequences; per sequence (features, greedy):
+                        logits_budget: int = 2 ** 27, topk: int = 0) -> list[tuple]:
+    """Left-padded forwards over whole sequences; per sequence (features, greedy, topk):
     the tapped features [len(seq) - 1, K*H] of every token but the last (None when nothing
     is tapped), and, with `num_prompt_tokens`, the target's greedy token at every response
-    position given the tokens before it (the labels of a teacher-forced answer; else None).
+    position given the tokens before it (the labels of a teacher-forced answer; else None)
+    and, with `topk` > 0 too, its k largest logits there (ids int32, logits float16, each
+    [len(response), k]; else None).
 
     Rows go through in groups whose kept logits stay under `logits_budget` floats."""
     def kept_logits(rows: list[int]) -> int:
@@ -148,12 +159,16 @@ def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_pro
         for row, i in enumerate(group):
             seq = sequences[i]
             features = None if feats is None else feats[row, width - len(seq): width - 1].cpu()
-            greedy = None
+            greedy = best = None
             if num_prompt_tokens is not None:
                 n_response = len(seq) - num_prompt_tokens[i]
                 # logits at position j predict token j + 1; the last kept position predicts past the end
-                greedy = out.logits[row, keep - 1 - n_response: keep - 1].argmax(-1).tolist()
-            results.append((features, greedy))
+                logits = out.logits[row, keep - 1 - n_response: keep - 1].float()  # [R, V]
+                greedy = logits.argmax(-1).tolist()
+                if topk:
+                    values, indices = logits.topk(topk, dim=-1)
+                    best = (indices.to(torch.int32).cpu(), values.to(torch.float16).cpu())
+            results.append((features, greedy, best))
     return results
 
 
@@ -179,12 +194,51 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
             chunk = missing[start:start + batch_size]
             labelled = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
                                            [rows[i]["num_prompt_tokens"] for i in chunk])
-            for i, (_, greedy) in zip(chunk, labelled):
+            for i, (_, greedy, _) in zip(chunk, labelled):
                 rows[i]["target_greedy"] = greedy
             bar.update(len(chunk))
         write_rows(shard, rows)
     bar.close()
     return total
+
+
+def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int, ...], topk: int = 32,
+                   batch_size: int = 8, progress: bool = True) -> int:
+    """Write the features cache (tapped features, and the target's top-k logits on the
+    response) of every shard in `folder` that has none, e.g. a committed corpus on a new
+    machine: one teacher-forced forward per row, instead of one per row in every training
+    step. Shard by shard (each file written whole), so an interrupted run resumes.
+    Returns the number of rows cached."""
+    from safetensors.torch import save_file
+    from tqdm.auto import tqdm
+
+    todo = [shard for shard in shard_files(folder) if not features_path(shard).exists()]
+    if not todo:
+        return 0
+    target.set_taps(layer_ids)
+    rows_by_shard = {shard: read_rows(shard) for shard in todo}
+    total = sum(sum(len(r["input_ids"]) for r in rows) for rows in rows_by_shard.values())
+    bar = tqdm(total=total, desc=f"caching features of {folder}", unit="tok", unit_scale=True,
+               disable=not progress, dynamic_ncols=True)
+    done = 0
+    for shard, rows in rows_by_shard.items():
+        tensors: dict[str, torch.Tensor] = {}
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths together
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            forced = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
+                                         [rows[i]["num_prompt_tokens"] for i in chunk], topk=topk)
+            for i, (features, _, best) in zip(chunk, forced):
+                tensors[str(i)] = features.contiguous()
+                if best is not None and rows[i].get("response_from", "target") == "target":
+                    tensors[f"topk_ids.{i}"], tensors[f"topk_logits.{i}"] = best[0].contiguous(), best[1].contiguous()
+            bar.update(sum(len(rows[i]["input_ids"]) for i in chunk))
+        tmp = features_path(shard).with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, features_path(shard))
+        done += len(rows)
+    bar.close()
+    return done
 
 
 def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None,
@@ -227,15 +281,17 @@ def left_padded(target: TargetModel, sequences: list[list[int]]) -> tuple[torch.
 @torch.inference_mode()
 def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenConfig,
                    generator: torch.Generator | None = None,
-                   on_step=None) -> list[tuple[list[int], str, torch.Tensor | None, tuple | None]]:
+                   on_step=None) -> list[tuple[list[int], str, torch.Tensor | None, tuple | None, list[int] | None]]:
     """Continue each prompt (greedy or sampled) until an eos token or max_new_tokens;
     `on_step(tokens)` (optional) hears how many tokens each decoding step added.
 
-    Left-pads the batch; returns (response ids, finish_reason, features, topk) per prompt,
-    where features [len(prompt) + len(response) - 1, K*H] are the tapped layers' outputs
-    for every token fed to the target (None when target.taps is empty), and topk, with
+    Left-pads the batch; returns (response ids, finish_reason, features, topk, greedy) per
+    prompt, where features [len(prompt) + len(response) - 1, K*H] are the tapped layers'
+    outputs for every token fed to the target (None when target.taps is empty); topk, with
     config.topk = k > 0, is (ids int32, logits float16), each [len(response), k]: the
-    target's k largest logits where it chose each response token (else None).
+    target's k largest logits where it chose each response token (else None); and greedy,
+    when sampling (temperature > 0), the target's greedy token at each response position
+    given the sampled tokens before it (else None: the response itself is greedy).
 
     Speed (this is most of a data run's time): the KV cache is preallocated (no per-step
     copy of it), decode attention does not copy KV heads (`gqa_attention`), and rows that
@@ -258,6 +314,8 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
     k = config.topk
     topk_ids = torch.zeros((n, steps, k), dtype=torch.int32, device=device) if k else None  # [n, steps, k]
     topk_logits = torch.zeros((n, steps, k), dtype=torch.float16, device=device) if k else None  # [n, steps, k]
+    sampling = config.temperature > 0
+    greedy_ids = torch.zeros((n, steps), dtype=torch.long, device=device) if sampling else None  # [n, steps]
 
     def keep_features(features: torch.Tensor, at: torch.Tensor | int, start: int) -> None:
         """features [m, F] of row `at`, or [live, m, F] of rows `at`, stored from `start`."""
@@ -292,9 +350,10 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
                 values, indices = logits.float().topk(k, dim=-1)  # [live, k]
                 topk_ids[rows, t] = indices.to(torch.int32)
                 topk_logits[rows, t] = values.to(torch.float16)
-            if config.temperature == 0:
+            if not sampling:
                 nxt = logits.argmax(-1)
             else:
+                greedy_ids[rows, t] = logits.argmax(-1)
                 probs = warp_logits(logits, config.temperature, config.top_k, config.top_p)
                 nxt = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
             out_tokens[rows, t] = nxt  # rows that finished earlier write past their length
@@ -324,7 +383,8 @@ def generate_batch(target: TargetModel, prompts: list[list[int]], config: RegenC
         topk = None
         if k:
             topk = (topk_ids[row, :length].to("cpu", copy=True), topk_logits[row, :length].to("cpu", copy=True))
-        results.append((out_tokens[row, :length].tolist(), reason, features, topk))
+        greedy = greedy_ids[row, :length].tolist() if sampling else None
+        results.append((out_tokens[row, :length].tolist(), reason, features, topk, greedy))
     return results
 
 
@@ -363,7 +423,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
     def batches() -> Iterator[tuple[str, list[Item]]]:
         groups: dict[str, list[Item]] = {"target": [], "human": []}
         for record in records:
-            if record.id in seen:
+            if row_id(record, config) in seen:
                 stats["already_present"] += 1
                 continue
             prompt = encode_record(target, record, config.template_kwargs)
@@ -406,12 +466,12 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
             answers = [encode_answer(target, r, p, m, config.template_kwargs) for (r, p), m in zip(batch, room)]
             forced = teacher_force_batch(target, [p + a for (_, p), (a, _) in zip(batch, answers)],
                                          [len(p) for _, p in batch])
-            outputs = [(a, reason, f, g, None) for (a, reason), (f, g) in zip(answers, forced)]
+            outputs = [(a, reason, f, g, None) for (a, reason), (f, g, _) in zip(answers, forced)]
         else:
-            outputs = [(response, reason, features, None, topk) for response, reason, features, topk
+            outputs = [(response, reason, features, greedy, topk) for response, reason, features, topk, greedy
                        in generate_batch(target, [p for _, p in batch], config, generator, on_step=show_step)]
         for (record, prompt), (response, reason, features, greedy, topk) in zip(batch, outputs):
-            row = {"id": record.id, "source": record.source, "input_ids": prompt + response,
+            row = {"id": row_id(record, config), "source": record.source, "input_ids": prompt + response,
                    "num_prompt_tokens": len(prompt), "response_from": kind, "finish_reason": reason}
             if greedy is not None:
                 row["target_greedy"] = greedy

@@ -75,18 +75,26 @@ class ShardDataset:
         return [r.id for r in self.rows]
 
     def split(self, held_out_fraction: float, exclude_ids: set[str] | None = None) -> tuple[list[int], list[int]]:
-        """Deterministic split by a hash of each id: (train indices, held-out indices).
-        Rows whose id is in `exclude_ids` (e.g. benchmark prompts) are in neither; rows with
-        a human (teacher-forced) answer always train, since the held-out estimate compares
-        the drafter with the target's own continuation."""
+        """Deterministic split by a hash of each prompt's id: (train indices, held-out indices).
+        Rows of prompts in `exclude_ids` (e.g. benchmark prompts) are in neither. Only the
+        target's own greedy answers are held out (the held-out estimate compares the drafter
+        with them); a human (teacher-forced) answer of a held-out prompt trains, and a sampled
+        answer of one is in neither set, so no held-out prompt is ever trained on."""
         train, held = [], []
         for i, row in enumerate(self.rows):
-            if exclude_ids and row.id in exclude_ids:
+            # Keyed by the prompt: the sampled answers of a prompt ("<id>#T..s..") go with it.
+            prompt = row.id.split("#")[0]
+            if exclude_ids and (row.id in exclude_ids or prompt in exclude_ids):
                 continue
             # Salted: data is often processed in sha256(id) order, which must not decide the split.
-            bucket = int(hashlib.sha256(f"held-out:{row.id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            held_out = bucket < held_out_fraction and row.response_from == "target"
-            (held if held_out else train).append(i)
+            bucket = int(hashlib.sha256(f"held-out:{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+            if bucket >= held_out_fraction:
+                train.append(i)
+            elif row.response_from == "target" and row.target_greedy is None:
+                held.append(i)  # the target's own greedy answer: what decoding must match
+            elif row.response_from != "target":
+                train.append(i)  # a human answer: its prompt has no target answer to leak
+            # else a sampled answer to a held-out prompt: in neither set
         return train, held
 
     def unlabelled_human_rows(self) -> int:
