@@ -516,3 +516,33 @@ def test_a_corpus_without_features_gets_them_cached_once_before_training(setup, 
         assert torch.allclose(example.features.float(), twin.features.float(), atol=2e-2, rtol=1e-2)
         assert torch.equal(example.topk_ids[:, :4], twin.topk_ids)  # the same distribution, teacher-forced
     trainer.train_step()
+
+
+def test_paired_difference_is_the_difference_of_estimates_with_a_smaller_error():
+    from specflash.train.loop import clustered_mean, paired_difference
+
+    a = {"s1": (30.0, 10), "s2": (12.0, 10), "s3": (55.0, 20), "s4": (20.0, 10)}
+    b = {"s1": (32.0, 10), "s2": (13.0, 10), "s3": (58.0, 20), "s4": (21.0, 10), "extra": (9.0, 3)}
+    diff, se = paired_difference(a, b)
+    mean_a, se_a = clustered_mean([v[0] for v in a.values()], [v[1] for v in a.values()])
+    mean_b, _ = clustered_mean([b[k][0] for k in a], [b[k][1] for k in a])
+    assert abs(diff - (mean_b - mean_a)) < 1e-12 and se < se_a
+    with pytest.raises(Exception, match="share no sequence"):
+        paired_difference(a, {"other": (1.0, 1)})
+
+
+def test_train_compare_scores_drafters_on_the_same_held_out_sequences(setup, capsys):
+    root, folder, target, data = setup
+    trainer = Trainer(config(setup, "compare-src", max_steps=40), target=target, progress=False)
+    trainer.fit()
+    trained = export_run(trainer)
+    fresh = Trainer(config(setup, "compare-fresh", max_steps=0), target=target, progress=False)
+    untrained = export_run(fresh)
+    capsys.readouterr()
+    assert main(["train", "compare", "--data", str(data), "--drafters", f"{untrained},{trained}", "--target",
+                 str(folder), "--eval-sequences", "16", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    first, second = report["results"]
+    assert first["difference_to_first"] == 0 and second["sequences"] == first["sequences"] > 2
+    assert abs(second["difference_to_first"] - (second["tau_estimate"] - first["tau_estimate"])) < 1e-9
+    assert second["difference_to_first"] > 0  # 40 steps of training beat none

@@ -155,6 +155,23 @@ def register(sub) -> None:
                       help="target that wrote the data (checked against the corpus's; default: the data's meta.json)")
     pack.set_defaults(handler=run_pack)
 
+    compare = stages.add_parser("compare", help="held-out acceptance of several drafters, paired",
+                                description="Estimate each drafter's acceptance on the same held-out sequences of "
+                                            "--data (teacher-forced blocks against the target's continuation, as "
+                                            "`fit` logs it) and the difference of each to the first with its "
+                                            "paired standard error, which is far smaller than either estimate's "
+                                            "own: the way to tell whether a change beat its baseline.")
+    compare.add_argument("--data", required=True, help="comma-separated data folders (the runs' own data)")
+    compare.add_argument("--drafters", required=True,
+                         help="comma-separated exported drafter folders (e.g. runs/a/drafter,runs/b/drafter); "
+                              "the first is the baseline")
+    compare.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
+    compare.add_argument("--eval-sequences", type=int, default=256,
+                         help="held-out sequences to score (default 256)")
+    add_device_flag(compare, "where the target and drafters run")
+    compare.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    compare.set_defaults(handler=run_compare)
+
     export = stages.add_parser("export", help="export the last checkpoint of a run",
                                description="Write RUN's last checkpoint as a drafter folder (config.json + "
                                            "model.safetensors in bf16 + README.md model card).")
@@ -278,6 +295,50 @@ def run_pack(args: argparse.Namespace) -> int:
         for key, value in pack_folder(folder, args.out, target, sha256).items():
             totals[key] += value
     print(json.dumps(totals | {"corpus": read_manifest(args.out).get("totals", {})}))
+    return 0
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    import json
+    import tempfile
+
+    from ..devices import resolve_device
+    from ..drafter import DFlashDrafter
+    from ..errors import InputError
+    from ..hf.target import TargetModel
+    from ..train.loop import TrainConfig, Trainer, format_estimate, paired_difference
+
+    _threads(args)
+    folders = [f for f in args.drafters.split(",") if f]
+    if len(folders) < 2:
+        raise InputError("--drafters needs at least two drafter folders: a baseline and one to compare")
+    target = TargetModel.from_pretrained(args.target, device=resolve_device(args.device))
+    results = []
+    with tempfile.TemporaryDirectory() as scratch:
+        for folder in folders:
+            drafter = DFlashDrafter.from_pretrained(folder)
+            vocab = drafter.draft_vocab
+            config = TrainConfig(data=args.data.split(","), out=scratch, target=args.target,
+                                 num_layers=len(drafter.layers), block_size=drafter.config.block_size,
+                                 target_layer_ids=list(drafter.target_layer_ids), init_from=folder,
+                                 draft_vocab=0 if vocab is None else int(vocab.numel()),
+                                 eval_sequences=args.eval_sequences, device=str(target.device))
+            trainer = Trainer(config, target=target, progress=False)
+            record = {f"eval_{k}": v for k, v in trainer.evaluate(per_sequence=True).items()}
+            results.append((folder, record))
+            print(f"{folder}: {format_estimate(record)}", flush=True)
+    base = results[0][1]["eval_per_sequence"]
+    summary = []
+    for folder, record in results:
+        diff, se = paired_difference(base, record["eval_per_sequence"])
+        summary.append({"drafter": folder, "tau_estimate": record["eval_tau_estimate"],
+                        "tau_estimate_se": record["eval_tau_estimate_se"], "sequences": record["eval_sequences"],
+                        "difference_to_first": diff, "difference_se": se})
+        if folder != folders[0]:
+            spread = f" +- {se:.3f}" if se is not None else ""
+            print(f"{folder} - {folders[0]}: {diff:+.3f}{spread} (paired, {record['eval_sequences']} sequences)",
+                  flush=True)
+    print(json.dumps({"target": args.target, "data": args.data, "results": summary}))
     return 0
 
 

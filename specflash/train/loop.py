@@ -561,12 +561,14 @@ class Trainer:
                 "acc_mean": float(acc.mean()) if acc.numel() else 0.0}
 
     @torch.no_grad()
-    def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64) -> dict:
+    def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64,
+                 per_sequence: bool = False) -> dict:
         """Offline acceptance on held-out sequences: teacher-forced blocks against the
         target's own continuation, argmax over the drafter's vocabulary as at decode time."""
         self.drafter.eval()
         indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
         lengths, hits_all = [], []  # per sequence: [blocks] acceptance lengths, [blocks, B-1] reach
+        scored = []  # ids of the sequences in `lengths`
         for index in indices:
             example = self.dataset[index]
             anchors = valid_anchors(example.loss_mask, self.config.block_size)
@@ -585,14 +587,18 @@ class Trainer:
             hits = (pred == truth)[full]
             if hits.numel():
                 lengths.append(acceptance_from_hits(hits).float())
+                scored.append(example.id)
                 hits_all.append(hits.float().cumprod(dim=1))
         self.drafter.train()
         if not lengths:
             return {"tau_estimate": None, "tau_estimate_se": None, "blocks": 0, "sequences": 0}
         tau, se = clustered_mean([x.sum().item() for x in lengths], [x.numel() for x in lengths])
         reach = torch.cat(hits_all).mean(dim=0)  # P(first k drafts all right)
-        return {"tau_estimate": tau, "tau_estimate_se": se, "blocks": sum(x.numel() for x in lengths),
-                "sequences": len(lengths), "accept_through_position": [round(float(x), 4) for x in reach]}
+        result = {"tau_estimate": tau, "tau_estimate_se": se, "blocks": sum(x.numel() for x in lengths),
+                  "sequences": len(lengths), "accept_through_position": [round(float(x), 4) for x in reach]}
+        if per_sequence:  # for paired comparisons of drafters on the same sequences
+            result["per_sequence"] = {i: (x.sum().item(), x.numel()) for i, x in zip(scored, lengths)}
+        return result
 
     def estimates(self) -> dict:
         """The log's eval fields: the held-out estimate (eval_*) and, with train_estimate,
@@ -670,6 +676,18 @@ def clustered_mean(sums: list[float], counts: list[int]) -> tuple[float, float |
         return mean, None
     spread = sum((s - mean * n) ** 2 for s, n in zip(sums, counts))
     return mean, math.sqrt(m / (m - 1) * spread) / total
+
+
+def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]]) -> tuple[float, float | None]:
+    """Difference of two drafters' estimates (b - a) on the sequences both scored, with its
+    standard error from the per-sequence differences (sequence as the unit): far smaller
+    than either estimate's own error, since both face the same hard and easy sequences."""
+    common = sorted(set(a) & set(b))
+    if not common:
+        raise InputError("the two evaluations share no sequence; compare them on the same data")
+    diff_sums = [b[k][0] - a[k][0] for k in common]
+    counts = [a[k][1] for k in common]
+    return clustered_mean(diff_sums, counts)
 
 
 def train_estimate_sample(dataset: "ShardDataset", train_idx: list[int], count: int) -> list[int]:
