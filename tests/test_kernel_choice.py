@@ -1,6 +1,7 @@
 """The per-machine kernel choice (kernelchoice.py): per verify size the fastest measured
 candidate, sizes between measured ones take the one below, the choice is cached per
-machine and model, applied before step costs are measured, and never changes outputs."""
+machine and model, made by the loading steps before step costs are measured (the block
+policy never touches kernels), and never changes outputs."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from specflash.runtime.decode import SpeculativeDecoder
 from specflash.perf.kernelchoice import AVX2_DEFAULT, STOCK, KernelChoice, choose_kernels, pick
 from specflash.perf.kernels import uses_small_batch_kernel
 from specflash.runtime.proposers import DFlashProposer
-from tiny import hf_greedy, tiny_drafter, tiny_target
+from tiny import hf_greedy, tiny_drafter, tiny_model_folder, tiny_target
 
 
 def test_pick_takes_the_fastest_candidate_per_size_and_fills_the_gaps():
@@ -39,11 +40,9 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
     first = choose_kernels(target, max_tokens=8)
     assert set(first.measured) == {2, 3, 4, 6, 8}
     assert all(set(t) == {"stock", "head", "head+decoder"} for t in first.measured.values())
-    assert target.kernel_choice == first
+    assert target.kernel_choice == STOCK  # chosen, not applied: the caller hands it to the target
     monkeypatch.setattr(kc, "measure_choice", lambda *a, **k: pytest.fail("measured again"))
-    target.set_kernel_choice(STOCK)
-    assert choose_kernels(target, max_tokens=8) == first and target.kernel_choice == first
-    target.set_kernel_choice(STOCK)
+    assert choose_kernels(target, max_tokens=8) == first
 
 
 def test_stock_switch_and_non_fp32_targets_keep_transformers_kernels(monkeypatch, targets):
@@ -69,22 +68,35 @@ def test_any_kernel_choice_keeps_greedy_output(monkeypatch):
         assert result.token_ids == reference
 
 
-def test_make_policy_applies_the_choice_before_measuring_costs(monkeypatch, tmp_path):
+def test_pipeline_load_chooses_the_kernels_before_measuring_costs(monkeypatch, tmp_path):
+    import specflash.perf.kernelchoice as kc
     import specflash.perf.measure as measure
-    from specflash.runtime.blockpolicy import make_policy
+    from specflash.runtime.pipeline import Pipeline
 
     monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
-    target = tiny_target("llama", dtype=torch.float32)
+    real_choice, real_costs = kc.measure_choice, measure.measure_costs
+    monkeypatch.setattr(kc, "measure_choice", lambda t, m: real_choice(t, m, repeats=1, noise_limit=float("inf")))
     seen = []
-    real = measure.measure_costs
 
     def spy(t, *args, **kwargs):
         seen.append(t.kernel_choice)
-        return real(t, *args, **kwargs)
+        return real_costs(t, *args, **kwargs)
 
     monkeypatch.setattr(measure, "measure_costs", spy)
-    make_policy("auto", target, DFlashProposer(tiny_drafter(target, block_size=4), target))
-    assert seen and seen[0] is target.kernel_choice and seen[0].measured  # measured, then costs under it
+    folder = tiny_model_folder(tmp_path / "tiny")
+    pipe = Pipeline.load(str(folder), draft="random", block_size="auto", static_steps="off")
+    assert pipe.block_policy == "auto"
+    assert seen and seen[0] is pipe.target.kernel_choice and seen[0].measured  # measured, then costs under it
+
+
+def test_make_policy_leaves_the_targets_kernels_alone(monkeypatch, tmp_path):
+    from specflash.runtime.blockpolicy import make_policy
+
+    monkeypatch.setenv("SPECFLASH_COST_CACHE", str(tmp_path))
+    monkeypatch.setattr("specflash.perf.kernelchoice.measure_choice", lambda *a, **k: pytest.fail("kernels measured"))
+    target = tiny_target("llama", dtype=torch.float32)
+    size, policy = make_policy("auto", target, DFlashProposer(tiny_drafter(target, block_size=4), target))
+    assert (size, policy.name) == (4, "auto") and target.kernel_choice == STOCK
 
 
 def test_a_noisy_choice_is_used_but_not_cached(monkeypatch, tmp_path):
@@ -96,7 +108,6 @@ def test_a_noisy_choice_is_used_but_not_cached(monkeypatch, tmp_path):
     calls = []
     monkeypatch.setattr(kc, "measure_choice", lambda *a, **k: (calls.append(1), noisy)[1])
     said = []
-    assert choose_kernels(target, max_tokens=4, log=said.append) == noisy and target.kernel_choice == noisy
+    assert choose_kernels(target, max_tokens=4, log=said.append) == noisy
     assert len(calls) == 2 and any("busy" in m for m in said)  # measured twice, then used uncached
     assert not list(tmp_path.glob("kernels-*.json"))
-    target.set_kernel_choice(STOCK)

@@ -28,9 +28,9 @@ from specflash.models import (
     get_entry,
     list_models,
     resolve_model,
-    specflash_home,
 )
 from specflash.models import resolve as resolve_mod
+from specflash.paths import specflash_home
 
 # --------------------------------------------------------------------------- helpers
 

@@ -19,6 +19,7 @@ from specflash.runtime.decode import SpeculativeDecoder
 from specflash.errors import InputError
 from specflash.runtime.proposers import DFlashProposer, OracleProposer
 from specflash.hf.staticsteps import CapturedStep, capacity_bucket
+from specflash.runtime.loading import dflash_proposer, setup_static_steps
 from tiny import hf_greedy, policy_for, tiny_drafter, tiny_target
 
 LEAN_FAMILIES = ("llama", "qwen2", "qwen3")
@@ -47,7 +48,7 @@ def test_static_steps_dflash_greedy_matches_hf_generate(targets, family, graphs,
     prompt = _prompt(7 if block_size != 4 else 40, seed=block_size)
     reference = hf_greedy(target, prompt, MAX_NEW)
     with static_steps(target, graphs) as static:
-        decoder = SpeculativeDecoder(target, DFlashProposer(tiny_drafter(target), target), block_size,
+        decoder = SpeculativeDecoder(target, dflash_proposer(tiny_drafter(target), target), block_size,
                                      policy_for(policy, block_size))
         result = decoder.generate(prompt, DecodeConfig(max_new_tokens=MAX_NEW, stop_token_ids=()))
         assert static.mode == ("static-replay" if graphs else "static-eager")
@@ -120,13 +121,15 @@ def test_fixed_shape_drafter_step_computes_the_dynamic_drafters_hidden_states(ta
 
     runs = {}
     for graphs in (None, True):
-        proposer = DFlashProposer(drafter, target)
-        seen = record(proposer)
         if graphs is None:
+            proposer = DFlashProposer(drafter, target)
+            seen = record(proposer)
             result = SpeculativeDecoder(target, Guided(proposer), 8).generate(
                 prompt, DecodeConfig(max_new_tokens=40, stop_token_ids=()))
         else:
             with static_steps(target, graphs):
+                proposer = dflash_proposer(drafter, target)
+                seen = record(proposer)
                 result = SpeculativeDecoder(target, Guided(proposer), 8).generate(
                     prompt, DecodeConfig(max_new_tokens=40, stop_token_ids=()))
                 assert proposer._static is not None
@@ -145,7 +148,7 @@ def test_caches_that_outgrow_their_bucket_move_and_stay_exact():
     reference = SpeculativeDecoder(target).generate(prompt, DecodeConfig(max_new_tokens=max_new,
                                                                          stop_token_ids=())).token_ids
     with static_steps(target, True) as static:
-        proposer = DFlashProposer(drafter, target)
+        proposer = dflash_proposer(drafter, target)
         oracle = OracleProposer(prompt + reference, target.vocab_rows)
 
         class Both(OracleProposer):
@@ -186,12 +189,13 @@ def test_slots_are_reused_by_later_requests_and_never_shared_by_live_ones(target
     prompts = [_prompt(10, seed=1), _prompt(12, seed=2)]
     references = [hf_greedy(target, p, 20) for p in prompts]
     with static_steps(target, True) as static:
-        decoder = SpeculativeDecoder(target, DFlashProposer(tiny_drafter(target), target), 4)
+        decoder = SpeculativeDecoder(target, dflash_proposer(tiny_drafter(target), target), 4)
         for _ in range(2):
             assert decoder.generate(prompts[0], config).token_ids == references[0]
         assert static.pool.num_slots == 1
         # two live sequences, stepped in turn, each with a shallow copy of the proposer (as the server does)
-        runs = [SpeculativeDecoder(target, copy.copy(decoder.proposer), 4).steps(p, config) for p in prompts]
+        copies = [copy.copy(decoder.proposer) for _ in prompts]
+        runs = [SpeculativeDecoder(target, proposer, 4).steps(p, config) for proposer, p in zip(copies, prompts)]
         outputs = [[], []]
         live = [True, True]
         while any(live):
@@ -206,7 +210,7 @@ def test_slots_are_reused_by_later_requests_and_never_shared_by_live_ones(target
         assert static.pool.num_slots == 2
         # the copies share the drafter's steps (one set of graphs); the base proposer's finished
         # sequence keeps its context slot until its next reset, each live copy holds its own
-        assert decoder.proposer._static is static.draft_steps(decoder.proposer.drafter, target)
+        assert all(c._static is decoder.proposer._static for c in copies)
         assert decoder.proposer._static.pool.num_slots == 3
 
 
@@ -217,7 +221,7 @@ def test_sampling_through_static_steps_draws_the_dynamic_paths_tokens(targets):
     drafter = tiny_drafter(target)
     dynamic = SpeculativeDecoder(target, DFlashProposer(drafter, target), 4).generate(prompt, config)
     with static_steps(target, True):
-        fixed = SpeculativeDecoder(target, DFlashProposer(drafter, target), 4).generate(prompt, config)
+        fixed = SpeculativeDecoder(target, dflash_proposer(drafter, target), 4).generate(prompt, config)
     assert fixed.token_ids == dynamic.token_ids
 
 
@@ -274,12 +278,12 @@ def test_a_failed_graph_capture_falls_back_to_eager_steps(targets, monkeypatch):
 def test_static_steps_need_the_lean_forward_and_say_so(targets, monkeypatch):
     gemma = targets("gemma3")
     with pytest.raises(InputError, match="static-steps off"):
-        gemma.configure_static_steps("on")
+        setup_static_steps(gemma, "on")
     said = []
-    assert gemma.configure_static_steps("auto", say=said.append) == "dynamic"  # CPU: auto is off
-    assert targets("llama").configure_static_steps("off") == "dynamic"
+    assert setup_static_steps(gemma, "auto", say=said.append) == "dynamic"  # CPU: auto is off
+    assert setup_static_steps(targets("llama"), "off") == "dynamic"
     with pytest.raises(InputError, match="must be one of"):
-        gemma.configure_static_steps("sometimes")
+        setup_static_steps(gemma, "sometimes")
     llama = targets("llama")
     llama._lean_forward()
     monkeypatch.setattr(llama, "config", SimpleNamespace(_attn_implementation="flash_attention_2"))
@@ -307,7 +311,7 @@ def test_cuda_graph_replays_decode_like_the_eager_steps():
     half_right = prompt + [t if i % 3 else (t + 1) % 250 for i, t in enumerate(reference)]
     with static_steps(target, True) as static:
         assert static.mode == "cuda-graphs"
-        for proposer in (OracleProposer(half_right, target.vocab_rows), DFlashProposer(drafter, target)):
+        for proposer in (OracleProposer(half_right, target.vocab_rows), dflash_proposer(drafter, target)):
             for _ in range(2):  # the second run replays graphs captured by the first
                 assert SpeculativeDecoder(target, proposer, 8).generate(prompt, config).token_ids == reference
         assert static.graph_error is None

@@ -57,3 +57,20 @@ def test_crop_cache_then_continue_equals_full_forward(targets, family):
 def test_out_of_range_taps_raise(targets):
     with pytest.raises(CheckpointError, match="out of range"):
         targets("llama").set_taps((0, 6))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_layer_and_norm_weights_are_the_models_own_under_draft_layer_names(targets, family):
+    from specflash.drafter.model import DraftLayer
+    from specflash.runtime.loading import drafter_config_for_target
+
+    target = targets(family)
+    state = target.model.state_dict()
+    prefix = next(k for k in state if k.endswith("layers.0.input_layernorm.weight")).rsplit("layers.0.", 1)[0]
+    last = target.num_layers - 1
+    layer = target.decoder_layer_state(last)
+    assert layer and all(torch.equal(v, state[f"{prefix}layers.{last}.{k}"]) for k, v in layer.items())
+    assert torch.equal(target.final_norm_state()["weight"], state[prefix + "norm.weight"])
+    assert torch.equal(target.head_weight, target.model.get_output_embeddings().weight)
+    draft_names = set(DraftLayer(drafter_config_for_target(target), 0).state_dict())
+    assert {"self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"} <= draft_names & set(layer)

@@ -169,12 +169,14 @@ class SpecflashMethod(Method):
 
     def __init__(self, name: str, target: TargetModel, proposer: Proposer | None, block: int | str | None,
                  say=None):
-        from ..runtime.blockpolicy import make_policy
         from ..perf.measure import load_or_measure
+        from ..runtime.blockpolicy import make_policy
+        from ..runtime.loading import choose_verify_kernels
 
         self.name = name
         self.target = target
         self.proposer = proposer
+        choose_verify_kernels(target, proposer, log=say)  # this machine's verify kernels, before any cost
         self.block_size, self.policy = make_policy(block, target, proposer, log=say)
         self.policy_name = self.policy.name if proposer is not None else "fixed"
         self.has_drafts = proposer is not None

@@ -242,9 +242,10 @@ def run_bench(opts: BenchOptions) -> BenchResult:
     from tqdm import tqdm
 
     from ..models import resolve_model
-    from ..runtime.pipeline import parse_dtype
     from ..hf.target import TargetModel
     from ..perf.machine import library_versions, machine_info
+    from ..runtime.loading import setup_static_steps
+    from ..runtime.pipeline import parse_dtype
 
     opts.validate()
     t_start = time.perf_counter()
@@ -256,7 +257,7 @@ def run_bench(opts: BenchOptions) -> BenchResult:
     target = TargetModel.from_pretrained(opts.target, dtype=dtype, device=opts.device)
     result = BenchResult(opts, out_dir, machine_info(opts.device), library_versions())
     result.machine["target_forward"] = target.forward_path  # our loop's forward (the hf baseline: transformers')
-    result.machine["step_mode"] = target.configure_static_steps(opts.static_steps, say=_say)
+    result.machine["step_mode"] = setup_static_steps(target, opts.static_steps, say=_say)
 
     sets = _choose_prompts(opts, target, result)
     if not sets:

@@ -146,18 +146,17 @@ def run_synthetic(shape: str, accepts: list[float], blocks: list[int | str], dev
                   dtype: torch.dtype = torch.float32, num_prompts: int = 4, prompt_tokens: int = 128,
                   max_new_tokens: int = 128, draft_layers: int | None = None, block_size: int = 16, seed: int = 0,
                   static_steps: str = "auto", say=print) -> SyntheticResult:
-    from ..runtime.blockpolicy import AutoBlock
     from ..perf.measure import measure_costs
-    from ..runtime.loading import random_drafter
-    from ..runtime.proposers import DFlashProposer
+    from ..runtime.blockpolicy import AutoBlock
+    from ..runtime.loading import dflash_proposer, random_drafter, setup_static_steps
 
     say(f"building a random {shape} target on {device} ({str(dtype).removeprefix('torch.')}) ...")
     target = synthetic_target(shape, device, dtype, seed)
-    step_mode = target.configure_static_steps(static_steps, say=say)
+    step_mode = setup_static_steps(target, static_steps, say=say)
     say(f"steps: {step_mode}")
     layers = draft_layers or DRAFT_LAYERS.get(shape, 1)
     drafter = random_drafter(target, seed=seed, num_layers=layers, block_size=block_size)
-    inner = DFlashProposer(drafter.to(device=target.device, dtype=dtype), target)
+    inner = dflash_proposer(drafter.to(device=target.device, dtype=dtype), target)
     say("measuring the cost model (verify forwards of 1..B tokens, one drafter forward) ...")
     costs = measure_costs(target, inner, max_tokens=block_size, context=prompt_tokens)
     generator = torch.Generator().manual_seed(seed)

@@ -26,7 +26,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..models import specflash_home
+from ..paths import specflash_home
 from ..models.resolve import _lock
 
 ZLAB_REQUIREMENT = "dflash[local]==0.1.0"

@@ -30,12 +30,12 @@ def register(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..runtime.decode import SpeculativeDecoder
     from ..demo import DEMO_PROMPTS, format_table, marked_text, run_demo
     from ..errors import InputError
-    from ..runtime.blockpolicy import make_policy
-    from ..runtime.loading import build_proposer
     from ..hf.target import TargetModel
+    from ..runtime.blockpolicy import make_policy
+    from ..runtime.decode import SpeculativeDecoder
+    from ..runtime.loading import build_proposer, choose_verify_kernels
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     target = TargetModel.from_pretrained(args.target)
     numeric = args.block_size if isinstance(args.block_size, int) else None
     proposer = build_proposer(args.draft, target, block_size=numeric)
-    size, policy = make_policy(args.block_size, target, proposer, log=lambda m: print(m, file=sys.stderr))
+    say = lambda m: print(m, file=sys.stderr)  # noqa: E731
+    choose_verify_kernels(target, proposer, log=say)  # this machine's verify kernels, before any cost
+    size, policy = make_policy(args.block_size, target, proposer, log=say)
     decoder = SpeculativeDecoder(target, proposer, size, policy)
     rows = run_demo(target, decoder, prompts, args.max_new_tokens)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from ..hf.cache import ContextKVCache
+from ..hf.rotary import rope_frequencies
 from .checkpoint import CONFIG_NAME, check_weights, drafter_folder, read_weights, write_checkpoint
 from .config import DrafterConfig
 from .vocab import read_draft_vocab
@@ -59,26 +60,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 class RotaryEmbedding(nn.Module):
     """cos/sin tables for absolute positions, with the RoPE variants transformers knows
-    (default, linear, dynamic, yarn, llama3, ...). The inverse frequencies stay float32
-    whatever dtype the drafter is cast to (they are not a buffer)."""
+    (default, linear, dynamic, yarn, llama3, ...: hf/rotary.py). The inverse frequencies
+    stay float32 whatever dtype the drafter is cast to (they are not a buffer)."""
 
     def __init__(self, config: DrafterConfig):
         super().__init__()
-        from transformers import Qwen3Config
-        from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
-
-        hf_config = Qwen3Config(
-            hidden_size=config.hidden_size,
-            num_attention_heads=config.num_attention_heads,
-            num_key_value_heads=config.num_key_value_heads,
-            head_dim=config.head_dim,
-            rope_theta=config.rope_theta,
-            rope_scaling=config.rope_scaling,
-            max_position_embeddings=config.max_position_embeddings,
-        )
-        reference = Qwen3RotaryEmbedding(hf_config)
-        self._inv_freq = reference.inv_freq.detach().float().clone()  # [d / 2]
-        self.attention_scaling = float(reference.attention_scaling)
+        self._inv_freq, self.attention_scaling = rope_frequencies(  # [d / 2], float
+            config.head_dim, config.rope_theta, config.rope_scaling, config.max_position_embeddings,
+            config.hidden_size, config.num_attention_heads, config.num_key_value_heads)
 
     def forward(self, like: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [b, n] -> cos, sin: [b, n, head_dim] in like.dtype."""

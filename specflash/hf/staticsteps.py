@@ -209,7 +209,6 @@ class StaticTargetSteps:
         self.max_graph_tokens = max_graph_tokens
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
         self._pool_handle = _graph_pool(device) if graphs else None
-        self._drafts: dict[int, StaticDraftSteps] = {}  # id(drafter) -> its steps
         cfg = model_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.pool = SlotPool(lambda capacity: Slot(cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim,
@@ -223,13 +222,6 @@ class StaticTargetSteps:
 
     def new_cache(self, capacity: int = MIN_CAPACITY) -> StaticKV:
         return StaticKV(self.pool, capacity, self.max_context)
-
-    def draft_steps(self, drafter, target) -> "StaticDraftSteps":
-        """The fixed-shape steps of this drafter (made once, shared by all its proposers)."""
-        steps = self._drafts.get(id(drafter))
-        if steps is None or steps.drafter is not drafter:
-            steps = self._drafts[id(drafter)] = StaticDraftSteps(drafter, target, graphs=self.graphs)
-        return steps
 
     def forward(self, ids: torch.Tensor, cache: StaticKV, logits_to_keep: int,
                 taps: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:

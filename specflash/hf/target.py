@@ -1,4 +1,6 @@
-"""Adapter over a Hugging Face causal LM: the only place that knows transformers' internals.
+"""Adapter over a Hugging Face causal LM. Together with the rest of the hf/ package it is
+the only code that knows transformers' internals; the runtime, the trainer and the
+benchmarks see the target through it.
 
 `TargetModel` exposes what speculative decoding needs and nothing more:
 - `embed(ids)` (with the family's embedding scaling, e.g. Gemma's sqrt(H)) and
@@ -9,6 +11,9 @@
   Unpadded forwards of Llama / Qwen2 / Qwen3 targets run `LeanForward` instead
   (leanforward.py: the same operations with less framework, checked bit-identical on the
   loaded model before first use), whose taps come straight from its layer loop.
+- the shape a drafter must match (`num_attention_heads`, `head_dim`, `rope_theta`, ...) and
+  the weights a drafter may start from (`decoder_layer_state(i)`, `final_norm_state()`,
+  `head_weight`), under names that do not depend on the family's module layout.
 Layer id i is the output of decoder layer i, i.e. Hugging Face `hidden_states[i + 1]`.
 
 The KV cache is a transformers `DynamicCache` built without a config, so every layer
@@ -29,9 +34,6 @@ from ..perf.kernelchoice import STOCK, KernelChoice
 from ..perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
 from .leanforward import LeanForward, decoder_of, lean_forward_allowed
 from .staticsteps import StaticKV, StaticTargetSteps
-
-
-STATIC_STEP_CHOICES = ("auto", "on", "off")
 
 
 @dataclass
@@ -127,6 +129,35 @@ class TargetModel:
         return float(scale) if scale is not None else 1.0
 
     @property
+    def num_attention_heads(self) -> int:
+        return int(self.config.num_attention_heads)
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return int(getattr(self.config, "num_key_value_heads", None) or self.num_attention_heads)
+
+    @property
+    def head_dim(self) -> int:
+        return int(getattr(self.config, "head_dim", None) or self.hidden_size // self.num_attention_heads)
+
+    @property
+    def intermediate_size(self) -> int:
+        return int(self.config.intermediate_size)
+
+    @property
+    def rms_norm_eps(self) -> float:
+        return float(getattr(self.config, "rms_norm_eps", 1e-6))
+
+    @property
+    def rope_theta(self) -> float:
+        """The RoPE base of the full-attention layers (Gemma3 keeps one per layer type)."""
+        rope = getattr(self.config, "rope_parameters", None) or {}
+        if isinstance(rope, dict) and "full_attention" in rope:
+            rope = rope["full_attention"]
+        fallback = getattr(self.config, "rope_theta", 10000.0)
+        return float(rope.get("rope_theta", fallback) if isinstance(rope, dict) else fallback)
+
+    @property
     def eos_token_ids(self) -> tuple[int, ...]:
         ids: list[int] = []
         gen = getattr(self.model, "generation_config", None)
@@ -153,6 +184,21 @@ class TargetModel:
         ids = ids.to(self._head.weight.device)
         bias = self._head.bias[ids] if getattr(self._head, "bias", None) is not None else None
         return self._head.weight[ids].detach().contiguous(), bias
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        """The LM head's weight [V, H] (detached: the target is never trained here)."""
+        return self._head.weight.detach()
+
+    def decoder_layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        """Decoder layer `index`'s weights, named relative to the layer (`self_attn.q_proj.weight`,
+        `mlp.gate_proj.weight`, `input_layernorm.weight`, ...: the names a DFlash draft layer
+        uses too), detached."""
+        return {name: value.detach() for name, value in self.layers[index].state_dict().items()}
+
+    def final_norm_state(self) -> dict[str, torch.Tensor]:
+        """The final norm's weights (`weight`), detached."""
+        return {name: value.detach() for name, value in decoder_of(self.model).norm.state_dict().items()}
 
     def lm_head(self, hidden: torch.Tensor,
                 rows: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor:
@@ -227,26 +273,6 @@ class TargetModel:
 
     def disable_static_steps(self) -> None:
         self._static = None
-
-    def configure_static_steps(self, choice: str = "auto", say=None) -> str:
-        """Apply a --static-steps choice and return the resulting `step_mode`: 'auto' turns
-        them on for CUDA devices when the target supports them (else says why not), 'on'
-        always (an error if unsupported; on a CPU the same fixed-shape steps run without
-        graphs, no faster: a way to test them), 'off' never."""
-        choice = str(choice).strip().lower()
-        if choice not in STATIC_STEP_CHOICES:
-            raise InputError(f"--static-steps must be one of {', '.join(STATIC_STEP_CHOICES)} (got {choice!r})")
-        if choice == "off" or (choice == "auto" and self.device.type != "cuda"):
-            self.disable_static_steps()
-            return self.step_mode
-        try:
-            self.enable_static_steps(graphs=True)
-        except InputError as exc:
-            if choice == "on":
-                raise
-            if say is not None:
-                say(f"CUDA graphs off: {exc}")
-        return self.step_mode
 
     @property
     def static_steps(self) -> StaticTargetSteps | None:

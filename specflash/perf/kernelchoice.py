@@ -148,14 +148,14 @@ def choice_key(target, max_tokens: int) -> str:
 
 
 def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None) -> KernelChoice:
-    """Apply the measured kernel choice for this target and machine (CPU fp32 only; measured
-    once per machine on first use, then cached); returns it. SPECFLASH_KERNELS=stock
-    keeps transformers' kernels for every size."""
+    """The kernel choice for this target and machine (CPU fp32 only; measured once per
+    machine on first use, then cached); the caller hands it to the target with
+    `TargetModel.set_kernel_choice`. SPECFLASH_KERNELS=stock keeps transformers' kernels
+    for every size."""
     from .measure import cached_measurement, costs_dir
 
     if os.environ.get("SPECFLASH_KERNELS", "").lower() == "stock" or target.device.type != "cpu" \
             or target.dtype != torch.float32:
-        target.set_kernel_choice(STOCK)
         return STOCK
     path = costs_dir() / f"kernels-{choice_key(target, max_tokens)}.json"
     choice = cached_measurement(
@@ -163,5 +163,4 @@ def choose_kernels(target, max_tokens: int = 16, refresh: bool = False, log=None
         "choosing verify kernels for this machine (once per model and machine) ...",
         "warning: the machine was busy while verify kernels were chosen (timings spread widely); using the "
         "choice for this run only, not caching it")
-    target.set_kernel_choice(choice)
     return choice

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..paths import specflash_home
 from .costmodel import StepCosts
 
 def _sync(device: torch.device) -> None:
@@ -118,8 +119,6 @@ def costs_dir() -> Path:
     env = os.environ.get("SPECFLASH_COST_CACHE")
     if env:
         return Path(env).expanduser()
-    from ..models.resolve import specflash_home
-
     return specflash_home() / "costs"
 
 

@@ -100,16 +100,20 @@ def parse_block_size(value: str | int | None) -> int | str | None:
     return number
 
 
+def native_block(proposer) -> int:
+    """Most tokens per step a proposer's drafts fill: its own block (8 when it has none); 1
+    without a proposer (plain decoding)."""
+    return 1 if proposer is None else int(getattr(proposer, "block_size", 8))
+
+
 def make_policy(block_size: int | str | None, target, proposer, log=None) -> tuple[int, FixedBlock | AutoBlock]:
     """Resolve a block-size setting for this target and proposer -> (most tokens per step,
     policy). None: the proposer's own block, all drafts verified; 'auto': that block as the
-    ceiling with `AutoBlock` over the cached (or freshly measured) cost model; an int: fixed."""
+    ceiling with `AutoBlock` over the cached (or freshly measured) cost model, measured
+    under the kernels the target runs now (choose them first); an int: fixed."""
     if proposer is None:
         return 1, FixedBlock()
-    native = int(getattr(proposer, "block_size", 8))
-    from ..perf.kernelchoice import choose_kernels
-
-    choose_kernels(target, max_tokens=native, log=log)  # this machine's few-row kernels, before any cost
+    native = native_block(proposer)
     if block_size is None:
         return native, FixedBlock()
     if block_size == "auto":

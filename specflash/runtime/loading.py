@@ -1,5 +1,9 @@
 """Putting a target and a drafter together: drafter configs sized for a target, random
-drafters (a testing aid), compatibility checks, and the proposer a `--draft` value means."""
+drafters (a testing aid), compatibility checks, the proposer a `--draft` value means, and
+the set-up steps that follow loading, each made once and handed on: the target's
+fixed-shape steps (`setup_static_steps`, before proposers are built: a DFlash proposer
+then gets its drafter's fixed-shape steps) and this machine's verify kernels
+(`choose_verify_kernels`, before any cost is measured: the kernels change the costs)."""
 
 from __future__ import annotations
 
@@ -10,42 +14,38 @@ import torch
 from ..drafter.config import DrafterConfig, default_target_layer_ids
 from ..drafter.model import DFlashDrafter
 from ..errors import CheckpointError, InputError
+from ..hf.staticsteps import StaticDraftSteps
+from ..hf.target import TargetModel, choose_mask_token_id
+from ..perf.kernelchoice import KernelChoice, choose_kernels
+from .blockpolicy import native_block
 from .proposers import DFlashProposer, NgramProposer
 from .proposers.base import Proposer
-from ..hf.target import TargetModel, choose_mask_token_id
+
+STATIC_STEP_CHOICES = ("auto", "on", "off")
 
 
 def drafter_config_for_target(target: TargetModel, num_layers: int = 1, block_size: int = 16,
                               num_features: int | None = None, target_layer_ids: list[int] | None = None,
                               mask_token_id: int | None = None, intermediate_size: int | None = None) -> DrafterConfig:
     """A drafter config matching `target`'s width, heads, RoPE and vocabulary."""
-    cfg = target.config
-    heads = int(cfg.num_attention_heads)
-    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if isinstance(rope, dict) and "full_attention" in rope:  # per-layer-type parameters (Gemma3)
-        rope = rope["full_attention"]
-    rope_theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0)) if isinstance(rope, dict)
-                       else getattr(cfg, "rope_theta", 10000.0))
     if target_layer_ids is None:
         n = num_features if num_features is not None else min(5, max(1, target.num_layers - 3))
         target_layer_ids = default_target_layer_ids(target.num_layers, n)
     return DrafterConfig(
         hidden_size=target.hidden_size,
-        intermediate_size=int(intermediate_size or cfg.intermediate_size),
+        intermediate_size=int(intermediate_size or target.intermediate_size),
         num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim,
+        num_attention_heads=target.num_attention_heads,
+        num_key_value_heads=target.num_key_value_heads,
+        head_dim=target.head_dim,
         vocab_size=target.vocab_rows,
         num_target_layers=target.num_layers,
         target_layer_ids=tuple(target_layer_ids),
         mask_token_id=choose_mask_token_id(target.tokenizer, target.vocab_rows) if mask_token_id is None
         else mask_token_id,
         block_size=block_size,
-        rms_norm_eps=float(getattr(cfg, "rms_norm_eps", 1e-6)),
-        rope_theta=rope_theta,
+        rms_norm_eps=target.rms_norm_eps,
+        rope_theta=target.rope_theta,
         max_position_embeddings=target.max_context,
         input_embedding_scale=target.embed_scale,
     )
@@ -96,6 +96,15 @@ def default_draft(target_name: str) -> str:
     return "default" if shipped_drafter(target_name) is not None else "none"
 
 
+def dflash_proposer(drafter: DFlashDrafter, target: TargetModel) -> DFlashProposer:
+    """A DFlash proposer for this drafter; when the target runs fixed-shape steps, with the
+    drafter's own fixed-shape steps (made here, once: shallow copies of the proposer, as the
+    server makes per request, share them and their CUDA graphs)."""
+    static = target.static_steps
+    steps = StaticDraftSteps(drafter, target, graphs=static.graphs) if static is not None else None
+    return DFlashProposer(drafter, target, static_steps=steps)
+
+
 def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
                    block_size: int | None = None) -> Proposer | None:
     """The proposer a `--draft` value names; None for plain decoding."""
@@ -103,7 +112,7 @@ def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
         return None
     key = draft.lower()
     if key == "random":
-        return DFlashProposer(random_drafter(target, seed=seed, block_size=max(block_size or 16, 2)), target)
+        return dflash_proposer(random_drafter(target, seed=seed, block_size=max(block_size or 16, 2)), target)
     if key == "ngram":
         return NgramProposer()
     if key == "default":
@@ -113,7 +122,40 @@ def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
         if folder is None:
             raise InputError(f"no drafter is shipped for target {target.name!r}; pass --draft none, random, ngram "
                              "or a drafter folder (train one with `specflash train`)")
-        return DFlashProposer(load_drafter(folder, target), target)
+        return dflash_proposer(load_drafter(folder, target), target)
     if not draft.strip():
         raise InputError(f"--draft is empty; choose {DRAFT_CHOICES_HELP}")
-    return DFlashProposer(load_drafter(draft, target), target)
+    return dflash_proposer(load_drafter(draft, target), target)
+
+
+def setup_static_steps(target: TargetModel, choice: str = "auto", say=None) -> str:
+    """Turn the target's fixed-shape steps on or off as a --static-steps choice says and
+    return the resulting `step_mode`: 'auto' turns them on for CUDA devices when the target
+    supports them (else says why not), 'on' always (an error if unsupported; on a CPU the
+    same fixed-shape steps run without graphs, no faster: a way to test them), 'off' never.
+    Call it before building proposers."""
+    choice = str(choice).strip().lower()
+    if choice not in STATIC_STEP_CHOICES:
+        raise InputError(f"--static-steps must be one of {', '.join(STATIC_STEP_CHOICES)} (got {choice!r})")
+    if choice == "off" or (choice == "auto" and target.device.type != "cuda"):
+        target.disable_static_steps()
+        return target.step_mode
+    try:
+        target.enable_static_steps(graphs=True)
+    except InputError as exc:
+        if choice == "on":
+            raise
+        if say is not None:
+            say(f"CUDA graphs off: {exc}")
+    return target.step_mode
+
+
+def choose_verify_kernels(target: TargetModel, proposer: Proposer | None, log=None) -> KernelChoice:
+    """This machine's few-row verify kernels for the proposer's block (perf/kernelchoice.py:
+    measured once per model and machine, then cached), handed to the target; plain decoding
+    keeps the target's kernels. Call it before any cost is measured."""
+    if proposer is None:
+        return target.kernel_choice
+    choice = choose_kernels(target, max_tokens=native_block(proposer), log=log)
+    target.set_kernel_choice(choice)
+    return choice

@@ -15,13 +15,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DecodeConfig
 from ..devices import resolve_device
+from ..hf.target import TargetModel
+from .config import DecodeConfig
 from .decode import GenerationResult, SpeculativeDecoder, Step
-from .loading import build_proposer
+from .loading import build_proposer, choose_verify_kernels, setup_static_steps
 from .metrics import SpecStats
 from .proposers.base import Proposer
-from ..hf.target import TargetModel
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
@@ -60,7 +60,7 @@ class Pipeline:
         """draft None: the drafter shipped for `target` if there is one, else plain decoding.
         block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
         (fixed), or None (the drafter's own block, fixed). static_steps: see
-        `TargetModel.configure_static_steps` (auto: CUDA graphs on CUDA)."""
+        `loading.setup_static_steps` (auto: CUDA graphs on CUDA)."""
         from .blockpolicy import make_policy, parse_block_size
 
         device = str(resolve_device(device))  # a device this machine lacks: an InputError, not torch's assert
@@ -70,10 +70,12 @@ class Pipeline:
 
             draft = default_draft(target)
         target_model = TargetModel.from_pretrained(target, dtype=parse_dtype(dtype, device), device=device)
-        target_model.configure_static_steps(static_steps, say=log)
+        # The set-up steps, in order, each made once here and handed on:
+        setup_static_steps(target_model, static_steps, say=log)  # the target's fixed-shape steps (CUDA graphs)
         numeric = block_size if isinstance(block_size, int) else None
-        proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)
-        size, policy = make_policy(block_size, target_model, proposer, log=log)
+        proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)  # + the drafter's steps
+        choose_verify_kernels(target_model, proposer, log=log)  # this machine's kernels, before any cost
+        size, policy = make_policy(block_size, target_model, proposer, log=log)  # drafts per step
         return cls(target_model, proposer, size, policy)
 
     @property

@@ -23,16 +23,17 @@ from .base import Proposal
 class DFlashProposer:
     name = "dflash"
 
-    def __init__(self, drafter: DFlashDrafter, target: TargetModel):
+    def __init__(self, drafter: DFlashDrafter, target: TargetModel, static_steps: StaticDraftSteps | None = None):
+        """static_steps: the drafter's fixed-shape (CUDA-graph) steps, made once by whoever
+        builds the proposer (`loading.dflash_proposer`); shallow copies of this proposer (the
+        server's per-request ones) share them and replay the same captured graphs. None:
+        the drafter runs on its dynamic context cache."""
         self.drafter = drafter.eval()
         self.target = target
         self._cache = None
         self._pending: list[torch.Tensor] = []
         self._head = DraftHead(self.drafter, target)
-        # Fixed-shape (CUDA-graph) drafter steps when the target runs static steps: one set per
-        # drafter, kept by the target's static steps, so every proposer of this drafter (the
-        # server's per-request copies) replays the same captured graphs.
-        self._static: StaticDraftSteps | None = None
+        self._static = static_steps
 
     @property
     def layer_ids(self) -> tuple[int, ...]:
@@ -54,9 +55,7 @@ class DFlashProposer:
         while capacity < prompt_ids.shape[0] + 2 * self.block_size:
             capacity *= 2
         self._cache = None  # the last sequence's static context goes back to the pool before a new one is taken
-        target_static = self.target.static_steps
-        if target_static is not None:
-            self._static = target_static.draft_steps(self.drafter, self.target)
+        if self._static is not None:
             self._cache = self._static.new_context(capacity)
         else:
             self._cache = self.drafter.new_cache(capacity=capacity)
