@@ -266,9 +266,8 @@ def run_fit(args: argparse.Namespace) -> int:
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
-                         seed=args.seed, train_estimate=args.train_estimate, device=str(device))
-    if args.warmup_fraction is not None:
-        config.warmup_fraction = args.warmup_fraction  # checked by Trainer with the other settings
+                         seed=args.seed, train_estimate=args.train_estimate, device=str(device),
+                         **({} if args.warmup_fraction is None else {"warmup_fraction": args.warmup_fraction}))
     trainer = Trainer(config)
     try:
         trainer.fit(resume=args.resume)
@@ -357,7 +356,7 @@ def run_export(args: argparse.Namespace) -> int:
     if not checkpoint.exists():
         raise InputError(f"no checkpoint at {checkpoint}; run `specflash train fit --out {args.run}` first")
     saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    config = TrainConfig(**saved["config"])
+    config = TrainConfig.from_dict(saved["config"])
     config.device = str(resolve_device(args.device))  # not the training run's: it may have had a GPU
     trainer = Trainer(config, progress=False)
     trainer.load_checkpoint()

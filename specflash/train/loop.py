@@ -17,7 +17,7 @@ import math
 import os
 import pickle
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -79,7 +79,35 @@ class TrainConfig:
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
-    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse settings no run could use, with the flag to fix (checked once, here)."""
+        if self.block_size < 2:
+            raise InputError(f"--block-size must be at least 2, got {self.block_size}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise InputError(f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}")
+        if self.loss_positions is not None and not 1 <= self.loss_positions <= self.block_size - 1:
+            raise InputError(f"--loss-positions must be between 1 and block size - 1 = {self.block_size - 1}, "
+                             f"got {self.loss_positions}")
+        if not 0 <= self.distill <= 1:
+            raise InputError(f"--distill must be between 0 (off) and 1 (distillation only), got {self.distill}")
+        if not self.distill_temperature > 0:
+            raise InputError(f"--distill-temperature must be positive, got {self.distill_temperature}")
+        if self.held_out_fraction is not None and not 0 <= self.held_out_fraction <= 1:
+            raise InputError(f"held_out_fraction must be in [0, 1], got {self.held_out_fraction}")
+        if self.init not in ("random", "target"):
+            raise InputError(f"--init must be random or target, got {self.init!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise InputError(f"unknown precision {self.precision!r}; choose auto, fp32 or bf16")
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> "TrainConfig":
+        """A config saved in a checkpoint; fields of older versions that no longer exist are dropped."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 def _rank_world() -> tuple[int, int]:
@@ -164,19 +192,16 @@ def check_feature_width(dataset: ShardDataset, index: int, drafter: DFlashDrafte
 def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
     """Copy the target's last decoder layers (and final norm) into the drafter where the
     shapes match; q_norm / k_norm stay at 1."""
-    state = target.model.state_dict()
-    prefix = next(k for k in state if k.endswith("layers.0.input_layernorm.weight")).rsplit("layers.0.", 1)[0]
     n = len(drafter.layers)
     with torch.no_grad():
         for i, layer in enumerate(drafter.layers):
-            src = f"{prefix}layers.{target.num_layers - n + i}."
+            source = target.decoder_layer_state(target.num_layers - n + i)
             for name, param in layer.named_parameters():
-                key = src + name
-                if key in state and state[key].shape == param.shape:
-                    param.copy_(state[key])
-        norm_key = prefix + "norm.weight"
-        if norm_key in state and state[norm_key].shape == drafter.norm.weight.shape:
-            drafter.norm.weight.copy_(state[norm_key])
+                if name in source and source[name].shape == param.shape:
+                    param.copy_(source[name])
+        norm = target.final_norm_state().get("weight")
+        if norm is not None and norm.shape == drafter.norm.weight.shape:
+            drafter.norm.weight.copy_(norm)
 
 
 SHAPE_FIELDS = ("hidden_size", "block_size", "target_layer_ids", "intermediate_size",
@@ -274,8 +299,6 @@ def held_out_fraction(config: "TrainConfig", dataset: ShardDataset) -> float:
     config.eval_sequences target-written rows are held out: an estimate over 32 sequences
     has a standard error (~0.07 tau) larger than most differences between runs."""
     if config.held_out_fraction is not None:
-        if not 0 <= config.held_out_fraction <= 1:
-            raise InputError(f"held_out_fraction must be in [0, 1], got {config.held_out_fraction}")
         return config.held_out_fraction
     own = sum(1 for r in dataset.rows if r.response_from == "target" and r.target_greedy is None)
     return min(0.2, max(0.03, config.eval_sequences / max(1, own)))
@@ -320,7 +343,51 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> torch.Tensor | Non
     return source.draft_vocab  # [N] target ids, or None: a full-vocabulary drafter
 
 
+@dataclass
+class WarmStart:
+    """What `--init-from` hands a run besides the weights it loads into the drafter."""
+
+    moments: dict | None = None  # the source run's optimizer state (a checkpoint only)
+    vocab: torch.Tensor | None = None  # [N] the draft vocabulary the source was trained on
+    passes: int = 0  # passes over data made in the source's lineage
+
+
+def warm_start(drafter: DFlashDrafter, source: str | None) -> WarmStart:
+    """Load `--init-from` into the drafter: an earlier run's checkpoint (weights, feature scale,
+    optimizer moments) or an exported drafter folder (weights, grown when it has fewer layers).
+    Call after the run's own feature scale is set: an exported drafter's fc is unfolded with it."""
+    if not source:
+        return WarmStart()
+    checkpoint = checkpoint_to_init_from(source)
+    if checkpoint is not None:
+        moments, vocab = init_from_checkpoint(drafter, checkpoint)
+        return WarmStart(moments, vocab, lineage_passes(source))
+    return WarmStart(None, init_from_drafter(drafter, source), lineage_passes(source))
+
+
+def choose_draft_vocabulary(counts: torch.Tensor, size: int, inherited: torch.Tensor | None) -> VocabSubset:
+    """The loss (and decoding) vocabulary: a warm start's own when it has one of this size, else
+    the `size` most frequent labels in `counts` [V]. A warm start keeps the vocabulary its
+    drafter learned to rank: a recount over new data swaps in tokens it was never trained
+    against, whose logits are arbitrary (it moved one drafter's held-out estimate by -0.05
+    and +0.05 in two runs)."""
+    if inherited is not None and inherited.numel() == size:
+        return VocabSubset(inherited, counts.numel())
+    return VocabSubset.most_frequent(counts, size)
+
+
+def for_distributed(drafter: DFlashDrafter, world: int, device: torch.device) -> torch.nn.Module:
+    """The module the training step calls: the drafter, or a DDP wrapper of it under torchrun."""
+    if world <= 1:
+        return drafter
+    return torch.nn.parallel.DistributedDataParallel(drafter, device_ids=[device] if device.type == "cuda" else None)
+
+
 class Trainer:
+    """One training run: data and split, the drafter and its warm start, the optimizer, then
+    the loop (`fit`), checkpoints, estimates and export. The pieces it assembles are the
+    functions above (warm_start, choose_draft_vocabulary, for_distributed)."""
+
     def __init__(self, config: TrainConfig, target: TargetModel | None = None, progress: bool = True):
         self.config = config
         self.rank, self.world = _rank_world()
@@ -342,18 +409,9 @@ class Trainer:
             print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
                   "drafter learns their human tokens, which the target would often not write; run `specflash "
                   "train data` on the data folder(s) again to add the labels", flush=True)
-        if not 0 <= config.distill <= 1:
-            raise InputError(f"--distill must be between 0 (off) and 1 (distillation only), got {config.distill}")
-        if not config.distill_temperature > 0:
-            raise InputError(f"--distill-temperature must be positive, got {config.distill_temperature}")
         if config.distill > 0 and self.dataset[self.train_idx[0]].topk_ids is None and self.rank == 0:
             print("warning: --distill needs the target's top-k logits beside the data (`specflash train data` "
                   "with the features and --topk); without them positions train on their labels alone", flush=True)
-        if not 0 <= config.warmup_fraction < 1:
-            raise InputError(f"--warmup-fraction must be in [0, 1), got {config.warmup_fraction}")
-        if config.loss_positions is not None and not 1 <= config.loss_positions <= config.block_size - 1:
-            raise InputError(f"--loss-positions must be between 1 and block size - 1 = {config.block_size - 1}, "
-                             f"got {config.loss_positions}")
         layer_ids = config.target_layer_ids or data_layer_ids(config.data)
         drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
                                                    block_size=config.block_size, target_layer_ids=layer_ids)
@@ -365,42 +423,28 @@ class Trainer:
         check_feature_width(self.dataset, self.train_idx[0], self.drafter)
         if config.init == "target":
             init_from_target(self.drafter, self.target)
-        checkpoint = checkpoint_to_init_from(config.init_from) if config.init_from else None
-        if config.standardize_features and checkpoint is None:  # a checkpoint brings the scale it trained with
+        from_checkpoint = bool(config.init_from) and checkpoint_to_init_from(config.init_from) is not None
+        if config.standardize_features and not from_checkpoint:  # a checkpoint brings the scale it trained with
             self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
-        moments, inherited_vocab = None, None
-        if checkpoint is not None:
-            moments, inherited_vocab = init_from_checkpoint(self.drafter, checkpoint)
-        elif config.init_from:
-            inherited_vocab = init_from_drafter(self.drafter, config.init_from)
-        self.model = self.drafter
-        if self.world > 1:
-            device = self.target.device
-            self.model = torch.nn.parallel.DistributedDataParallel(
-                self.drafter, device_ids=[device] if device.type == "cuda" else None)
-        self.head = self.target._head.weight.detach()
+        start = warm_start(self.drafter, config.init_from)
+        self.model = for_distributed(self.drafter, self.world, self.target.device)
+        self.head = self.target.head_weight  # [V, H], frozen
         self.subset = None
         if config.draft_vocab:
             counts = self.dataset.token_counts(self.train_idx, self.target.vocab_rows)
-            if inherited_vocab is not None and inherited_vocab.numel() == config.draft_vocab:
-                # A warm start keeps the vocabulary its drafter learned to rank: a recount over new
-                # data swaps in tokens it was never trained against, whose logits are arbitrary
-                # (it moved the same drafter's held-out estimate by -0.05 and +0.05 in two runs).
-                self.subset = VocabSubset(inherited_vocab, self.target.vocab_rows)
-            else:
-                self.subset = VocabSubset.most_frequent(counts, config.draft_vocab)
+            self.subset = choose_draft_vocabulary(counts, config.draft_vocab, start.vocab)
             self.subset_coverage = self.subset.coverage(counts)
             self.drafter.set_draft_vocab(self.subset.ids)  # exported with the drafter, used at decode time
         self.draft_head = DraftHead(self.drafter, self.target)
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=config.lr,
                                            weight_decay=config.weight_decay)
-        if moments is not None:
-            carry_optimizer_moments(self.optimizer, moments)
+        if start.moments is not None:
+            carry_optimizer_moments(self.optimizer, start.moments)
         per_step = config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.train_idx) // per_step)
         self.total_steps = self.steps_per_epoch * config.epochs
         self.step = 0
-        self.passes_before = lineage_passes(config.init_from)  # passes made before this run, in its lineage
+        self.passes_before = start.passes  # passes made before this run, in its lineage
         self.tokens_seen = 0
         self.train_seconds = 0.0
         self.bf16 = use_bf16(config.precision, self.target.device)
