@@ -274,32 +274,9 @@ def _package_functions_all() -> tuple[BenchPrompt, ...]:
 
 @functools.lru_cache(maxsize=1)
 def _stdlib_functions_all() -> tuple[BenchPrompt, ...]:
-    import ast
     import sysconfig
 
-    root = Path(sysconfig.get_paths()["stdlib"])
-    out, seen = [], set()
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root)
-        if any(part in STDLIB_SKIP for part in rel.parts):
-            continue
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, OSError):
-            continue
-        module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-        for node in tree.body:
-            problem = stdlib_problem(node)
-            key = problem and _normalise(problem)
-            if not key or key in seen:  # e.g. posixpath / ntpath twins
-                continue
-            seen.add(key)
-            out.append(BenchPrompt("stdlib-functions", f"{module}.{node.name}",
-                                   (HUMANEVAL_TEMPLATE.format(prompt=problem),),
-                                   split=split_of("stdlib-functions", key)))
-    if not out:
-        raise DatasetUnavailable(f"dataset stdlib-functions found no Python sources under {root}")
-    return tuple(out)
+    return tuple(_function_problems("stdlib-functions", [Path(sysconfig.get_paths()["stdlib"])], STDLIB_SKIP))
 
 
 # --------------------------------------------------------------------- hub sets
