@@ -1,8 +1,8 @@
 """The `specflash` command line: parses flags and hands them to one command module.
 
 Each subcommand lives in `specflash/commands/<name>.py` (`register` adds its parser).
-No logic lives here. A user mistake (a `SpecflashError`) prints one line to stderr and
-exits with status 2; Ctrl-C exits with 130.
+No logic lives here. A user mistake (a `SpecflashError`, a bad flag value found while
+parsing included) prints one line to stderr and exits with status 2; Ctrl-C exits with 130.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.command:
-        parser.print_help()
-        return 2
-    _quiet_libraries()
     try:
+        args = parser.parse_args(argv)  # flag values are checked here (commands/common.py: OptionError)
+        if not args.command:
+            parser.print_help()
+            return 2
+        _quiet_libraries()
         return args.handler(args)
     except SpecflashError as exc:
         print(f"specflash: error: {exc}", file=sys.stderr)

@@ -18,15 +18,12 @@ def split_method(spec: str) -> tuple[str, int | str | None]:
 
     The suffix sets the block size of one method instance, so one run can compare several
     (e.g. dflash@4,dflash@8,dflash@16,dflash@auto); it applies to dflash and ngram."""
+    from ..runtime.config import parse_block_size
+
     base, sep, block = spec.partition("@")
     if not sep:
         return spec, None
-    if block.strip().lower() == "auto":
-        return base, "auto"
     try:
-        value = int(block)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise ValueError(f"method {spec!r}: the part after @ must be 'auto' or an integer >= 1")
-    return base, value
+        return base, parse_block_size(block)
+    except ValueError as exc:
+        raise ValueError(f"method {spec!r}: {exc}") from None

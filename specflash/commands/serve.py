@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from .common import add_model_flags, resolve_draft_flag
+from .common import AtLeast, add_model_flags, resolve_draft_flag
 
 API_KEY_ENV = "SPECFLASH_API_KEY"
 
@@ -23,17 +23,17 @@ def register(sub) -> None:
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --api-key)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
-    g.add_argument("--max-concurrency", type=int, default=8,
+    g.add_argument("--max-concurrency", type=int, action=AtLeast, minimum=1, default=8,
                    help="requests decoded at once, interleaved step by step (default 8); more wait in a queue")
-    g.add_argument("--max-queue", type=int, default=256,
+    g.add_argument("--max-queue", type=int, action=AtLeast, minimum=0, default=256,
                    help="requests that may wait for a slot before new ones get 503 (default 256)")
-    g.add_argument("--default-max-tokens", type=int, default=512,
+    g.add_argument("--default-max-tokens", type=int, action=AtLeast, minimum=1, default=512,
                    help="max_tokens of requests that do not set it, capped by the context (default 512)")
     g.add_argument("--served-model-name", default=None,
                    help="the model id clients send and /v1/models lists (default: the --target value)")
     g.add_argument("--api-key", default=None,
                    help=f"require 'Authorization: Bearer KEY' on /v1/* (default: ${API_KEY_ENV} if set)")
-    g.add_argument("--threads", type=int, default=None,
+    g.add_argument("--threads", type=int, action=AtLeast, minimum=1, default=None,
                    help="torch threads of the decoding thread (default: CPU cores - 1, leaving one to the HTTP "
                         "server; on a GPU it hardly matters)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random drafter (--draft random)")
@@ -57,14 +57,7 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise InputError("specflash serve needs the serve extra: pip install 'specflash[serve]'") from None
-    for name in ("max_concurrency", "default_max_tokens"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     threads = args.threads if args.threads is not None else max(1, _cpu_count() - 1)
-    if threads < 1:
-        raise InputError(f"--threads must be >= 1 (got {threads})")
-    if args.max_queue < 0:
-        raise InputError(f"--max-queue must be >= 0 (got {args.max_queue})")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535 (got {args.port})")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None

@@ -13,6 +13,7 @@ so outputs are the same for any policy.
 from __future__ import annotations
 
 from ..perf.costmodel import StepCosts, best_num_drafts
+from .config import parse_block_size
 
 
 class FixedBlock:
@@ -83,23 +84,6 @@ class AutoBlock:
             self._interval = self.probe_every  # speculation pays again: probe promptly next time
 
 
-def parse_block_size(value: str | int | None) -> int | str | None:
-    """`--block-size` value: None (the default), 'auto', or an int >= 1."""
-    from ..errors import InputError
-
-    if value is None:
-        return None
-    if isinstance(value, str) and value.strip().lower() == "auto":
-        return "auto"
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"block size must be 'auto' or an integer >= 1 (got {value!r})") from None
-    if number < 1:
-        raise InputError(f"block size must be >= 1 (got {number}); use 1 for plain decoding or 'auto'")
-    return number
-
-
 def native_block(proposer) -> int:
     """Most tokens per step a proposer's drafts fill: its own block (8 when it has none); 1
     without a proposer (plain decoding)."""
@@ -110,7 +94,10 @@ def make_policy(block_size: int | str | None, target, proposer, log=None) -> tup
     """Resolve a block-size setting for this target and proposer -> (most tokens per step,
     policy). None: the proposer's own block, all drafts verified; 'auto': that block as the
     ceiling with `AutoBlock` over the cached (or freshly measured) cost model, measured
-    under the kernels the target runs now (choose them first); an int: fixed."""
+    under the kernels the target runs now (choose them first); an int: fixed, at most the
+    proposer's own block when it has one (a DFlash drafter's)."""
+    own = getattr(proposer, "block_size", None)
+    block_size = parse_block_size(block_size, limit=own if isinstance(own, int) else None)
     if proposer is None:
         return 1, FixedBlock()
     native = native_block(proposer)

@@ -1,4 +1,7 @@
-"""The knobs of one generation call (`DecodeConfig`), validated when it is made."""
+"""The knobs of one generation call (`DecodeConfig`), validated when it is made, and the
+checks the command line, the pipeline, the block policy and the benchmark share: of a
+decode-time block size (`parse_block_size`), of the sampling knobs (`validate_sampling`)
+and of a count (`at_least`)."""
 
 from __future__ import annotations
 
@@ -25,11 +28,8 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         validate_sampling(self.temperature, self.top_p, self.top_k)
-        if self.max_new_tokens < 1:
-            raise InputError(f"max_new_tokens must be >= 1 (got {self.max_new_tokens})")
-        if self.block_size is not None and self.block_size < 1:
-            raise InputError(f"block size must be >= 1 (got {self.block_size}); "
-                             "use 1 for plain autoregressive decoding")
+        at_least("max_new_tokens", self.max_new_tokens, 1)
+        parse_block_size(self.block_size, auto=False)
 
     @property
     def greedy(self) -> bool:
@@ -43,3 +43,35 @@ def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
         raise InputError(f"top_p must be in (0, 1] (got {top_p}); use 1.0 to disable it")
     if top_k < 0:
         raise InputError(f"top_k must be >= 0 (got {top_k}); use 0 to disable it")
+
+
+def at_least(name: str, value: int, minimum: int) -> int:
+    """`value` when it is >= `minimum`, else an InputError naming it: the one check of a
+    count (max_new_tokens here, the commands' --num-prompts, --max-concurrency, ...)."""
+    if value < minimum:
+        raise InputError(f"{name} must be >= {minimum} (got {value})")
+    return value
+
+
+def parse_block_size(value: str | int | None, limit: int | None = None, auto: bool = True) -> int | str | None:
+    """A decode-time block size (tokens one step verifies: anchor + drafts), checked once
+    for every way it comes in (`--block-size`, `Pipeline.load`, `make_policy`,
+    `DecodeConfig.block_size`, bench's NAME@B): None (the default) as it is, 'auto' (when
+    `auto` allows it), or an integer >= 1 (1 = plain decoding), at most `limit` (the
+    drafter's own block, once it is known). Raises InputError saying what to pass."""
+    if value is None:
+        return None
+    if auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    either = " or 'auto'" if auto else ""
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        choices = "'auto' or an integer >= 1" if auto else "an integer >= 1"
+        raise InputError(f"block size must be {choices} (got {value!r})") from None
+    if number < 1:
+        raise InputError(f"block size must be >= 1 (got {number}); use 1 for plain decoding{either}")
+    if limit is not None and number > limit:
+        raise InputError(f"block size {number} is larger than the drafter's block size {limit}; "
+                         f"use 1..{limit}{either}")
+    return number

@@ -1,5 +1,6 @@
 """Putting a target and a drafter together: drafter configs sized for a target, random
-drafters (a testing aid), compatibility checks, the proposer a `--draft` value means, and
+drafters (a testing aid), compatibility checks, what a `--draft` value means
+(`resolve_draft`, the one place that reads it) and the proposer it builds, and
 the set-up steps that follow loading, each made once and handed on: the target's
 fixed-shape steps (`setup_static_steps`, before proposers are built: a DFlash proposer
 then gets its drafter's fixed-shape steps) and this machine's verify kernels
@@ -7,10 +8,12 @@ then gets its drafter's fixed-shape steps) and this machine's verify kernels
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from ..drafter.checkpoint import drafter_folder
 from ..drafter.config import DrafterConfig, default_target_layer_ids
 from ..drafter.model import DFlashDrafter
 from ..errors import CheckpointError, InputError
@@ -18,6 +21,7 @@ from ..hf.staticsteps import StaticDraftSteps
 from ..hf.target import TargetModel, choose_mask_token_id
 from ..perf.kernelchoice import KernelChoice, choose_kernels
 from .blockpolicy import native_block
+from .config import parse_block_size
 from .proposers import DFlashProposer, NgramProposer
 from .proposers.base import Proposer
 
@@ -87,13 +91,54 @@ def load_drafter(path: str | Path, target: TargetModel) -> DFlashDrafter:
 
 DRAFT_CHOICES_HELP = ("default (the drafter shipped for the target), none (plain decoding), random (a random "
                       "drafter: a testing aid), ngram (prompt lookup), or a drafter folder / hub id")
+RANDOM_DRAFTER_BLOCK = 16
 
 
-def default_draft(target_name: str) -> str:
-    """What an omitted --draft means: the shipped drafter when the target has one, else none."""
+@dataclass(frozen=True)
+class DraftChoice:
+    """What a `--draft` value names: kind 'none' (plain decoding), 'random' (a random drafter),
+    'ngram' (prompt lookup) or 'drafter' (a DFlash drafter in the local `folder`)."""
+
+    kind: str
+    folder: Path | None = None
+
+
+def resolve_draft(draft: str | None, target_name: str | None) -> DraftChoice:
+    """The one reading of a `--draft` value, for every command and entry point: None or
+    'none', 'random', 'ngram', 'default' (the drafter shipped for `target_name`; an
+    InputError when there is none), a drafter folder, or a hub id (fetched into the hub
+    cache; a CheckpointError when it is neither a folder nor fetchable, e.g. offline)."""
+    if draft is None:
+        return DraftChoice("none")
+    key = str(draft).strip().lower()
+    if not key:
+        raise InputError(f"--draft is empty; choose {DRAFT_CHOICES_HELP}")
+    if key in ("none", "random", "ngram"):
+        return DraftChoice(key)
+    if key == "default":
+        from ..drafters import shipped_drafter
+
+        folder = shipped_drafter(target_name)
+        if folder is None:
+            raise InputError(f"no drafter is shipped for target {target_name!r}; pass --draft none, random, ngram "
+                             "or a drafter folder (train one with `specflash train`)")
+        return DraftChoice("drafter", folder)
+    return DraftChoice("drafter", drafter_folder(draft))
+
+
+def default_draft(target_name: str, otherwise: str = "none") -> str:
+    """What an omitted --draft means: the shipped drafter when the target has one, else
+    `otherwise` (none for generate and serve, random for bench)."""
     from ..drafters import shipped_drafter
 
-    return "default" if shipped_drafter(target_name) is not None else "none"
+    return "default" if shipped_drafter(target_name) is not None else otherwise
+
+
+def random_drafter_block(*block_sizes: int | str | None) -> int:
+    """The block of a `--draft random` drafter: the largest fixed block asked for, so that
+    each fits it (see `make_policy`), else 16; at least 2 (a block of 1 drafts nothing)."""
+    sizes = [b for b in block_sizes if isinstance(b, int)]
+    return max(max(sizes, default=RANDOM_DRAFTER_BLOCK), 2)
 
 
 def dflash_proposer(drafter: DFlashDrafter, target: TargetModel) -> DFlashProposer:
@@ -107,25 +152,20 @@ def dflash_proposer(drafter: DFlashDrafter, target: TargetModel) -> DFlashPropos
 
 def build_proposer(draft: str | None, target: TargetModel, seed: int = 0,
                    block_size: int | None = None) -> Proposer | None:
-    """The proposer a `--draft` value names; None for plain decoding."""
-    if draft is None or draft.lower() == "none":
+    """The proposer a `--draft` value names (see `resolve_draft`); None for plain decoding.
+    A fixed `block_size` must fit a loaded drafter's block (checked here, before anything
+    is measured); a random drafter is made to fit it."""
+    choice = resolve_draft(draft, target.name)
+    if choice.kind == "none":
         return None
-    key = draft.lower()
-    if key == "random":
-        return dflash_proposer(random_drafter(target, seed=seed, block_size=max(block_size or 16, 2)), target)
-    if key == "ngram":
+    if choice.kind == "ngram":
         return NgramProposer()
-    if key == "default":
-        from ..drafters import shipped_drafter
-
-        folder = shipped_drafter(target.name)
-        if folder is None:
-            raise InputError(f"no drafter is shipped for target {target.name!r}; pass --draft none, random, ngram "
-                             "or a drafter folder (train one with `specflash train`)")
-        return dflash_proposer(load_drafter(folder, target), target)
-    if not draft.strip():
-        raise InputError(f"--draft is empty; choose {DRAFT_CHOICES_HELP}")
-    return dflash_proposer(load_drafter(draft, target), target)
+    if choice.kind == "random":
+        drafter = random_drafter(target, seed=seed, block_size=random_drafter_block(block_size))
+        return dflash_proposer(drafter, target)
+    drafter = load_drafter(choice.folder, target)
+    parse_block_size(block_size, limit=drafter.block_size)
+    return dflash_proposer(drafter, target)
 
 
 def setup_static_steps(target: TargetModel, choice: str = "auto", say=None) -> str:

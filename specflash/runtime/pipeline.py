@@ -17,7 +17,7 @@ import torch
 
 from ..devices import resolve_device
 from ..hf.target import TargetModel
-from .config import DecodeConfig
+from .config import DecodeConfig, parse_block_size
 from .decode import GenerationResult, SpeculativeDecoder, Step
 from .loading import build_proposer, choose_verify_kernels, setup_static_steps
 from .metrics import SpecStats
@@ -61,7 +61,7 @@ class Pipeline:
         block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
         (fixed), or None (the drafter's own block, fixed). static_steps: see
         `loading.setup_static_steps` (auto: CUDA graphs on CUDA)."""
-        from .blockpolicy import make_policy, parse_block_size
+        from .blockpolicy import make_policy
 
         device = str(resolve_device(device))  # a device this machine lacks: an InputError, not torch's assert
         block_size = parse_block_size(block_size)
