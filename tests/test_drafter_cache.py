@@ -1,8 +1,12 @@
 """The drafter's context cache: incremental drafting equals a fresh forward over the
-whole context, and the block's own K/V are never kept."""
+whole context, and the block's own K/V are never kept; every cache grows by the one
+capacity rule."""
 
 import torch
 
+from specflash.hf.batchcache import BufferedLayer
+from specflash.hf.cache import ContextKVCache, grown_capacity
+from specflash.hf.staticsteps import Slot, SlotPool, StaticKV
 from specflash.runtime.proposers import DFlashProposer
 from specflash.runtime.sampling import Sampler
 from tiny import tiny_drafter
@@ -44,3 +48,15 @@ def test_proposer_keeps_only_committed_context(targets):
     proposer.commit(block, target.forward(block[None]).features)
     proposer.propose(anchor=9, position=15, num_tokens=3, sampler=sampler)
     assert proposer._cache.length == 15
+
+
+def test_every_cache_grows_by_the_one_capacity_rule():
+    assert [grown_capacity(n, 3) for n in (1, 3, 4, 13)] == [3, 3, 6, 24]
+    context = ContextKVCache(1, 1, 1, 2, torch.float32, "cpu", capacity=3)
+    context.reserve(13)
+    batched = BufferedLayer(capacity=3)
+    batched.update(torch.zeros(2, 1, 13, 2), torch.zeros(2, 1, 13, 2))
+    assert context.capacity == batched.capacity == grown_capacity(13, 3) == 24
+    static = StaticKV(SlotPool(lambda c: Slot(1, 1, 2, c, torch.float32, torch.device("cpu"))), 13, maximum=4096)
+    static.reserve(300)
+    assert static.capacity == grown_capacity(300, 256, 4096) == 512

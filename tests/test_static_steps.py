@@ -18,7 +18,8 @@ from specflash.runtime.config import DecodeConfig
 from specflash.runtime.decode import SpeculativeDecoder
 from specflash.errors import InputError
 from specflash.runtime.proposers import DFlashProposer, OracleProposer
-from specflash.hf.staticsteps import CapturedStep, capacity_bucket
+from specflash.hf.cache import grown_capacity
+from specflash.hf.staticsteps import CapturedStep
 from specflash.runtime.loading import dflash_proposer, setup_static_steps
 from tiny import hf_greedy, policy_for, tiny_drafter, tiny_target
 
@@ -214,6 +215,26 @@ def test_slots_are_reused_by_later_requests_and_never_shared_by_live_ones(target
         assert decoder.proposer._static.pool.num_slots == 3
 
 
+def test_the_fixed_shape_drafter_step_runs_the_drafters_own_forward(targets, monkeypatch):
+    """One forward per network: the static (CUDA-graph) drafter step calls
+    `DFlashDrafter.forward` over a static context, padded steps and eager ones alike."""
+    target = targets("qwen3")
+    drafter = tiny_drafter(target, block_size=4)
+    forward = type(drafter).forward
+    caches = []
+
+    def spy(self, *args, **kwargs):
+        caches.append(type(args[4] if len(args) > 4 else kwargs.get("cache")).__name__)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(drafter), "forward", spy)
+    prompt = _prompt(9, seed=8)
+    with static_steps(target, True):
+        SpeculativeDecoder(target, dflash_proposer(drafter, target), 4).generate(
+            prompt, DecodeConfig(max_new_tokens=12, stop_token_ids=()))
+    assert len(caches) > 2 and set(caches) == {"StaticContext"}
+
+
 def test_sampling_through_static_steps_draws_the_dynamic_paths_tokens(targets):
     target = targets("qwen2")
     prompt = _prompt(9, seed=6)
@@ -293,10 +314,10 @@ def test_static_steps_need_the_lean_forward_and_say_so(targets, monkeypatch):
 
 
 def test_capacity_buckets_are_powers_of_two_within_the_context():
-    assert capacity_bucket(1, 4096) == 256 and capacity_bucket(257, 4096) == 512
-    assert capacity_bucket(3000, 3000) == 3000
+    assert grown_capacity(1, 256, 4096) == 256 and grown_capacity(257, 256, 4096) == 512
+    assert grown_capacity(3000, 256, 3000) == 3000
     with pytest.raises(ValueError):
-        capacity_bucket(5000, 4096)
+        grown_capacity(5000, 256, 4096)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")

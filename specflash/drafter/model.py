@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import CheckpointError
-from ..hf.cache import ContextKVCache
+from ..hf.cache import ContextCache, ContextKVCache
 from ..hf.rotary import rope_frequencies
 from .checkpoint import CONFIG_NAME, check_weights, drafter_folder, read_weights, write_checkpoint
 from .config import DrafterConfig
@@ -218,11 +218,13 @@ class DFlashDrafter(nn.Module):
         return self.config.target_layer_ids
 
     def _layer_is_causal(self, layer: DraftLayer) -> bool:
+        """Whether the block attends causally in this layer (sliding layers, or all with `is_causal`)."""
         if self.config.is_causal is not None:
             return bool(self.config.is_causal)
         return layer.layer_type == "sliding_attention"
 
     def _layer_window(self, layer: DraftLayer) -> int | None:
+        """This layer's sliding window (None: full attention)."""
         return self.config.sliding_window if layer.layer_type == "sliding_attention" else None
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> "DFlashDrafter":
@@ -279,15 +281,16 @@ class DFlashDrafter(nn.Module):
         block_positions: torch.Tensor,  # [b, q] absolute positions
         features: torch.Tensor | None = None,  # [b, c, K*H_t] raw concatenated target features
         feature_positions: torch.Tensor | None = None,  # [b, c]
-        cache: ContextKVCache | None = None,
+        cache: ContextCache | None = None,
         attention_mask: torch.Tensor | None = None,  # [b|1, 1|heads, q, c + q] bool (training)
     ) -> torch.Tensor:
         """One draft forward -> hidden states [b, q, H] after the final norm.
 
-        Decoding (cache given): the new context features are appended to the cache
-        (their positions must continue it: 0..), and the block attends to all cached
-        context plus itself; the block's K/V are not cached. Training (no cache):
-        keys are [context ; block] and `attention_mask` says who sees what.
+        Decoding (cache given): the new context features are written into the cache at
+        their positions (the dynamic `ContextKVCache`, or the fixed-size static context
+        of the CUDA-graph steps, staticsteps.py), and the block attends to the cached
+        context before it plus itself; the block's K/V are not cached. Training (no
+        cache): keys are [context ; block] and `attention_mask` says who sees what.
         """
         hidden = block_embeds
         cos_q, sin_q = self.rotary(hidden, block_positions)
@@ -310,23 +313,45 @@ class DFlashDrafter(nn.Module):
                 ctx_k = ctx_v = hidden.new_zeros(b, attn.num_kv_heads, 0, attn.head_dim)
             if cache is not None:
                 if context is not None:
-                    ctx_k, ctx_v = cache.write(attn.layer_idx, ctx_k, ctx_v)
+                    ctx_k, ctx_v = cache.write(attn.layer_idx, ctx_k, ctx_v, feature_positions[0])
                 else:
                     ctx_k, ctx_v = cache.view(attn.layer_idx)
             mask = attention_mask
             if mask is None:
-                key = (self._layer_is_causal(layer), self._layer_window(layer))
-                if key not in masks:
-                    n_ctx = ctx_k.shape[2]
-                    qpos = block_positions[0]
-                    kpos = torch.cat([torch.arange(n_ctx, device=qpos.device), qpos]) if cache is not None \
-                        else torch.cat([feature_positions[0] if context is not None else qpos[:0], qpos])
-                    masks[key] = block_attention_mask(qpos, kpos, *key)
-                mask = masks[key]
+                rule = (self._layer_is_causal(layer), self._layer_window(layer))
+                if rule not in masks:
+                    masks[rule] = self._block_mask(block_positions[0], ctx_k.shape[2], cache,
+                                                   feature_positions if context is not None else None, *rule)
+                mask = masks[rule]
             hidden = layer(hidden, cos_q, sin_q, ctx_k, ctx_v, mask)
         if cache is not None:
             cache.advance(n_new)
         return self.norm(hidden)
+
+    @staticmethod
+    def _block_mask(block_positions: torch.Tensor, num_keys: int, cache: ContextCache | None,
+                    feature_positions: torch.Tensor | None, causal: bool,
+                    sliding_window: int | None) -> torch.Tensor | None:
+        """Mask [1, 1, q, n + q] of a block at `block_positions` [q] over its n context keys
+        and itself: the layer's rule (`block_attention_mask`), and with a cache only the
+        keys its `context_mask` lets the block see; None when everything is visible."""
+        if cache is not None:
+            key_positions = cache.key_positions(num_keys)  # [n]
+        elif feature_positions is not None:
+            key_positions = feature_positions[0]
+        else:
+            key_positions = block_positions[:0]
+        rule = block_attention_mask(block_positions, torch.cat([key_positions, block_positions]), causal,
+                                    sliding_window)
+        context = cache.context_mask(block_positions, num_keys) if cache is not None else None  # [q, n]
+        if context is None:
+            return rule
+        q = block_positions.shape[0]
+        own = torch.ones(q, q, dtype=torch.bool, device=block_positions.device)
+        visible = torch.cat([context, own], dim=1)  # [q, n + q]
+        if rule is not None:
+            visible = visible & rule[0, 0]
+        return visible[None, None]
 
     # ------------------------------------------------------------ checkpoint
     def save_pretrained(self, folder: str | Path, dtype: torch.dtype = torch.bfloat16) -> Path:

@@ -4,8 +4,8 @@
 every step: at batch 48 and ~500 cached tokens that is ~2 GB of memory traffic per
 step on SmolLM2-135M, more than the weights themselves. `buffered_cache` returns a
 `transformers.Cache` whose layers write new keys/values in place into storage with
-spare room (doubling when full) and hand attention views of the filled part, so a step
-moves only the new token's K/V. `select_rows` drops finished sequences from the batch
+spare room (grown by cache.py's capacity rule when full) and hand attention views of the
+filled part, so a step moves only the new token's K/V. `select_rows` drops finished sequences from the batch
 (one copy of the filled part), so a batch does not keep computing rows that are done.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
+
+from .cache import grown_capacity
 
 
 class BufferedLayer(DynamicLayer):
@@ -47,9 +49,7 @@ class BufferedLayer(DynamicLayer):
         self._views()
 
     def _grow(self, needed: int) -> None:
-        capacity = self.capacity
-        while capacity < needed:
-            capacity *= 2
+        capacity = grown_capacity(needed, self.capacity)
         self._k, self._v = self._moved(self._k, capacity=capacity), self._moved(self._v, capacity=capacity)
         self.capacity = capacity
 

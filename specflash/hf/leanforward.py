@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+
 def decoder_of(model: torch.nn.Module) -> torch.nn.Module | None:
     """The decoder stack (embeddings, layers, final norm) of a causal LM."""
     return model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)

@@ -9,13 +9,16 @@ CUDA graph, and replay it. What that takes here:
   A step writes its K/V at its positions (`index_copy_`), attention reads the whole buffer
   under the mask "key position <= query position", so entries past the committed length
   (a rejected block's) are never read and rollback is a pointer move. Capacity comes in
-  power-of-two buckets; a sequence that outgrows its bucket moves to the next one (one copy).
+  buckets of the one capacity rule (cache.py's `grown_capacity`: 256 doubled); a sequence
+  that outgrows its bucket moves to the next one (one copy).
 - `CapturedStep`: one step function over static input buffers; on CUDA captured as a
   `torch.cuda.CUDAGraph` on its first call (after two warm-up runs) and replayed after;
   elsewhere the same function runs eagerly on the same buffers (what the CPU tests check).
 - `StaticTargetSteps` (the target's verify steps: one graph per block length 1..max) and
   `StaticDraftSteps` (the drafter's step: block and new context rows padded to the block
   size, so one graph serves every step; a longer context, e.g. the prompt's, runs eagerly).
+  Both run the models' own forwards (the lean forward; `DFlashDrafter.forward` over a
+  `StaticContext`), only over static buffers.
 - Buffers and their graphs live in slots pooled by capacity, reused by later requests;
   a cache handle returns its slot when it is garbage collected.
 
@@ -32,19 +35,9 @@ from collections.abc import Callable
 
 import torch
 
+from .cache import MIN_CAPACITY, grown_capacity
+
 logger = logging.getLogger(__name__)
-
-MIN_CAPACITY = 256
-
-
-def capacity_bucket(needed: int, maximum: int, minimum: int = MIN_CAPACITY) -> int:
-    """The smallest power-of-two capacity >= needed (at least `minimum`), capped at `maximum`."""
-    if needed > maximum:
-        raise ValueError(f"{needed} positions do not fit a context of {maximum}")
-    capacity = minimum
-    while capacity < needed:
-        capacity *= 2
-    return min(capacity, maximum)
 
 
 class CapturedStep:
@@ -155,7 +148,7 @@ class StaticKV:
     def __init__(self, pool: SlotPool, capacity: int, maximum: int):
         self._pool = pool
         self.maximum = maximum
-        self.slot = pool.acquire(capacity_bucket(capacity, maximum))
+        self.slot = pool.acquire(grown_capacity(capacity, MIN_CAPACITY, maximum))
         self._finalizer = weakref.finalize(self, SlotPool.release, self.slot)
         self.length = 0
 
@@ -168,7 +161,7 @@ class StaticKV:
         if needed <= self.slot.capacity:
             return
         old = self.slot
-        new = self._pool.acquire(capacity_bucket(needed, self.maximum))
+        new = self._pool.acquire(grown_capacity(needed, MIN_CAPACITY, self.maximum))
         for src, dst in zip(old.keys + old.values, new.keys + new.values):
             dst[:, :, : self.length] = src[:, :, : self.length]
         self._finalizer.detach()
@@ -285,49 +278,47 @@ class _SlotWriter:
     update = StaticKV.update
 
 
-def static_block_mask(block_positions: torch.Tensor, key_positions: torch.Tensor, causal: bool,
-                      sliding_window: int | None) -> torch.Tensor:
-    """Mask of a draft block [q] over a static context [capacity] and itself: a context key
-    is visible iff its position is before the block's first (the anchor's), then the
-    layer's own causal / sliding-window rule. -> [1, 1, q, capacity + q] bool."""
-    from ..drafter.model import block_attention_mask
+class StaticContext:
+    """A drafter's static context slot seen through the `ContextCache` interface (cache.py),
+    so the fixed-shape step runs the drafter's own forward: new context K/V are written at
+    their positions (`index_copy_`), the block attends to the whole buffer, and
+    `context_mask` hides the entries from the block's first position (the anchor's) on,
+    stale or padding. Bound to one slot, as a captured step must be; its `reserve` and
+    `advance` are no-ops (the `StaticKV` handle reserves and counts outside the step)."""
 
-    q = block_positions.shape[0]
-    context = (key_positions[None, :] < block_positions[:1, None]).expand(q, -1)  # [q, capacity]
-    own = torch.ones(q, q, dtype=torch.bool, device=block_positions.device)
-    visible = torch.cat([context, own], dim=1)  # [q, capacity + q]
-    rule = block_attention_mask(block_positions, torch.cat([key_positions, block_positions]), causal, sliding_window)
-    if rule is not None:
-        visible = visible & rule[0, 0]
-    return visible[None, None]
+    def __init__(self, slot: Slot):
+        self.slot = slot
 
+    def reserve(self, extra: int) -> None:
+        pass
 
-def drafter_fixed_shape(drafter, block_embeds: torch.Tensor, block_positions: torch.Tensor,
-                        features: torch.Tensor, feature_positions: torch.Tensor, slot: Slot) -> torch.Tensor:
-    """The drafter's forward over a static context slot: new context features [1, c, K*H_t]
-    at `feature_positions` [c] are fused and written into the slot, then the block [1, q, H]
-    at `block_positions` [q] attends to the context before its anchor and to itself.
-    -> hidden [1, q, H] after the final norm. Pure tensor work (capturable)."""
-    hidden = block_embeds
-    cos_q, sin_q = drafter.rotary(hidden, block_positions[None])
-    context = drafter.fuse(features)  # [1, c, H]
-    cos_c, sin_c = drafter.rotary(context, feature_positions[None])
-    masks: dict = {}
-    for index, layer in enumerate(drafter.layers):
-        ctx_k, ctx_v = layer.self_attn.context_kv(context, cos_c, sin_c)  # [1, kv, c, d]
-        keys, values = slot.keys[index], slot.values[index]
-        keys.index_copy_(2, feature_positions, ctx_k)
-        values.index_copy_(2, feature_positions, ctx_v)
-        rule = (drafter._layer_is_causal(layer), drafter._layer_window(layer))
-        if rule not in masks:
-            masks[rule] = static_block_mask(block_positions, slot.key_positions, *rule)
-        hidden = layer(hidden, cos_q, sin_q, keys, values, masks[rule])
-    return drafter.norm(hidden)
+    def write(self, layer: int, keys: torch.Tensor, values: torch.Tensor,
+              positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """keys, values [1, kv_heads, c, d] at `positions` [c] -> the layer's whole buffers
+        [1, kv_heads, capacity, d]."""
+        k, v = self.slot.keys[layer], self.slot.values[layer]
+        k.index_copy_(2, positions, keys)
+        v.index_copy_(2, positions, values)
+        return k, v
+
+    def view(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.slot.keys[layer], self.slot.values[layer]
+
+    def key_positions(self, num_keys: int) -> torch.Tensor:
+        return self.slot.key_positions  # [capacity]
+
+    def context_mask(self, block_positions: torch.Tensor, num_keys: int) -> torch.Tensor:
+        """[q, capacity]: a key is context iff its position is before the block's first."""
+        q = block_positions.shape[0]
+        return (self.slot.key_positions[None, :] < block_positions[:1, None]).expand(q, -1)
+
+    def advance(self, n: int) -> None:
+        pass
 
 
 class StaticDraftSteps:
     """The drafter's steps over static contexts (a `StaticKV` of the drafter's layers:
-`length` fused context positions). A step with at most `block` new context
+    `length` fused context positions). A step with at most `block` new context
     rows and a block of exactly `block` tokens (every decoding step) pads the context rows
     to `block` (zero features at the positions from the anchor on: written, never read, and
     overwritten by the next step) and runs one captured step; others run eagerly."""
@@ -370,10 +361,10 @@ class StaticDraftSteps:
             if step.error is not None and self.graphs:
                 self.graphs, self.graph_error = False, step.error
         else:
-            block_pos = torch.arange(position, position + q, device=self.device)
-            feature_pos = torch.arange(start, start + c, device=self.device)
+            block_pos = torch.arange(position, position + q, device=self.device)[None]  # [1, q]
+            feature_pos = torch.arange(start, start + c, device=self.device)[None]  # [1, c]
             embeds = self.drafter.embed_block(ids, self.target.embed_raw)  # [1, q, H]
-            hidden = drafter_fixed_shape(self.drafter, embeds, block_pos, features, feature_pos, slot)
+            hidden = self.drafter(embeds, block_pos, features, feature_pos, StaticContext(slot))
         context.length = start + c
         return hidden
 
@@ -385,10 +376,11 @@ class StaticDraftSteps:
                                       device=device)
         static_feature_pos = torch.zeros(b, dtype=torch.long, device=device)
 
+        context = StaticContext(slot)
+
         def fn() -> tuple[torch.Tensor, ...]:
             embeds = self.drafter.embed_block(static_ids, self.target.embed_raw)  # [1, block, H]
-            return (drafter_fixed_shape(self.drafter, embeds, static_block_pos, static_features, static_feature_pos,
-                                        slot),)
+            return (self.drafter(embeds, static_block_pos[None], static_features, static_feature_pos[None], context),)
 
         step = CapturedStep(fn, device, self.graphs, self._pool_handle)
         step.inputs = (static_ids, static_block_pos, static_features, static_feature_pos)

@@ -72,10 +72,9 @@ class TargetModel:
                         device: torch.device | str = "cpu", **resolve_kwargs: Any) -> "TargetModel":
         """Load a registered name (see `specflash models`), a local folder or a hub id."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
         from ..models import resolve_model
-
-        from transformers.utils import logging as hf_logging
 
         folder = resolve_model(str(name_or_path), **resolve_kwargs)
         bars = hf_logging.is_progress_bar_enabled()

@@ -23,6 +23,7 @@ import torch
 from ..paths import specflash_home
 from .costmodel import StepCosts
 
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -19,14 +19,14 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import ContextLengthError, InputError
+from ..hf.target import TargetModel
 from .acceptance import greedy_accept, rejection_accept
 from .blockpolicy import FixedBlock
 from .config import DecodeConfig
-from ..errors import ContextLengthError, InputError
 from .metrics import SpecStats
 from .proposers.base import Proposer
 from .sampling import Sampler
-from ..hf.target import TargetModel
 
 
 @dataclass

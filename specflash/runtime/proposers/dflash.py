@@ -5,7 +5,7 @@ rows (times the drafter's `input_embedding_scale`). Context features of every co
 token are fused and appended to the drafter's context cache lazily, at the next
 propose; the block's own K/V are never cached. Block position i predicts the token at
 p + i (same position, no shift). A drafter with a draft vocabulary proposes only its
-tokens, through those rows of the target's LM head (drafter.py).
+tokens, through those rows of the target's LM head (drafter/vocab.py).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import torch
 
 from ...drafter.model import DFlashDrafter
 from ...drafter.vocab import DraftHead
-from ..sampling import Sampler
+from ...hf.cache import grown_capacity
 from ...hf.staticsteps import StaticDraftSteps, StaticKV
 from ...hf.target import TargetModel
+from ..sampling import Sampler
 from .base import Proposal
 
 
@@ -51,9 +52,7 @@ class DFlashProposer:
     def reset(self, prompt_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         if features is None:
             raise ValueError("the DFlash proposer needs the target's tapped features")
-        capacity = 256
-        while capacity < prompt_ids.shape[0] + 2 * self.block_size:
-            capacity *= 2
+        capacity = grown_capacity(prompt_ids.shape[0] + 2 * self.block_size)
         self._cache = None  # the last sequence's static context goes back to the pool before a new one is taken
         if self._static is not None:
             self._cache = self._static.new_context(capacity)
