@@ -148,7 +148,7 @@ class VocabSubset:
     The loss is computed over these rows of the LM head only (labels outside are not
     supervised), so the drafter never learns to rank the other tokens: the trainer sets
     the same ids as the drafter's draft vocabulary, exported as draft_vocab.json beside
-    the published weights and used at decode time (drafter.py)."""
+    the published weights and used at decode time (drafter/vocab.py)."""
 
     def __init__(self, ids: torch.Tensor, vocab_size: int):
         self.ids = ids.long().sort().values  # [N]
