@@ -229,11 +229,12 @@ def checkpoint_to_init_from(path: str) -> Path | None:
     return None
 
 
-def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torch.Tensor | None]:
+def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torch.Tensor | None, int]:
     """Warm start from an earlier run's training checkpoint: its weights and feature scale
     exactly as they were being trained (nothing folded), and the optimizer state returned to
     be carried over (`carry_optimizer_moments`), with the run's draft vocabulary (None when
-    neither the checkpoint nor the run's exported drafter has one). A fresh AdamW restarts
+    neither the checkpoint nor the run's exported drafter has one) and its lineage's pass
+    count (UNKNOWN_LINEAGE_PASSES for checkpoints from before the count). A fresh AdamW restarts
     with steps of about the learning rate on every weight whatever its gradient, which set
     earlier warm starts back by a few thousand steps; the carried moments keep the steps the
     size they had."""
@@ -260,23 +261,17 @@ def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torc
     exported = path.parent.parent / "drafter"  # checkpoints written before they kept the vocabulary
     if vocab is None and (exported / DRAFT_VOCAB_NAME).is_file():
         vocab = torch.as_tensor(read_draft_vocab(exported), dtype=torch.long)
-    return moments, vocab
+    return moments, vocab, int(state.get("passes_total", UNKNOWN_LINEAGE_PASSES))
 
 
 UNKNOWN_LINEAGE_PASSES = 1000  # a source that did not count its passes: number ours beyond any it could have made
 
 
-def lineage_passes(source: str | None) -> int:
-    """Passes over data already made in the lineage `--init-from` continues: 0 for a fresh
-    drafter; a checkpoint's or an exported drafter's (training_info.json) count; and for a
-    source that predates the count, UNKNOWN_LINEAGE_PASSES, so our anchors never repeat the
-    seeds its passes used (those were numbered from 0 in every run)."""
-    if not source:
-        return 0
-    checkpoint = checkpoint_to_init_from(source)
-    if checkpoint is not None:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        return int(state.get("passes_total", UNKNOWN_LINEAGE_PASSES))
+def drafter_lineage_passes(source: str | Path) -> int:
+    """Passes over data already made in the lineage of an exported drafter (its
+    training_info.json count); for a drafter that predates the count (a checkpoint without
+    one likewise), UNKNOWN_LINEAGE_PASSES, so our anchors never repeat the seeds its passes
+    used (those were numbered from 0 in every run)."""
     info = Path(source) / "training_info.json"
     if info.is_file():
         try:
@@ -360,9 +355,8 @@ def warm_start(drafter: DFlashDrafter, source: str | None) -> WarmStart:
         return WarmStart()
     checkpoint = checkpoint_to_init_from(source)
     if checkpoint is not None:
-        moments, vocab = init_from_checkpoint(drafter, checkpoint)
-        return WarmStart(moments, vocab, lineage_passes(source))
-    return WarmStart(None, init_from_drafter(drafter, source), lineage_passes(source))
+        return WarmStart(*init_from_checkpoint(drafter, checkpoint))
+    return WarmStart(None, init_from_drafter(drafter, source), drafter_lineage_passes(source))
 
 
 def choose_draft_vocabulary(counts: torch.Tensor, size: int, inherited: torch.Tensor | None) -> VocabSubset:

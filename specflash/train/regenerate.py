@@ -209,7 +209,6 @@ def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int
     machine: one teacher-forced forward per row, instead of one per row in every training
     step. Shard by shard (each file written whole), so an interrupted run resumes.
     Returns the number of rows cached."""
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     todo = [shard for shard in shard_files(folder) if not features_path(shard).exists()]
@@ -222,20 +221,19 @@ def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int
                disable=not progress, dynamic_ncols=True)
     done = 0
     for shard, rows in rows_by_shard.items():
-        tensors: dict[str, torch.Tensor] = {}
+        features: list = [None] * len(rows)
+        best: list = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths together
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             forced = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
                                          [rows[i]["num_prompt_tokens"] for i in chunk], topk=topk)
-            for i, (features, _, best) in zip(chunk, forced):
-                tensors[str(i)] = features.contiguous()
-                if best is not None and rows[i].get("response_from", "target") == "target":
-                    tensors[f"topk_ids.{i}"], tensors[f"topk_logits.{i}"] = best[0].contiguous(), best[1].contiguous()
+            for i, (row_features, _, row_best) in zip(chunk, forced):
+                features[i] = row_features
+                if rows[i].get("response_from", "target") == "target":
+                    best[i] = row_best
             bar.update(sum(len(rows[i]["input_ids"]) for i in chunk))
-        tmp = features_path(shard).with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, features_path(shard))
+        write_feature_cache(shard, features, best)
         done += len(rows)
     bar.close()
     return done
@@ -247,18 +245,26 @@ def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torc
     shard that exists is whole."""
     path = out_dir / f"shard-{index:05d}.npz"
     if features is not None:
-        from safetensors.torch import save_file
-
-        tensors = {str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}
-        for i, pair in enumerate(topk or []):
-            if pair is not None:
-                tensors[f"topk_ids.{i}"] = pair[0].to(torch.int32).contiguous()
-                tensors[f"topk_logits.{i}"] = pair[1].to(torch.float16).contiguous()
-        feature_path = features_path(path)
-        tmp_features = feature_path.with_suffix(".tmp")
-        save_file(tensors, str(tmp_features))
-        os.replace(tmp_features, feature_path)
+        write_feature_cache(path, features, topk)
     return write_rows(path, rows)
+
+
+def write_feature_cache(shard: Path, features: list[torch.Tensor],
+                        topk: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Path:
+    """A shard's features cache, written whole by rename: row i's features as "i" (float16)
+    and, where given, its top-k as "topk_ids.i" (int32) / "topk_logits.i" (float16)."""
+    from safetensors.torch import save_file
+
+    tensors = {str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}
+    for i, pair in enumerate(topk or []):
+        if pair is not None:
+            tensors[f"topk_ids.{i}"] = pair[0].to(torch.int32).contiguous()
+            tensors[f"topk_logits.{i}"] = pair[1].to(torch.float16).contiguous()
+    path = features_path(shard)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
 
 
 def _pad_id(target: TargetModel) -> int:
