@@ -18,6 +18,11 @@ Families: decoder layers of Llama, Qwen2 and Qwen3 (optional per-head q/k norm) 
 attention in every layer. Others (Gemma's extra norms and soft-capping, sliding-window
 layers) keep transformers' forward. `SPECFLASH_FORWARD=transformers` turns the lean
 forward off (for A/B measurements).
+
+`LeanForward.masked` runs the same layers under explicit RoPE positions and an explicit
+4-D mask (a draft tree's one verify forward, target.py's `forward_tree`);
+`attention_mask_form` turns a bool "may see" mask into what an attention implementation
+adds or selects with, for that and for the transformers forward alike.
 """
 
 from __future__ import annotations
@@ -41,6 +46,24 @@ SUPPORTED_LAYERS = {  # decoder layer: (attention, MLP)
 }
 
 
+def attention_mask_form(visible: torch.Tensor, implementation: str | None, dtype: torch.dtype) -> torch.Tensor:
+    """A bool mask [b, 1, q, kv] (True: the query may see the key) in the form the attention
+    implementation takes an explicit 4-D mask: the bool mask itself where transformers builds
+    SDPA masks (sdpa and implementations registered with its mask builder), an additive
+    float mask (0 / finfo(dtype).min) where it builds eager ones. Others (flash, flex) take
+    no dense mask: a ValueError."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask, sdpa_mask
+
+    builder = ALL_MASK_ATTENTION_FUNCTIONS.get(implementation or "sdpa")
+    if builder is sdpa_mask:
+        return visible
+    if builder is eager_mask:
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        return mask.masked_fill(~visible, torch.finfo(dtype).min)
+    raise ValueError(f"an explicit attention mask needs sdpa or eager attention, not {implementation}; "
+                     "load the target with attn_implementation='sdpa'")
+
+
 def lean_forward_allowed() -> bool:
     return os.environ.get("SPECFLASH_FORWARD", "").lower() not in ("transformers", "hf", "stock")
 
@@ -61,6 +84,7 @@ class LeanForward:
         self._rotary: Callable = family.apply_rotary_pos_emb
         self._attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, family.eager_attention_forward)
+        self.attention_implementation: str | None = self.config._attn_implementation  # what _attention is
 
     @staticmethod
     def supports(model: torch.nn.Module) -> str | None:
@@ -125,6 +149,17 @@ class LeanForward:
             mask = torch.zeros(visible.shape, dtype=hidden.dtype, device=hidden.device)
             mask = mask.masked_fill(~visible, torch.finfo(hidden.dtype).min)
         return self._layers_and_head(hidden, mask, positions[None], positions, cache, logits_to_keep, taps)
+
+    def masked(self, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor, mask: torch.Tensor,
+               cache, logits_to_keep: int = 0,
+               taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """ids [b, n] with explicit RoPE positions `position_ids` [b, n] under an explicit 4-D
+        `mask` [b, 1, n, kv] in `attention_mask_form` for `attention_implementation`, over
+        the keys the cache's `update` returns; `cache_position` [n] says where the cache
+        writes the new K/V (a DynamicCache appends whatever it says, a static one writes
+        those slots). Same outputs as `__call__`."""
+        hidden = self.decoder.embed_tokens(ids)  # [b, n, H]
+        return self._layers_and_head(hidden, mask, position_ids, cache_position, cache, logits_to_keep, taps)
 
     def _layers_and_head(self, hidden, mask, position_ids, cache_position, cache, logits_to_keep,
                          taps) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
