@@ -14,7 +14,8 @@ CUDA graph, and replay it. What that takes here:
 - `CapturedStep`: one step function over static input buffers; on CUDA captured as a
   `torch.cuda.CUDAGraph` on its first call (after two warm-up runs) and replayed after;
   elsewhere the same function runs eagerly on the same buffers (what the CPU tests check).
-- `StaticTargetSteps` (the target's verify steps: one graph per block length 1..max) and
+- `StaticTargetSteps` (the target's verify steps: one graph per block length 1..max, and
+  one per node count 1..max for a draft tree's verify step, `forward_tree`) and
   `StaticDraftSteps` (the drafter's step: block and new context rows padded to the block
   size, so one graph serves every step; a longer context, e.g. the prompt's, runs eagerly).
   Both run the models' own forwards (the lean forward; `DFlashDrafter.forward` over a
@@ -36,6 +37,7 @@ from collections.abc import Callable
 import torch
 
 from .cache import MIN_CAPACITY, grown_capacity
+from .leanforward import attention_mask_form
 
 logger = logging.getLogger(__name__)
 
@@ -197,10 +199,12 @@ class StaticTargetSteps:
                  graphs: bool = True, max_graph_tokens: int = 16):
         self.lean = lean
         self.device = device
+        self.dtype = dtype
         self.max_context = max_context
         self.graphs = graphs
         self.max_graph_tokens = max_graph_tokens
         self.graph_error: str | None = None  # why graphs were turned off, if a capture failed
+        self.tree_graph_error: str | None = None  # why tree steps run eagerly, if their capture failed
         self._pool_handle = _graph_pool(device) if graphs else None
         cfg = model_config
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -266,6 +270,67 @@ class StaticTargetSteps:
 
         step = CapturedStep(fn, self.device, self.graphs, self._pool_handle)
         step.inputs = (static_ids, static_positions)
+        return step
+
+    def forward_tree(self, ids: torch.Tensor, cache: StaticKV, depths: torch.Tensor, ancestor_mask: torch.Tensor,
+                     taps: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A draft tree's verify step (target.py's `forward_tree`): node i of ids [1, n] at
+        position length + depths[i], its K/V written to slot length + i, seeing the committed
+        slots and its ancestors' (ancestor_mask [n, n] bool). Trees of up to max_graph_tokens
+        nodes run as one captured step per node count and set of taps (a failed capture
+        leaves tree steps eager, block steps as they were). -> logits [1, n, V], features."""
+        n = int(ids.shape[1])
+        start = cache.length
+        cache.reserve(start + n)
+        slot = cache.slot
+        if self.graphs and self.tree_graph_error is None and n <= self.max_graph_tokens:
+            key = ("tree", n, taps)
+            step = slot.steps.get(key)
+            if step is None:
+                step = slot.steps[key] = self._make_tree_step(slot, n, taps)
+            static_ids, static_positions, static_slots, static_ancestors = step.inputs
+            static_ids.copy_(ids)
+            torch.add(depths, start, out=static_positions)
+            torch.add(slot.key_positions[:n], start, out=static_slots)
+            static_ancestors.copy_(ancestor_mask)
+            outputs = step.run()
+            if step.error is not None:
+                self.tree_graph_error = step.error
+            logits = outputs[0].clone()
+            features = outputs[1].clone() if taps else None
+        else:
+            slots = torch.arange(start, start + n, device=ids.device)
+            logits, features = self._tree_step(ids, depths + start, slots, ancestor_mask, cache, slot.key_positions,
+                                               taps)
+        cache.length = start + n
+        return logits, features
+
+    def _tree_step(self, ids: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor,
+                   ancestor_mask: torch.Tensor, writer, key_positions: torch.Tensor,
+                   taps: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Pure tensor work (capturable): the committed slots (before slots[0]) and each node's
+        ancestors' slots are visible, every other slot (stale or padding) is not."""
+        n = ids.shape[1]
+        visible = (key_positions[None, :] < slots[:1, None]).expand(n, -1).clone()  # [n, capacity]
+        visible.index_copy_(1, slots, ancestor_mask)
+        mask = attention_mask_form(visible[None, None], self.lean.attention_implementation, self.dtype)
+        logits, captured = self.lean.masked(ids, positions[None], slots, mask, writer, 0, taps)
+        return logits, (torch.cat([captured[i] for i in taps], dim=-1) if taps else None)
+
+    def _make_tree_step(self, slot: Slot, n: int, taps: tuple[int, ...]) -> CapturedStep:
+        static_ids = torch.zeros((1, n), dtype=torch.long, device=self.device)
+        static_positions = torch.zeros(n, dtype=torch.long, device=self.device)
+        static_slots = torch.zeros(n, dtype=torch.long, device=self.device)
+        static_ancestors = torch.zeros((n, n), dtype=torch.bool, device=self.device)
+        writer, key_positions = _SlotWriter(slot), slot.key_positions
+
+        def fn() -> tuple[torch.Tensor, ...]:
+            logits, features = self._tree_step(static_ids, static_positions, static_slots, static_ancestors, writer,
+                                               key_positions, taps)
+            return (logits,) if features is None else (logits, features)
+
+        step = CapturedStep(fn, self.device, self.graphs, self._pool_handle)
+        step.inputs = (static_ids, static_positions, static_slots, static_ancestors)
         return step
 
 
