@@ -11,6 +11,10 @@ benchmarks see the target through it.
   Unpadded forwards of Llama / Qwen2 / Qwen3 targets run `LeanForward` instead
   (leanforward.py: the same operations with less framework, checked bit-identical on the
   loaded model before first use), whose taps come straight from its layer loop.
+- `forward_tree(ids, cache, depths, ancestor_mask)` verifies a draft tree in one forward
+  (every node sees the cached context and its own root-to-node path, at position
+  cache length + depth), and `keep_cache_path(cache, start, path)` then keeps only the
+  accepted path's K/V; `tree_attention_inputs(parents)` builds depths and ancestor mask.
 - the shape a drafter must match (`num_attention_heads`, `head_dim`, `rope_theta`, ...) and
   the weights a drafter may start from (`decoder_layer_state(i)`, `final_norm_state()`,
   `head_weight`), under names that do not depend on the family's module layout.
@@ -23,6 +27,7 @@ block; the model's own masks still apply the sliding window.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,7 +37,7 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, InputError
 from ..perf.kernelchoice import STOCK, KernelChoice
 from ..perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
-from .leanforward import LeanForward, decoder_of, lean_forward_allowed
+from .leanforward import LeanForward, attention_mask_form, decoder_of, lean_forward_allowed
 from .staticsteps import StaticKV, StaticTargetSteps
 
 
@@ -379,6 +384,112 @@ class TargetModel:
             self._captured.clear()
         return TargetOutput(out.logits, features)
 
+    # ----------------------------------------------------------- draft trees
+    @torch.inference_mode()
+    def forward_tree(self, ids: torch.Tensor, cache, depths: torch.Tensor,
+                     ancestor_mask: torch.Tensor) -> TargetOutput:
+        """Verify a draft tree of n nodes in one forward (batch 1).
+
+        ids [1, n] node tokens (node 0 the root: the last committed token, not cached yet;
+        every other node's parent has a smaller index); depths [n] (root 0); ancestor_mask
+        [n, n] bool, [i, j]: node j is node i or one of its ancestors (`tree_attention_inputs`).
+        Node i sits at position cache_length + depths[i] and sees every cached key (within
+        a layer's sliding window) plus its own root-to-node path: its logits and tapped
+        features are those a forward over that path after the cache would give. The n
+        nodes' K/V land in the cache's next n slots; `keep_cache_path` then keeps the
+        accepted path. -> logits [1, n, V], features [1, n, K*H] (None without taps)."""
+        n = int(ids.shape[-1])
+        if ids.dim() != 2 or ids.shape[0] != 1:
+            raise ValueError(f"forward_tree takes one sequence, ids [1, n], not {tuple(ids.shape)}")
+        if tuple(depths.shape) != (n,) or tuple(ancestor_mask.shape) != (n, n):
+            raise ValueError(f"a tree of {n} nodes needs depths [{n}] and ancestor_mask [{n}, {n}], not "
+                             f"{tuple(depths.shape)} and {tuple(ancestor_mask.shape)}")
+        depths = depths.to(device=ids.device, dtype=torch.long)
+        ancestor_mask = ancestor_mask.to(device=ids.device, dtype=torch.bool)
+        if isinstance(cache, StaticKV):
+            logits, features = self._static.forward_tree(ids, cache, depths, ancestor_mask, self._taps)
+            return TargetOutput(logits, features)
+        if any(getattr(layer, "is_sliding", False) for layer in getattr(cache, "layers", ())):
+            raise ValueError(_SLIDING_CACHE)
+        past = self.cache_length(cache) if cache is not None else 0
+        position_ids = (depths + past)[None]  # [1, n]
+        lean = self._lean_forward()
+        if lean is not None:
+            mask = self._mask_form(_tree_visible(past, depths, ancestor_mask), lean.attention_implementation)
+            cache_position = torch.arange(past, past + n, device=ids.device)
+            logits, captured = lean.masked(ids, position_ids, cache_position, mask, cache, 0, self._taps)
+            features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None
+            return TargetOutput(logits, features)
+        masks = self._tree_masks(past, depths, ancestor_mask)
+        return self._transformers_forward(ids, cache, attention_mask=masks, position_ids=position_ids)
+
+    def _tree_masks(self, past: int, depths: torch.Tensor, ancestor_mask: torch.Tensor):
+        """The tree's 4-D mask as the model's own forward takes a prepared one: a tensor where
+        every layer attends alike, else {layer type: mask} (Gemma3 / Qwen2 / Qwen3 with
+        sliding-window layers), the sliding window applied by position as transformers does."""
+        config = self.config
+        implementation = getattr(config, "_attn_implementation", None)
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "use_bidirectional_attention", False):
+            raise InputError("forward_tree needs a causal target; this one attends bidirectionally")
+
+        def form(sliding: int | None) -> torch.Tensor:
+            return self._mask_form(_tree_visible(past, depths, ancestor_mask, sliding), implementation)
+
+        types = set(getattr(config, "layer_types", None) or ())
+        if not types:  # every layer alike: Mistral-style configs slide in every layer
+            return form(window)
+        unknown = types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise InputError(f"forward_tree does not know the attention of layer types {sorted(unknown)}")
+        if types == {"full_attention"}:
+            return form(None)
+        if window is None:
+            raise InputError("the target has sliding-window layers but no sliding_window in its config")
+        return {"full_attention": form(None), "sliding_attention": form(int(window))}
+
+    def _mask_form(self, visible: torch.Tensor, implementation: str | None) -> torch.Tensor:
+        try:
+            return attention_mask_form(visible, implementation, self.dtype)
+        except ValueError as exc:
+            raise InputError(f"draft-tree verification: {exc}") from None
+
+    @staticmethod
+    def _every_position_cached(cache) -> list:
+        """The cache's layers, checked to keep every position (a sliding-window cache layer
+        drops old ones, which a tree's mask and `keep_cache_path` cannot address)."""
+        layers = list(getattr(cache, "layers", None) or ())
+        if not layers:
+            raise ValueError(f"a {type(cache).__name__} has no per-layer K/V this adapter can address")
+        if any(getattr(layer, "is_sliding", False) for layer in layers):
+            raise ValueError(_SLIDING_CACHE)
+        return layers
+
+    @torch.inference_mode()
+    def keep_cache_path(self, cache, start: int, path: Sequence[int] | torch.Tensor) -> None:
+        """After `forward_tree` at cached length `start`: keep positions < start, move node
+        path[j]'s K/V (slot start + path[j]) to slot start + j and drop everything from
+        start + len(path), in every layer. `path` lists node indices from the root (0), each
+        a child of the one before; a path 0..a is a plain crop (nothing moves)."""
+        nodes = [int(i) for i in (path.tolist() if isinstance(path, torch.Tensor) else path)]
+        length = self.cache_length(cache)
+        if not nodes or nodes[0] != 0 or any(b <= a for a, b in zip(nodes, nodes[1:])):
+            raise ValueError(f"a tree path starts at the root (0) and goes to higher node indices, not {nodes}")
+        if start < 0 or start + nodes[-1] >= length:
+            raise ValueError(f"path {nodes} after position {start} is not in a cache of length {length}")
+        keep = start + len(nodes)
+        moved = next((j for j, node in enumerate(nodes) if node != j), len(nodes))  # before it: in place
+        if moved < len(nodes):
+            if isinstance(cache, StaticKV):
+                tensors = cache.slot.keys + cache.slot.values
+            else:
+                layers = self._every_position_cached(cache)
+                tensors = [layer.keys for layer in layers] + [layer.values for layer in layers]
+            source = torch.tensor(nodes[moved:], device=tensors[0].device) + start
+            for kv in tensors:
+                kv[:, :, start + moved: keep] = kv.index_select(2, source)
+        self.crop_cache(cache, keep)
+
     # ------------------------------------------------------------ tokenizer
     def encode_prompt(self, prompt: str, chat: bool = True, system: str | None = None) -> list[int]:
         """Prompt text -> ids, through the chat template when `chat` and the tokenizer has one."""
@@ -406,6 +517,46 @@ class TargetModel:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+_SLIDING_CACHE = ("the cache drops positions outside a sliding window; use TargetModel.new_cache() "
+                  "(every layer keeps every position)")
+
+
+def tree_attention_inputs(parents: Sequence[int] | torch.Tensor,
+                          device: torch.device | str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A draft tree's `forward_tree` inputs from its parents: parents[i] < i for every node
+    but the root (node 0, parent -1). -> depths [n] long, ancestor_mask [n, n] bool
+    ([i, j]: j is i or an ancestor of i)."""
+    parents = [int(p) for p in (parents.tolist() if isinstance(parents, torch.Tensor) else parents)]
+    if not parents or parents[0] != -1 or any(not 0 <= p < i for i, p in enumerate(parents) if i):
+        raise ValueError(f"a tree's parents are -1 for node 0 and a smaller node index for every other, not {parents}")
+    n = len(parents)
+    depths = [0] * n
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    ancestors[0, 0] = True
+    for i in range(1, n):
+        depths[i] = depths[parents[i]] + 1
+        ancestors[i] = ancestors[parents[i]]
+        ancestors[i, i] = True
+    return torch.tensor(depths, device=device), ancestors.to(device)
+
+
+def _tree_visible(past: int, depths: torch.Tensor, ancestor_mask: torch.Tensor,
+                  sliding_window: int | None = None) -> torch.Tensor:
+    """[1, 1, n, past + n] bool: node i (at position past + depths[i]) may see every cached
+    key (positions 0..past-1) and the new keys of its ancestors and itself; with a sliding
+    window, only keys whose position passes transformers' own window test."""
+    from transformers.masking_utils import sliding_window_overlay
+
+    n = depths.shape[0]
+    device = ancestor_mask.device
+    visible = torch.cat([torch.ones(n, past, dtype=torch.bool, device=device), ancestor_mask], dim=1)
+    if sliding_window is not None:
+        queries = depths + past
+        keys = torch.cat([torch.arange(past, device=device), queries])
+        visible = visible & sliding_window_overlay(sliding_window)(0, 0, queries[:, None], keys[None, :])
+    return visible[None, None]
 
 
 def choose_mask_token_id(tokenizer: Any, vocab_rows: int) -> int:
