@@ -407,7 +407,19 @@ def test_metrics_parse_as_prometheus_text_and_count_a_request(oracle_server):
     assert delta("specflash_time_per_output_token_seconds_count") == 1
     assert delta("specflash_request_latency_seconds_count") == 1
     assert delta("specflash_http_requests_total", route="/v1/completions", status="200") == 1
-    assert c.get("/metrics").headers["content-type"].startswith("text/plain; version=0.0.4")
+    # one forward per step (a prefill, then verify steps), one request each; rows: prompt, then anchor + drafts
+    forwards = 1 + spec["verify_steps"]
+    assert delta("specflash_batch_size_count") == delta("specflash_batch_size_sum") == forwards
+    assert delta("specflash_forward_rows_count") == forwards
+    assert delta("specflash_forward_rows_sum") == len(prompt) + spec["verify_steps"] + spec["drafted_tokens"]
+    r = c.get("/metrics")
+    assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
+    names = {family.name for family in text_string_to_metric_families(r.text)}
+    assert names >= {"specflash_" + name for name in (
+        "http_requests", "requests_finished", "requests_running", "requests_waiting", "prompt_tokens",
+        "generation_tokens", "verify_steps", "draft_tokens", "accepted_tokens", "draft_tokens_by_position",
+        "accepted_tokens_by_position", "acceptance_length", "time_to_first_token_seconds",
+        "time_per_output_token_seconds", "request_latency_seconds", "batch_size", "forward_rows")}
 
 
 # ---------------------------------------------------------------- models, auth

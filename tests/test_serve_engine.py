@@ -1,5 +1,5 @@
 """The server's decoding side without HTTP: text assembly with stop strings, the
-step-by-step round-robin scheduler, its queue bound, and the Prometheus text writer."""
+step-by-step round-robin scheduler, its queue bound, and the Prometheus metrics."""
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -7,7 +7,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from specflash.runtime.config import DecodeConfig
 from specflash.runtime.pipeline import Pipeline
 from specflash.serve.engine import Engine, Job, QueueFullError, TextAssembler
-from specflash.serve.prometheus import Counter, Gauge, Histogram, Registry
 from specflash.serve.stats import ServerMetrics
 from tiny import tiny_model_folder
 
@@ -123,7 +122,7 @@ def test_a_cancelled_job_leaves_its_slot_before_its_next_step(pipe):
     while engine.run_once():
         pass
     assert second.finish_reason == "length" and second.num_tokens == 3
-    assert engine.metrics.requests_finished.value(finish_reason="abort") == 1
+    assert engine.metrics.value("specflash_requests_finished_total", finish_reason="abort") == 1
 
 
 def test_the_queue_refuses_work_beyond_slots_plus_queue(pipe):
@@ -136,35 +135,66 @@ def test_the_queue_refuses_work_beyond_slots_plus_queue(pipe):
 
 # ----------------------------------------------------------------- prometheus
 
+METRIC_NAMES = {  # every series /metrics has always had, and the forward histograms
+    "specflash_http_requests": "counter", "specflash_requests_finished": "counter",
+    "specflash_requests_running": "gauge", "specflash_requests_waiting": "gauge",
+    "specflash_prompt_tokens": "counter", "specflash_generation_tokens": "counter",
+    "specflash_verify_steps": "counter", "specflash_draft_tokens": "counter", "specflash_accepted_tokens": "counter",
+    "specflash_draft_tokens_by_position": "counter", "specflash_accepted_tokens_by_position": "counter",
+    "specflash_acceptance_length": "histogram", "specflash_time_to_first_token_seconds": "histogram",
+    "specflash_time_per_output_token_seconds": "histogram", "specflash_request_latency_seconds": "histogram",
+    "specflash_batch_size": "histogram", "specflash_forward_rows": "histogram",
+}
 
-def test_prometheus_text_parses_with_the_reference_parser():
-    r = Registry()
-    c = Counter(r, "demo_requests_total", 'requests with "quotes" and \\ backslash', ("route",))
-    g = Gauge(r, "demo_running", "running")
-    h = Histogram(r, "demo_latency_seconds", "latency", buckets=(0.1, 1.0))
-    c.inc(route='/v1/a"b')
-    c.inc(2, route="/x")
-    g.set(3)
-    for v in (0.05, 0.5, 5.0):
-        h.observe(v)
-    families = {f.name: f for f in text_string_to_metric_families(r.render())}
-    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
-    assert families["demo_requests"].type == "counter"
-    assert samples[("demo_requests_total", (("route", '/v1/a"b'),))] == 1
-    assert samples[("demo_requests_total", (("route", "/x"),))] == 2
-    assert samples[("demo_running", ())] == 3
-    assert samples[("demo_latency_seconds_bucket", (("le", "0.1"),))] == 1
-    assert samples[("demo_latency_seconds_bucket", (("le", "1.0"),))] == 2
-    assert samples[("demo_latency_seconds_bucket", (("le", "+Inf"),))] == 3
-    assert samples[("demo_latency_seconds_count", ())] == 3
-    assert samples[("demo_latency_seconds_sum", ())] == pytest.approx(5.55)
+
+def samples_of(text):
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for f in text_string_to_metric_families(text) for s in f.samples}
+
+
+def test_metrics_text_parses_and_has_every_name_with_its_type():
+    m = ServerMetrics(block_size=4)
+    m.http_requests.labels(route='/v1/a"b\\', status=200).inc()
+    m.record_forward(1, 7)
+    m.record_step(0, 0, 1, verify=False)
+    text = m.render()
+    families = {f.name: f.type for f in text_string_to_metric_families(text)}
+    assert families == METRIC_NAMES  # and nothing else: no _created series
+    samples = samples_of(text)
+    assert samples[("specflash_http_requests_total", (("route", '/v1/a"b\\'), ("status", "200")))] == 1
+    assert samples[("specflash_requests_finished_total", (("finish_reason", "abort"),))] == 0  # there from the start
+    assert samples[("specflash_forward_rows_bucket", (("le", "4.0"),))] == 0
+    assert samples[("specflash_forward_rows_bucket", (("le", "8.0"),))] == 1
+    assert samples[("specflash_forward_rows_sum", ())] == 7
 
 
 def test_server_metrics_count_a_verify_step_per_position():
     m = ServerMetrics(block_size=4)
     m.record_step(0, 0, 1, verify=False)
     m.record_step(3, 2, 3, verify=True)
-    assert m.generation_tokens.value() == 4
-    assert m.verify_steps.value() == 1 and m.acceptance_length.count() == 1
-    assert [m.draft_tokens_by_position.value(position=i) for i in (1, 2, 3)] == [1, 1, 1]
-    assert [m.accepted_tokens_by_position.value(position=i) for i in (1, 2, 3)] == [1, 1, 0]
+    assert m.value("specflash_generation_tokens_total") == 4
+    assert m.value("specflash_verify_steps_total") == 1 and m.value("specflash_acceptance_length_count") == 1
+    assert [m.value("specflash_draft_tokens_by_position_total", position=i) for i in (1, 2, 3)] == [1, 1, 1]
+    assert [m.value("specflash_accepted_tokens_by_position_total", position=i) for i in (1, 2, 3)] == [1, 1, 0]
+
+
+def test_each_server_has_its_own_registry():
+    a, b = ServerMetrics(block_size=4), ServerMetrics(block_size=8)  # the same names twice: no clash
+    a.record_step(0, 0, 5, verify=False)
+    assert a.value("specflash_generation_tokens_total") == 5 and b.value("specflash_generation_tokens_total") == 0
+    assert "specflash_generation_tokens_total 0.0" in b.render()
+
+
+def test_the_engine_counts_each_target_forward_with_its_batch_size_and_rows(pipe):
+    engine = Engine(pipe, max_concurrency=2)
+    jobs = [Job([5, 6, 7], DecodeConfig(max_new_tokens=10)), Job([1, 2, 3, 4, 5], DecodeConfig(max_new_tokens=7))]
+    run_engine_to_completion(engine, jobs)
+    m = engine.metrics
+    forwards = sum(1 + job.verify_steps for job in jobs)  # a prefill, then the verify steps
+    assert m.value("specflash_batch_size_count") == forwards
+    assert m.value("specflash_batch_size_sum") == forwards  # one generation per forward, for now
+    assert m.value("specflash_batch_size_bucket", le="1.0") == forwards
+    assert m.value("specflash_forward_rows_count") == forwards
+    rows = sum(len(job.prompt_ids) + job.verify_steps + job.drafted for job in jobs)  # prompt; anchor + drafts
+    assert m.value("specflash_forward_rows_sum") == rows == 3 + 5 + m.value("specflash_verify_steps_total") \
+        + m.value("specflash_draft_tokens_total")

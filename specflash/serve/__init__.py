@@ -6,8 +6,8 @@
         print(server.url)
 
 Layout: `protocol` (OpenAI request schemas, checks, error bodies), `engine` (one
-decoding thread, FIFO queue, round-robin slots, stop strings), `stats` + `prometheus`
-(the /metrics text), `app` (FastAPI routes), `runner` (uvicorn). Needs the `serve`
+decoding thread, FIFO queue, round-robin slots, stop strings), `stats` (the /metrics
+series, on prometheus_client), `app` (FastAPI routes), `runner` (uvicorn). Needs the `serve`
 extra: pip install 'specflash[serve]'.
 """
 

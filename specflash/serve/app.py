@@ -29,8 +29,7 @@ from ..errors import SpecflashError
 from ..runtime.pipeline import Pipeline
 from . import protocol as P
 from .engine import Engine, Job, QueueFullError
-from .prometheus import CONTENT_TYPE
-from .stats import ServerMetrics
+from .stats import CONTENT_TYPE, ServerMetrics
 
 logger = logging.getLogger("specflash.serve")
 
@@ -329,7 +328,7 @@ class GuardMiddleware:
             else:
                 await self.app(scope, receive, send_counting)
         finally:
-            self.metrics.http_requests.inc(route=route, status=status["code"])
+            self.metrics.http_requests.labels(route=route, status=status["code"]).inc()
 
 
 def _authorized(header: str, api_key: str) -> bool:

@@ -299,6 +299,9 @@ class Engine:
         if job.first_token_at is None:
             job.first_token_at = now
         job.num_tokens += len(step.tokens)
+        # One job per target forward: the prefill computes the prompt, a verify step the
+        # anchor and the drafts it checks.
+        self.metrics.record_forward(1, 1 + step.num_drafted if verify else len(job.prompt_ids))
         self.metrics.record_step(step.num_drafted, step.num_accepted, len(step.tokens), verify)
         assembler = job._assembler
         delta = assembler.push(step.tokens, final=step.finish_reason is not None)
@@ -329,7 +332,7 @@ class Engine:
         job.finished_at = time.perf_counter()
         job.finish_reason = reason
         m = self.metrics
-        m.requests_finished.inc(finish_reason=reason)
+        m.requests_finished.labels(finish_reason=reason).inc()
         if reason in ("stop", "length") and job.first_token_at is not None:
             m.time_to_first_token.observe(job.first_token_at - job.created)
             if job.num_tokens > 1:
