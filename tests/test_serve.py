@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
@@ -272,6 +273,193 @@ def test_unknown_routes_and_methods_get_openai_errors(client):
 def test_the_server_stays_healthy_after_bad_input(client):
     assert client.get("/health").json()["status"] == "ok"
     assert chat(client, "still there?", 3)["usage"]["completion_tokens"] >= 1
+
+
+# ------------------------------------------------- numbers, text, size limits
+
+HUGE = "9" * 5000  # Python's json refuses to parse more than 4300 digits
+OUT_OF_RANGE = [
+    # (route, JSON fields as sent, the field the error must name)
+    ("chat", '"temperature": 1e39', "temperature"),  # was a 500: float32 overflows to inf in the drafter
+    ("chat", '"temperature": 1e308', "temperature"),
+    ("chat", '"temperature": 1e400', "temperature"),  # beyond a double: read as inf
+    ("chat", '"temperature": NaN', "temperature"),
+    ("chat", '"temperature": Infinity', "temperature"),
+    ("chat", '"temperature": 101', "temperature"),
+    ("chat", f'"temperature": {HUGE}', "temperature"),
+    ("chat", '"top_p": NaN', "top_p"),
+    ("chat", '"top_p": 1e308', "top_p"),
+    ("chat", '"top_p": -Infinity', "top_p"),
+    ("chat", '"top_k": 1e308', "top_k"),
+    ("chat", f'"top_k": {HUGE}', "top_k"),
+    ("chat", '"max_tokens": NaN', "max_tokens"),
+    ("chat", '"max_tokens": 1e308', "max_tokens"),
+    ("chat", f'"max_tokens": {HUGE}', "max_tokens"),  # was param: null
+    ("chat", f'"max_tokens": -{HUGE}', "max_tokens"),
+    ("chat", f'"max_completion_tokens": {10**30}', "max_completion_tokens"),
+    ("chat", f'"seed": {HUGE}', "seed"),
+    ("chat", f'"seed": {2**64}', "seed"),
+    ("chat", '"seed": Infinity', "seed"),
+    ("chat", '"n": NaN', "n"),
+    ("chat", '"stop": [NaN]', "stop[0]"),
+    ("chat", '"frequency_penalty": NaN', "frequency_penalty"),
+    ("completions", '"temperature": 1e39', "temperature"),
+    ("completions", '"temperature": -Infinity', "temperature"),
+    ("completions", f'"max_tokens": {HUGE}', "max_tokens"),
+    ("completions", '"top_p": NaN', "top_p"),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("route, fields, param", OUT_OF_RANGE, ids=[f"{r}-{i}" for i, (r, *_x) in
+                                                                     enumerate(OUT_OF_RANGE)])
+def test_numbers_out_of_range_get_a_400_naming_the_field(client, route, fields, param, stream):
+    if route == "chat":
+        path, prompt = "/v1/chat/completions", '"messages": [{"role": "user", "content": "hi"}]'
+    else:
+        path, prompt = "/v1/completions", '"prompt": "hi"'
+    content = f'{{{prompt}, "max_tokens": 4, "stream": {json.dumps(stream)}, {fields}}}'
+    if route == "completions" and "max_tokens" in fields:
+        content = content.replace('"max_tokens": 4, ', "")
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text  # before any stream starts
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    assert param.split("[")[0] in error["message"] and len(error["message"]) < 300
+
+
+def test_a_top_p_below_float32_precision_keeps_the_top_token(client, reference):
+    text, _, _ = reference(PROMPT, 8)  # greedy
+    for top_p in (1e-300, 1e-45):  # 1e-300 rounds to 0 in float32: it kept no token (a 500)
+        data = chat(client, PROMPT, 8, temperature=1.0, top_p=top_p, seed=3)
+        assert data["choices"][0]["message"]["content"] == text
+
+
+LONE = "a lone \\ud800 surrogate"  # a JSON escape that decodes to no Unicode text
+SURROGATES = [
+    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "{LONE}"}}]}}', "messages[0].content"),
+    ("/v1/chat/completions", f'{{"messages": [{{"role": "user", "content": "hi"}}, {{"role": "user", "content": '
+                             f'[{{"type": "text", "text": "{LONE}"}}]}}]}}', "messages[1].content[0].text"),
+    ("/v1/completions", f'{{"prompt": "{LONE}"}}', "prompt"),
+    ("/v1/completions", f'{{"prompt": "hi", "stop": "{LONE}"}}', "stop"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["ok", "\\udc00"]}', "stop[1]"),
+]
+
+
+@pytest.mark.parametrize("path, content, param", SURROGATES)
+def test_a_lone_surrogate_gets_a_400_naming_the_field(client, path, content, param):
+    r = client.post(path, content=content, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    assert "surrogate" in error["message"] and "TextEncodeInput" not in error["message"]
+
+
+def test_deeply_nested_json_gets_a_400(client):
+    r = client.post("/v1/completions", content='{"prompt": ' + "[" * 100000 + "]" * 100000 + "}",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "deeply" in r.json()["error"]["message"]
+
+
+def test_the_default_character_limit_follows_the_context(client):
+    r = client.post("/v1/completions", json={"prompt": "x" * (16 * 512 + 1)})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "prompt" and error["code"] == "context_length_exceeded"
+    assert "8,192" in error["message"] and "512-token context" in error["message"]
+
+
+@pytest.fixture(scope="module")
+def limited(folder):
+    """Small limits, and the pipeline at hand to watch its tokenizer."""
+    pipe = Pipeline.load(folder, draft="none")
+    settings = ServeSettings("tiny", max_body_bytes=4096, max_messages=8, max_prompt_chars=1000)
+    with ServerThread(create_app(pipe, settings)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        yield srv, c, pipe
+
+
+def _http(port, head, payload):
+    """Send one raw request in one write; (status, JSON body) of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + payload)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += sock.recv(65536) or b"\r\n\r\n"
+        header, _, body = data.partition(b"\r\n\r\n")
+        length = int(next(line.split(b":")[1] for line in header.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            chunk = sock.recv(65536)
+            assert chunk, "the server closed before the whole answer"
+            body += chunk
+    return int(header.split()[1]), json.loads(body)
+
+
+def test_the_body_limit_counts_the_bytes_read_even_without_content_length(limited):
+    srv, c, _ = limited
+    body = json.dumps({"prompt": "hello " * 1000, "max_tokens": 2}).encode()  # 6 kB
+    chunked = b"".join(f"{len(part):x}\r\n".encode() + part + b"\r\n"
+                       for part in (body[i:i + 1000] for i in range(0, len(body), 1000))) + b"0\r\n\r\n"
+    head = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, answer = _http(srv.port, head + "Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert status == 413, answer
+    assert answer["error"]["code"] == "request_too_large" and "4,096 bytes" in answer["error"]["message"]
+    status, answer = _http(srv.port, head + f"Content-Length: {len(body)}\r\n\r\n", body)
+    assert status == 413 and f"{len(body):,} bytes" in answer["error"]["message"]
+    assert c.get("/health").json()["status"] == "ok"
+    small = json.dumps({"prompt": "hello " * 20, "max_tokens": 2}).encode()
+    chunked = f"{len(small):x}\r\n".encode() + small + b"\r\n0\r\n\r\n"
+    status, answer = _http(srv.port, head + "Transfer-Encoding: chunked\r\n\r\n", chunked)
+    assert status == 200 and answer["usage"]["completion_tokens"] == 2, answer
+
+
+def test_too_many_messages_or_characters_are_refused_before_tokenizing(limited, monkeypatch):
+    _, c, pipe = limited
+    calls = []
+    monkeypatch.setattr(pipe, "encode", lambda *a, **k: calls.append(a) or [1, 2, 3])
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}] * 9})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages" and error["code"] == "too_many_messages" and "at most 8" in error["message"]
+    r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 600}] * 2})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "messages" and "1,200 characters" in error["message"]
+    assert "at most 1,000" in error["message"] and "max_prompt_chars" in error["message"]
+    r = c.post("/v1/completions", json={"prompt": "x" * 1001})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert calls == []
+    r = c.post("/v1/completions", json={"prompt": "x" * 1000, "max_tokens": 1})
+    assert r.status_code == 200 and calls
+
+
+def test_tokenizing_runs_off_the_event_loop_and_off_the_decoding_thread(limited, monkeypatch):
+    """While one request's tokenization is stuck, /health answers and a request sent as
+    token ids is decoded to text (the decoding thread has its own tokenizer)."""
+    srv, c, pipe = limited
+    entered, release = threading.Event(), threading.Event()
+    encode = pipe.encode
+
+    def slow_encode(*args, **kwargs):
+        entered.set()
+        release.wait(30)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "encode", slow_encode)
+    results = {}
+    stuck = threading.Thread(target=lambda: results.setdefault("stuck", httpx.post(
+        srv.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 3}, timeout=60)))
+    stuck.start()
+    try:
+        assert entered.wait(30)
+        assert c.get("/health", timeout=10).json()["status"] == "ok"
+        r = c.post("/v1/completions", json={"prompt": [5, 6, 7], "max_tokens": 4, "temperature": 0}, timeout=20)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        assert not release.is_set() and stuck.is_alive()
+    finally:
+        release.set()
+        stuck.join(60)
+    assert results["stuck"].status_code == 200
 
 
 # ---------------------------------------------------------------- concurrency

@@ -5,6 +5,11 @@ Routes: POST /v1/chat/completions, POST /v1/completions (both with `stream`), GE
 API key, /v1/* needs `Authorization: Bearer <key>`; /health and /metrics stay open
 for probes and scrapers. Every error body has the OpenAI shape; user mistakes are
 4xx, never 500.
+
+The event loop only moves bytes: a request body is read up to `max_body_bytes` (the
+bytes that arrive, whatever Content-Length says), then parsed, checked and tokenized
+on a worker thread, after cheap bounds on its size (`max_messages`,
+`max_prompt_chars`), so that one large request never holds up the others.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..runtime.config import DecodeConfig
 from ..errors import SpecflashError
@@ -44,7 +51,32 @@ class ServeSettings:
     max_queue: int = 256
     default_max_tokens: int = 512
     torch_threads: int | None = None  # intra-op threads of the decoding thread (None: leave as is)
-    max_body_bytes: int = 4 * 1024 * 1024
+    max_body_bytes: int = 4 * 1024 * 1024  # request bodies, counted as they arrive (413 beyond)
+    max_messages: int = 4096  # messages of one chat request
+    # Characters of one prompt (chat: all message contents together); None: CHARS_PER_TOKEN
+    # per token of the model's context, more than any prompt that fits in it.
+    max_prompt_chars: int | None = None
+
+
+CHARS_PER_TOKEN = 16  # English averages about 4 characters per token, code about 3
+
+
+def prompt_char_limit(settings: ServeSettings, max_context: int) -> tuple[int, str]:
+    """The prompt character limit and how it was set, for error messages."""
+    if settings.max_prompt_chars is not None:
+        return settings.max_prompt_chars, "the server's max_prompt_chars"
+    return CHARS_PER_TOKEN * max_context, f"{CHARS_PER_TOKEN} per token of the model's {max_context:,}-token context"
+
+
+class BodyTooLarge(StarletteHTTPException):
+    """A request body past the limit, raised while it is being read."""
+
+    def __init__(self, limit: int, size: int | None = None):
+        if size is None:
+            message = f"the request body is larger than this server's limit of {limit:,} bytes"
+        else:
+            message = f"the request body has {size:,} bytes; this server's limit is {limit:,} bytes"
+        super().__init__(413, message)
 
 
 class SSEResponse(StreamingResponse):
@@ -112,7 +144,8 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
         messages = {404: f"no route {request.method} {request.url.path}",
                     405: f"method {request.method} is not allowed on {request.url.path}"}
         message = messages.get(exc.status_code, str(exc.detail))
-        return JSONResponse(P.error_body(message, code="not_found" if exc.status_code == 404 else None),
+        codes = {404: "not_found", 413: "request_too_large"}
+        return JSONResponse(P.error_body(message, code=codes.get(exc.status_code)),
                             status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
@@ -126,6 +159,8 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
             raise P.ApiError(404, f"the model {model!r} does not exist; this server serves {settings.model_name!r}",
                              param="model", code="model_not_found")
 
+    max_chars, chars_note = prompt_char_limit(settings, target.max_context)
+
     def encode(prompt: str | list[dict[str, str]] | list[int], chat: bool, param: str) -> list[int]:
         if isinstance(prompt, list) and (not prompt or isinstance(prompt[0], int)):
             return list(prompt)  # token ids
@@ -137,7 +172,23 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
         except Exception as exc:  # noqa: BLE001 - e.g. a chat template that rejects the roles
             raise P.bad(param, f"the {param} could not be tokenized: {type(exc).__name__}: {exc}") from None
 
-    def make_job(prompt_ids: list[int], sampling: P.Sampling, param: str) -> Job:
+    def prepare(raw: bytes, chat: bool) -> tuple[P.Sampling, list[int], DecodeConfig]:
+        """Parse, check and tokenize one request (on a worker thread: this is the slow part)."""
+        body = P.parse_json(raw)
+        if chat:
+            P.check_message_count(body, settings.max_messages)
+            req = P.parse_request(P.ChatCompletionRequest, body)
+        else:
+            req = P.parse_request(P.CompletionRequest, body)
+        check_model(req.model)
+        sampling = P.check_sampling(req)
+        if chat:
+            param = "messages"
+            prompt = P.chat_messages(req, max_chars, chars_note)
+        else:
+            param = "prompt"
+            prompt = P.completion_prompt(req, target.vocab_rows, max_chars, chars_note)
+        prompt_ids = encode(prompt, chat, param)
         max_tokens = P.resolve_max_tokens(sampling, len(prompt_ids), target.max_context,
                                           settings.default_max_tokens, param)
         try:
@@ -145,7 +196,20 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
                                   top_p=sampling.top_p, top_k=sampling.top_k, seed=sampling.seed)
         except SpecflashError as exc:
             raise P.bad(None, str(exc)) from None
-        return Job(prompt_ids, config, sampling.stop, loop=asyncio.get_running_loop())
+        return sampling, prompt_ids, config
+
+    async def accept(request: Request, chat: bool) -> tuple[P.Sampling, list[int], Job]:
+        """Read the body, prepare it off the event loop, queue the job."""
+        chunks = []
+        try:
+            async for chunk in request.stream():  # GuardMiddleware stops it past max_body_bytes
+                chunks.append(chunk)
+        except ClientDisconnect:
+            raise P.ApiError(400, "the client went away before sending the whole body") from None
+        sampling, prompt_ids, config = await run_in_threadpool(prepare, b"".join(chunks), chat)
+        job = Job(prompt_ids, config, sampling.stop, loop=asyncio.get_running_loop())
+        submit(job)
+        return sampling, prompt_ids, job
 
     def submit(job: Job) -> None:
         if not engine.alive:
@@ -224,14 +288,9 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
         return model_card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: P.ChatCompletionRequest, request: Request):
-        check_model(body.model)
-        sampling = P.check_sampling(body)
-        messages = P.chat_messages(body)
-        prompt_ids = encode(messages, True, "messages")
-        job = make_job(prompt_ids, sampling, "messages")
+    async def chat_completions(request: Request):
+        sampling, prompt_ids, job = await accept(request, chat=True)
         rid, ts, model = P.new_id("chatcmpl"), P.now(), settings.model_name
-        submit(job)
 
         if sampling.stream:
             def chunk(text: str, finish: str | None) -> dict[str, Any]:
@@ -256,14 +315,9 @@ def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = 
                 "usage": P.usage(len(prompt_ids), job.num_tokens), "speculative": spec_stats(job)}
 
     @app.post("/v1/completions")
-    async def completions(body: P.CompletionRequest, request: Request):
-        check_model(body.model)
-        sampling = P.check_sampling(body)
-        prompt = P.completion_prompt(body, target.vocab_rows)
-        prompt_ids = encode(prompt, False, "prompt")
-        job = make_job(prompt_ids, sampling, "prompt")
+    async def completions(request: Request):
+        sampling, prompt_ids, job = await accept(request, chat=False)
         rid, ts, model = P.new_id("cmpl"), P.now(), settings.model_name
-        submit(job)
 
         def chunk(text: str, finish: str | None) -> dict[str, Any]:
             return {"id": rid, "object": "text_completion", "created": ts, "model": model,
@@ -290,8 +344,9 @@ ROUTES = ("/health", "/metrics", "/v1/models", "/v1/chat/completions", "/v1/comp
 
 class GuardMiddleware:
     """Plain ASGI middleware (it must not buffer or wrap the event streams): refuses
-    bodies over the size limit (413) and /v1/* requests without the API key (401),
-    and counts every answer by route and status."""
+    bodies over the size limit (413: at once when Content-Length says so, else as soon
+    as the bytes read pass it, chunked bodies included) and /v1/* requests without the
+    API key (401), and counts every answer by route and status."""
 
     def __init__(self, app, settings: ServeSettings, metrics: ServerMetrics):
         self.app = app
@@ -311,12 +366,23 @@ class GuardMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
+        limit = self.settings.max_body_bytes
+        received = 0
+
+        async def receive_limited():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+            return message
+
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         length = headers.get("content-length", "")
         error = None
-        if length.isdigit() and int(length) > self.settings.max_body_bytes:
-            error = P.ApiError(413, f"the request body has {length} bytes; the limit is "
-                                    f"{self.settings.max_body_bytes}")
+        if length.isdigit() and int(length) > limit:
+            error = P.ApiError(413, str(BodyTooLarge(limit, int(length)).detail), code="request_too_large")
         elif path.startswith("/v1/") and self.settings.api_key and \
                 not _authorized(headers.get("authorization", ""), self.settings.api_key):
             error = P.ApiError(401, "missing or wrong API key; send the header 'Authorization: Bearer <key>'",
@@ -326,7 +392,7 @@ class GuardMiddleware:
                 response = JSONResponse(error.body(), status_code=error.status, headers=error.headers)
                 await response(scope, receive, send_counting)
             else:
-                await self.app(scope, receive, send_counting)
+                await self.app(scope, receive_limited, send_counting)
         finally:
             self.metrics.http_requests.labels(route=route, status=status["code"]).inc()
 

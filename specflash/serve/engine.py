@@ -36,6 +36,18 @@ from .stats import ServerMetrics
 logger = logging.getLogger("specflash.serve")
 
 
+def _private_copy(tokenizer):
+    """A copy of `tokenizer` that shares no state with it (None when it cannot be copied:
+    the caller then shares the original under the lock)."""
+    if tokenizer is None:
+        return None
+    try:
+        return copy.deepcopy(tokenizer)
+    except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is still usable
+        logger.warning("could not copy the tokenizer; decoding shares it with request tokenization")
+        return None
+
+
 class QueueFullError(RuntimeError):
     """Every slot is busy and the waiting queue is full."""
 
@@ -173,7 +185,11 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics if metrics is not None else ServerMetrics(pipe.block_size)
         self.torch_threads = torch_threads
-        self.tokenizer_lock = threading.Lock()  # fast tokenizers must not be used from two threads at once
+        # Fast tokenizers must not be used from two threads at once. Requests are tokenized
+        # on worker threads of the HTTP server, one at a time under this lock; the decoding
+        # thread decodes with its own copy, so a long prompt never holds up other streams.
+        self.tokenizer_lock = threading.Lock()
+        self._decode_tokenizer = _private_copy(getattr(pipe.target, "tokenizer", None))
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -232,6 +248,9 @@ class Engine:
             self._cond.notify()
 
     def decode_text(self, ids: list[int]) -> str:
+        """Token ids -> text, as `target.decode` does; for the decoding thread only."""
+        if self._decode_tokenizer is not None:
+            return self._decode_tokenizer.decode(ids, skip_special_tokens=True)
         with self.tokenizer_lock:
             return self.pipe.target.decode(ids)
 

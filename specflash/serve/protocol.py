@@ -1,9 +1,11 @@
 """The OpenAI wire format: request schemas, their checks, error bodies, response shapes.
 
-Requests are parsed in two passes. Pydantic (strict: no string-to-number coercion)
-checks types and shapes; `check_*` functions then check values and name the
-offending field. Every user mistake becomes an `ApiError` with an HTTP status in the
-4xx range and an OpenAI-style body:
+Requests are parsed in three passes. `parse_json` reads the body, keeping numbers no
+field could take (NaN, 1e400, 5000 digits) as `BadNumber`s so that their field can be
+named; Pydantic (strict: no string-to-number coercion) checks types and shapes;
+`check_*` functions then check values and name the offending field. Every user
+mistake becomes an `ApiError` with an HTTP status in the 4xx range and an OpenAI-style
+body:
 ``{"error": {"message": ..., "type": "invalid_request_error", "param": "top_p", "code": null}}``.
 Fields the server cannot honour without changing the target's output distribution
 (penalties, logit bias, logprobs, tools, n > 1) are refused, never silently ignored;
@@ -12,13 +14,14 @@ unknown fields are ignored, as OpenAI-compatible servers do.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 # ---------------------------------------------------------------- errors
 
@@ -53,24 +56,100 @@ def bad(param: str | None, message: str, code: str | None = None) -> ApiError:
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "is-instance"}
 
 
-def param_from_loc(loc: tuple[Any, ...]) -> str | None:
-    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'."""
+def _is_tag(item: Any) -> bool:
+    text = str(item)
+    return not isinstance(item, int) and (text in _TYPE_TAGS or "[" in text or "-" in text)
+
+
+def param_from_loc(loc: tuple[Any, ...], through_unions: bool = False) -> str | None:
+    """('body', 'messages', 0, 'content', 'str') -> 'messages[0].content'. A union branch
+    ends the path, unless `through_unions` (then ('prompt', 'list[int]', 2) -> 'prompt[2]')."""
     parts: list[str] = []
     for item in loc[1:] if loc and loc[0] == "body" else loc:
         if isinstance(item, int):
             parts.append(f"[{item}]")
             continue
-        text = str(item)
-        if text in _TYPE_TAGS or "[" in text or "-" in text:
+        if _is_tag(item):
+            if through_unions:
+                continue
             break
-        parts.append(("." if parts else "") + text)
+        parts.append(("." if parts else "") + str(item))
     return "".join(parts) or None
+
+
+# --------------------------------------------------------------- the body
+
+MAX_INT_DIGITS = 24  # every integer field fits in 64 bits (20 digits); longer ones are refused unparsed
+
+
+class BadNumber:
+    """A JSON number no field takes, kept as written so that the field it was sent in can
+    be named: NaN / Infinity (which Python's json reads but JSON has not), a literal that
+    overflows a double (1e400), an integer longer than MAX_INT_DIGITS (never converted:
+    Python refuses to parse more than 4300 digits)."""
+
+    def __init__(self, text: str, why: str):
+        self.text = text
+        self.why = why
+
+    def __repr__(self) -> str:
+        shown = self.text if len(self.text) <= 24 else f"{self.text[:12]}...{self.text[-4:]}"
+        return f"{shown} ({self.why})"
+
+
+def _parse_int(text: str) -> int | BadNumber:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INT_DIGITS:
+        return BadNumber(text, f"a {digits}-digit integer")
+    return int(text)
+
+
+def _parse_float(text: str) -> float | BadNumber:
+    value = float(text)
+    return value if math.isfinite(value) else BadNumber(text, "beyond the range of a 64-bit float")
+
+
+def _parse_constant(name: str) -> BadNumber:
+    return BadNumber(name, "not a JSON number")
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object; numbers that no field could take become BadNumber."""
+    try:
+        body = json.loads(raw, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
+    except json.JSONDecodeError as exc:
+        raise bad(None, f"the request body is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") \
+            from None
+    except UnicodeDecodeError:
+        raise bad(None, "the request body is not valid UTF-8 text") from None
+    except RecursionError:
+        raise bad(None, "the request body nests arrays or objects too deeply") from None
+    if not isinstance(body, dict):
+        raise bad(None, "the request body must be a JSON object")
+    return body
+
+
+def parse_request(model: type[BaseModel], body: dict[str, Any]):
+    """`body` checked against the request schema `model`."""
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(list(exc.errors())) from None
 
 
 def validation_error(errors: list[dict[str, Any]]) -> ApiError:
     """The first of pydantic's / FastAPI's validation errors as an ApiError."""
     if not errors:
         return bad(None, "invalid request body")
+    # A number out of every range: name the field it was sent in (a numeric branch first).
+    odd = [e for e in errors if isinstance(e.get("input"), BadNumber)]
+    numeric = [e for e in odd if "int" in e.get("type", "") or "float" in e.get("type", "")]
+    if odd:
+        err = (numeric or odd)[0]
+        param = param_from_loc(tuple(err.get("loc", ())), through_unions=True)
+        if numeric:
+            return bad(param, f"{param} must be a finite number within its range (got {err['input']!r})")
+        return bad(param, f"invalid {param}: {err.get('msg', 'wrong type')} (got {err['input']!r})")
     err = errors[0]
     kind = err.get("type", "")
     if kind == "json_invalid":
@@ -151,6 +230,16 @@ class CompletionRequest(_SamplingRequest):
 ROLES = ("system", "user", "assistant", "developer", "tool")
 MAX_SEED = 2**63 - 1
 GREEDY_BELOW = 1e-5  # smaller temperatures overflow the softmax; they mean greedy decoding
+# Beyond it every token is close to equally likely; far beyond (float32's 3.4e38) the
+# sampler divides by infinity.
+MAX_TEMPERATURE = 100.0
+# The most likely token has probability >= 1 / vocabulary > TOP_P_FLOOR (for any vocabulary
+# under 10 million), so any top_p at or below it keeps that token alone: raising a smaller
+# top_p to it changes nothing, and keeps it from rounding to 0 in float32 (which would keep
+# no token at all).
+TOP_P_FLOOR = 1e-7
+MAX_STOP_STRINGS = 16  # stop strings are matched on the decoding thread at every step
+MAX_STOP_CHARS = 1000
 
 
 @dataclass
@@ -208,12 +297,16 @@ def check_sampling(req: _SamplingRequest) -> Sampling:
     _finite("temperature", temperature)
     if temperature < 0:
         raise bad("temperature", f"temperature must be >= 0 (got {temperature}); use 0 for greedy decoding")
+    if temperature > MAX_TEMPERATURE:
+        raise bad("temperature", f"temperature must be at most {MAX_TEMPERATURE:g} (got {temperature:g}); "
+                                 "at that temperature sampling is already close to uniform")
     if temperature < GREEDY_BELOW:
         temperature = 0.0
     top_p = 1.0 if req.top_p is None else req.top_p
     _finite("top_p", top_p)
     if not 0 < top_p <= 1:
         raise bad("top_p", f"top_p must be in (0, 1] (got {top_p}); use 1 to disable it")
+    top_p = max(top_p, TOP_P_FLOOR)
     top_k = 0 if req.top_k is None or req.top_k == -1 else req.top_k
     if top_k < 0:
         raise bad("top_k", f"top_k must be >= 0, or -1 to disable it (got {req.top_k})")
@@ -224,7 +317,13 @@ def check_sampling(req: _SamplingRequest) -> Sampling:
     else:
         if any(not s for s in req.stop):
             raise bad("stop", "stop strings must not be empty")
+        if len(req.stop) > MAX_STOP_STRINGS:
+            raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings are allowed (got {len(req.stop)})")
         stop = tuple(req.stop)
+    for i, text in enumerate(stop):
+        if len(text) > MAX_STOP_CHARS:
+            raise bad("stop", f"stop strings may have at most {MAX_STOP_CHARS} characters (got {len(text)})")
+        check_text("stop" if isinstance(req.stop, str) else f"stop[{i}]", text)
     if req.seed is not None and not -MAX_SEED - 1 <= req.seed <= MAX_SEED:
         raise bad("seed", f"seed must fit in 64 bits (got {req.seed})")
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -234,11 +333,40 @@ def check_sampling(req: _SamplingRequest) -> Sampling:
                     bool(req.stream), include_usage)
 
 
-def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
-    """The messages as plain {'role', 'content'} dicts for the chat template."""
+def check_text(param: str, text: str) -> None:
+    """Text the tokenizer can take: UTF-8 encodable (JSON can carry a lone surrogate
+    escape, \\ud800, that no Unicode text has)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise bad(param, f"{param} is not valid Unicode: it has a lone surrogate \\u{ord(text[exc.start]):04x} at "
+                         f"character {exc.start} (the JSON escapes \\ud800-\\udfff must come in high-low pairs)") \
+            from None
+
+
+def check_message_count(body: dict[str, Any], max_messages: int) -> None:
+    """Refuse too many messages before any work is spent on them."""
+    messages = body.get("messages")
+    if isinstance(messages, list) and len(messages) > max_messages:
+        raise bad("messages", f"the request has {len(messages):,} messages; this server takes at most "
+                              f"{max_messages:,} per request", code="too_many_messages")
+
+
+def check_prompt_chars(param: str, chars: int, max_chars: int, note: str = "") -> None:
+    """Refuse a prompt of more than `max_chars` characters before tokenizing it."""
+    if chars > max_chars:
+        what = "the messages have" if param == "messages" else f"the {param} has"
+        raise bad(param, f"{what} {chars:,} characters; this server takes at most {max_chars:,}"
+                         f"{' (' + note + ')' if note else ''}; shorten it", code="context_length_exceeded")
+
+
+def chat_messages(req: ChatCompletionRequest, max_chars: int | None = None, note: str = "") -> list[dict[str, str]]:
+    """The messages as plain {'role', 'content'} dicts for the chat template; at most
+    `max_chars` characters of content in all."""
     if not req.messages:
         raise bad("messages", "messages must not be empty; send at least one {\"role\": \"user\", \"content\": ...}")
     out = []
+    chars = 0
     for i, msg in enumerate(req.messages):
         if msg.role not in ROLES:
             raise bad(f"messages[{i}].role", f"unknown role {msg.role!r} in messages[{i}]; use one of "
@@ -250,18 +378,25 @@ def chat_messages(req: ChatCompletionRequest) -> list[dict[str, str]]:
                 if part.type != "text" or part.text is None:
                     raise bad(f"messages[{i}].content[{j}]",
                               f"only text content parts are supported (got type {part.type!r})")
+                check_text(f"messages[{i}].content[{j}].text", part.text)
                 texts.append(part.text)
             content = "".join(texts)
+        elif content is not None:
+            check_text(f"messages[{i}].content", content)
         if content is None:
             raise bad(f"messages[{i}].content", f"messages[{i}].content is required")
+        chars += len(content)
         out.append({"role": msg.role, "content": content})
+    if max_chars is not None:
+        check_prompt_chars("messages", chars, max_chars, note)
     if not any(m["content"].strip() for m in out):
         raise bad("messages", "every message is empty; send some text")
     return out
 
 
-def completion_prompt(req: CompletionRequest, vocab_rows: int) -> str | list[int]:
-    """The prompt as text or token ids; one prompt per request."""
+def completion_prompt(req: CompletionRequest, vocab_rows: int, max_chars: int | None = None,
+                      note: str = "") -> str | list[int]:
+    """The prompt as text (at most `max_chars` characters) or token ids; one prompt per request."""
     if req.echo:
         raise bad("echo", "echo is not supported; leave it out")
     if req.best_of is not None and req.best_of != 1:
@@ -276,6 +411,9 @@ def completion_prompt(req: CompletionRequest, vocab_rows: int) -> str | list[int
     if isinstance(prompt, str):
         if not prompt.strip():
             raise bad("prompt", "prompt is empty; send some text")
+        if max_chars is not None:
+            check_prompt_chars("prompt", len(prompt), max_chars, note)
+        check_text("prompt", prompt)
         return prompt
     if not prompt:
         raise bad("prompt", "prompt is empty; send some text or token ids")
