@@ -205,3 +205,11 @@ def test_bench_help_says_a_prompts_file_alone_runs_only_that_file(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--help"])
     assert "alone it runs only this file" in " ".join(capsys.readouterr().out.split())
+
+
+@pytest.mark.parametrize("temperature", (float("inf"), float("nan"), 1e39, 1e308))
+def test_decode_config_rejects_a_temperature_float32_cannot_hold(temperature):
+    from specflash.runtime.config import DecodeConfig
+
+    with pytest.raises(InputError, match="temperature must be a finite number"):
+        DecodeConfig(temperature=temperature)

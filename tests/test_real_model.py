@@ -52,6 +52,16 @@ def test_real_model_output_equals_hf_greedy(smollm2, references, draft, block):
         assert result.token_ids == reference, prompt
 
 
+@pytest.mark.parametrize("draft, tree", [("default", 4), ("default", 16), ("ngram", 8)])
+def test_real_model_tree_output_equals_hf_greedy(smollm2, references, draft, tree):
+    from specflash.runtime.treepolicy import FixedTree
+
+    decoder = SpeculativeDecoder(smollm2, build_proposer(draft, smollm2), None, FixedTree(tree))
+    for prompt, (ids, reference) in references.items():
+        result = decoder.generate(ids, DecodeConfig(max_new_tokens=NEW))
+        assert result.token_ids == reference, prompt
+
+
 def test_cli_random_draft_prints_the_same_tokens_as_none(capsys, smollm2, references):
     args = ["generate", "--target", "smollm2-135m-instruct", "--prompt", PROMPTS[0], "--json",
             "--max-new-tokens", str(NEW)]

@@ -7,6 +7,8 @@ a `metrics.SpecStats` (so every figure is computed by the same code):
            arrives (TTFT = first chunk, TPOT over the later ones).
 - ar       specflash's loop with block size 1 (plain decoding).
 - dflash   specflash's DFlash loop with the drafter and block size given.
+- dflash-tree  the same drafter's candidates and prompt-lookup branches verified as a draft
+           tree each step (treedecode.py); @N a fixed node budget, default auto.
 - ngram    specflash's prompt-lookup proposer (n-grams of 3 down to 1 tokens).
 - hf-ngram Hugging Face `generate(prompt_lookup_num_tokens=k, max_matching_ngram_size=3)`
            with the same k = block - 1 as `ngram`; each streamed chunk is one verify
@@ -168,21 +170,26 @@ class SpecflashMethod(Method):
     the engine efficiency of every run."""
 
     def __init__(self, name: str, target: TargetModel, proposer: Proposer | None, block: int | str | None,
-                 say=None):
+                 say=None, tree: int | str | None = None):
         from ..perf.measure import load_or_measure
         from ..runtime.blockpolicy import make_policy
         from ..runtime.loading import choose_verify_kernels
+        from ..runtime.treepolicy import make_tree_policy
 
         self.name = name
         self.target = target
         self.proposer = proposer
         choose_verify_kernels(target, proposer, log=say)  # this machine's verify kernels, before any cost
         self.block_size, self.policy = make_policy(block, target, proposer, log=say)
+        tree_policy = make_tree_policy(tree, target, proposer, log=say)  # tree: a draft tree per step
+        if tree_policy is not None:
+            self.policy = tree_policy
         self.policy_name = self.policy.name if proposer is not None else "fixed"
         self.has_drafts = proposer is not None
         self.decoder = SpeculativeDecoder(target, proposer, self.block_size, self.policy)
-        self.costs = getattr(self.policy, "costs", None) or load_or_measure(
-            target, proposer, max_tokens=max(self.block_size, 1), log=say)
+        widest = max(self.block_size, getattr(tree_policy, "max_nodes", 0) + 1, 1)
+        self.costs = getattr(self.policy, "costs", None) or load_or_measure(target, proposer, max_tokens=widest,
+                                                                           log=say)
 
     def run(self, prompt_ids: list[int], config: DecodeConfig, record_drafts: bool = False) -> Run:
         if record_drafts and self.proposer is not None:
@@ -295,6 +302,14 @@ def build_method(name: str, ctx: BenchContext) -> Method:
         except CheckpointError as exc:
             raise MethodUnavailable(str(exc)) from None
         return SpecflashMethod(name, target, proposer, block, say=ctx.say)
+    if base == "dflash-tree":
+        if ctx.draft_folder is None:
+            raise MethodUnavailable(f"needs a DFlash drafter ({ctx.draft_problem})")
+        try:
+            proposer = build_proposer(str(ctx.draft_folder), target)
+        except CheckpointError as exc:
+            raise MethodUnavailable(str(exc)) from None
+        return SpecflashMethod(name, target, proposer, None, say=ctx.say, tree=block if block is not None else "auto")
     if base == "zlab":
         return ZlabMethod(ctx)
     raise MethodUnavailable(f"unknown method {name!r}; choose from {', '.join(METHODS)}")

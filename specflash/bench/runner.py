@@ -84,11 +84,12 @@ class BenchOptions:
                 base, block = split_method(spec)
             except ValueError as exc:
                 raise InputError(str(exc)) from None
-            if base not in METHODS or (block is not None and base not in ("dflash", "ngram")):
+            if base not in METHODS or (block is not None and base not in ("dflash", "ngram", "dflash-tree")):
                 unknown.append(spec)
         if unknown:
             raise InputError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)} "
-                             "(dflash and ngram also as NAME@B with B an integer or auto, e.g. dflash@8)")
+                             "(dflash and ngram also as NAME@B with B an integer or auto, e.g. dflash@8; dflash-tree "
+                             "as dflash-tree@N with N drafts per step)")
         if not self.methods:
             raise InputError("--methods is empty; name at least one of " + ", ".join(METHODS))
         if self.baseline not in METHODS:

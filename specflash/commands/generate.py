@@ -30,6 +30,8 @@ def register(sub) -> None:
 def block_label(pipe) -> str:
     if pipe.proposer is None:
         return "plain decoding"
+    if pipe.block_policy.startswith("tree"):
+        return "draft tree " + ("auto" if pipe.block_policy == "tree-auto" else f"of {pipe.decoder.policy.budget}")
     return f"block {pipe.block_size}" + (" auto" if pipe.block_policy == "auto" else "")
 
 
@@ -45,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
                           top_k=args.top_k, seed=args.seed)
     pipe = Pipeline.load(args.target, draft=args.draft, device=args.device, dtype=args.dtype,
                          block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
-                         static_steps=args.static_steps)
+                         static_steps=args.static_steps, tree=args.tree)
     prompt = [{"role": "system", "content": args.system}, {"role": "user", "content": args.prompt}] \
         if args.system and args.chat else args.prompt
     if args.json:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     resolve_draft_flag(args)  # an omitted --draft: the drafter shipped for the target, else none
     pipe = Pipeline.load(args.target, draft=args.draft, device=args.device, dtype=args.dtype,
                          block_size=args.block_size, seed=args.seed, log=lambda m: print(m, file=sys.stderr),
-                         static_steps=args.static_steps)
+                         static_steps=args.static_steps, tree=args.tree)
     name = args.served_model_name or args.target
     settings = ServeSettings(model_name=name, draft=args.draft, aliases=(args.target,), api_key=api_key,
                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,

@@ -54,6 +54,18 @@ class DraftHead:
         ids, sub = self._vocab_logits(hidden)
         return ids[sub.argmax(dim=-1)]
 
+    def top_candidates(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [D, H] -> (tokens [D, k] target ids, probs [D, k]): the drafter's k most
+        likely tokens per row, best first, with their softmax probabilities (over the draft
+        vocabulary when the drafter has one). k is capped at the vocabulary's size."""
+        if self.drafter.draft_vocab is None:
+            ids, logits = None, self.drafter.compute_logits(hidden, self.target.lm_head)
+        else:
+            ids, logits = self._vocab_logits(hidden)
+        probs = torch.softmax(logits.float(), dim=-1)  # [D, N]
+        top_probs, top = probs.topk(min(k, probs.shape[-1]), dim=-1)  # [D, k]
+        return (top if ids is None else ids[top]), top_probs
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [.., H] -> [.., V] logits over the target's vocabulary; -inf outside the
         draft vocabulary (probability 0 there, so rejection sampling stays exact)."""

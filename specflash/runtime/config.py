@@ -5,9 +5,13 @@ and of a count (`at_least`)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from ..errors import InputError
+
+
+MAX_TEMPERATURE = 1e30  # logits / T must stay finite in float32 (T > 3.4e38 is inf there)
 
 
 @dataclass(frozen=True)
@@ -37,6 +41,9 @@ class DecodeConfig:
 
 
 def validate_sampling(temperature: float, top_p: float, top_k: int) -> None:
+    if not math.isfinite(temperature) or temperature > MAX_TEMPERATURE:
+        raise InputError(f"temperature must be a finite number <= {MAX_TEMPERATURE:g} (got {temperature}); "
+                         "0 is greedy, 1 the model's own distribution")
     if temperature < 0:
         raise InputError(f"temperature must be >= 0 (got {temperature}); use 0 for greedy decoding")
     if not 0.0 < top_p <= 1.0:
@@ -74,4 +81,25 @@ def parse_block_size(value: str | int | None, limit: int | None = None, auto: bo
     if limit is not None and number > limit:
         raise InputError(f"block size {number} is larger than the drafter's block size {limit}; "
                          f"use 1..{limit}{either}")
+    return number
+
+
+def parse_tree(value: str | int | None) -> int | str | None:
+    """A draft-tree setting (`--tree`, `Pipeline.load(tree=)`, bench's dflash-tree@N): None or
+    'off' (linear blocks: None), 'auto' (a cost-aware node budget per step) or an integer
+    >= 1 (that many drafts per step). Raises InputError saying what to pass."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        key = value.strip().lower()
+        if key in ("off", "none", "no"):
+            return None
+        if key == "auto":
+            return "auto"
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise InputError(f"tree must be 'auto', 'off' or a node budget >= 1 (got {value!r})") from None
+    if number < 1:
+        raise InputError(f"a tree's node budget must be >= 1 (got {number}); use 'off' for linear blocks")
     return number

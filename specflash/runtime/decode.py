@@ -27,6 +27,8 @@ from .config import DecodeConfig
 from .metrics import SpecStats
 from .proposers.base import Proposer
 from .sampling import Sampler
+from .treedecode import TreeStepper
+from .treepolicy import is_tree_policy
 
 
 @dataclass
@@ -95,7 +97,8 @@ class SpeculativeDecoder:
 
     block_size is the most tokens one step verifies (anchor + drafts); `policy` picks how
     many drafts each step actually verifies (`blockpolicy.FixedBlock`: all of them, the
-    default; `AutoBlock`: what the cost model says pays, 0 included)."""
+    default; `AutoBlock`: what the cost model says pays, 0 included; a tree policy,
+    `treepolicy.FixedTree` / `AutoTree`: each step verifies a draft tree, treedecode.py)."""
 
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
                  policy=None):
@@ -129,6 +132,9 @@ class SpeculativeDecoder:
         stats = stats if stats is not None else SpecStats()
         stop_ids = frozenset(config.stop_token_ids if config.stop_token_ids is not None else target.eos_token_ids)
         sampler = Sampler.create(config.temperature, config.top_k, config.top_p, config.seed, device=target.device)
+        tree = TreeStepper(target, proposer, policy) if is_tree_policy(policy) else None
+        if tree is not None:
+            block_size = max(block_size, 2)  # a prompt-lookup branch needs no drafter
         target.set_taps(proposer.layer_ids if proposer is not None else ())
         max_context = target.max_context
         # Forward timing for the engine-efficiency figure: on CUDA the forwards run async,
@@ -136,10 +142,13 @@ class SpeculativeDecoder:
         sync = torch.cuda.synchronize if target.device.type == "cuda" else None
 
         t_start = time.perf_counter()
-        cache = target.new_cache(capacity=prompt.numel() + config.max_new_tokens + block_size)
+        room = max(block_size, policy.max_nodes + 1) if tree is not None else block_size
+        cache = target.new_cache(capacity=prompt.numel() + config.max_new_tokens + room)
         out = target.forward(prompt[None], cache, logits_to_keep=1)
         anchor = int(sampler.choose(out.logits[0, -1]).item())
-        if proposer is not None:
+        if tree is not None:
+            tree.reset(prompt, out.features)
+        elif proposer is not None:
             proposer.reset(prompt, out.features)
         stats.time_to_first_token_s = time.perf_counter() - t_start
         t_decode = time.perf_counter()
@@ -152,6 +161,21 @@ class SpeculativeDecoder:
             reason = "length"
         try:
             yield Step(first, 0, 0, reason)
+            while reason is None and tree is not None:  # draft trees (treedecode.py)
+                remaining = config.max_new_tokens - produced
+                result = tree.step(anchor, start, cache, min(remaining - 1, max_context - 2 - start), sampler)
+                stats.forward_time_s += result.forward_s
+                a = len(result.accepted)
+                stats.record_step(result.num_drafts, a, depth=result.depth)
+                new_tokens, reason = _truncate(result.accepted + [result.next_token], stop_ids, remaining)
+                produced += len(new_tokens)
+                stats.num_new_tokens = produced
+                start += a + 1
+                anchor = result.next_token
+                if reason is None and start + 1 >= max_context:
+                    reason = "length"
+                stats.decode_time_s = time.perf_counter() - t_decode
+                yield Step(new_tokens, result.num_drafts, a, reason)
             while reason is None:
                 remaining = config.max_new_tokens - produced
                 num_drafts = min(block_size - 1, remaining - 1, max_context - 2 - start)

@@ -4,7 +4,9 @@
   token), so plain decoding has acceptance length 1 every step;
 - tau = mean acceptance length over the verify steps of a generation;
 - per-position acceptance: for draft position i (1-based), drafted[i] counts the steps
-  that proposed a token there and accepted[i] the steps that accepted it;
+  that proposed a token there and accepted[i] the steps that accepted it (a draft
+  tree's position is its depth: a tree step "proposed" every depth down to its deepest
+  node); drafted_per_step counts every draft verified (a tree's nodes);
 - time to first token (TTFT) = prefill plus choosing the first token;
 - time per output token (TPOT) = decode-phase wall time (after the first token) divided
   by the tokens produced in that phase; tokens_per_s = 1 / TPOT (decode phase). The first
@@ -32,14 +34,18 @@ class SpecStats:
     first_step_tokens: int = 1  # tokens delivered by the first step (counted in TTFT, not TPOT)
     forward_time_s: float = 0.0  # decode-phase time inside the drafter / target forwards
 
-    def record_step(self, num_drafted: int, num_accepted: int) -> None:
+    def record_step(self, num_drafted: int, num_accepted: int, depth: int | None = None) -> None:
+        """A verify step that checked `num_drafted` drafts and accepted `num_accepted`;
+        `depth`: the deepest draft position it verified (a draft tree's depth; a linear
+        block's is num_drafted, the default)."""
+        depth = num_drafted if depth is None else depth
         self.acceptance_lengths.append(num_accepted + 1)
         self.drafted_per_step.append(num_drafted)
-        grow = num_drafted - len(self.drafted_per_position)
+        grow = depth - len(self.drafted_per_position)
         if grow > 0:
             self.drafted_per_position.extend([0] * grow)
             self.accepted_per_position.extend([0] * grow)
-        for i in range(num_drafted):
+        for i in range(depth):
             self.drafted_per_position[i] += 1
         for i in range(num_accepted):
             self.accepted_per_position[i] += 1

@@ -17,7 +17,7 @@ import torch
 
 from ..devices import resolve_device
 from ..hf.target import TargetModel
-from .config import DecodeConfig, parse_block_size
+from .config import DecodeConfig, parse_block_size, parse_tree
 from .decode import GenerationResult, SpeculativeDecoder, Step
 from .loading import build_proposer, choose_verify_kernels, setup_static_steps
 from .metrics import SpecStats
@@ -56,15 +56,19 @@ class Pipeline:
     @classmethod
     def load(cls, target: str, draft: str | None = None, device: str = "cpu", dtype: str | None = "auto",
              block_size: int | str | None = "auto", seed: int = 0, log=None,
-             static_steps: str = "auto") -> "Pipeline":
+             static_steps: str = "auto", tree: int | str | None = None) -> "Pipeline":
         """draft None: the drafter shipped for `target` if there is one, else plain decoding.
         block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
         (fixed), or None (the drafter's own block, fixed). static_steps: see
-        `loading.setup_static_steps` (auto: CUDA graphs on CUDA)."""
+        `loading.setup_static_steps` (auto: CUDA graphs on CUDA). tree: None / 'off' (linear
+        blocks), 'auto' or a node budget: verify draft trees (treepolicy.py; the drafter's
+        candidates plus prompt-lookup branches), which replaces the block policy."""
         from .blockpolicy import make_policy
+        from .treepolicy import make_tree_policy
 
         device = str(resolve_device(device))  # a device this machine lacks: an InputError, not torch's assert
         block_size = parse_block_size(block_size)
+        tree = parse_tree(tree)
         if draft is None:
             from .loading import default_draft
 
@@ -76,6 +80,9 @@ class Pipeline:
         proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)  # + the drafter's steps
         choose_verify_kernels(target_model, proposer, log=log)  # this machine's kernels, before any cost
         size, policy = make_policy(block_size, target_model, proposer, log=log)  # drafts per step
+        tree_policy = make_tree_policy(tree, target_model, proposer, log=log)  # or a draft tree per step
+        if tree_policy is not None:
+            policy = tree_policy
         return cls(target_model, proposer, size, policy)
 
     @property
@@ -84,7 +91,8 @@ class Pipeline:
 
     @property
     def block_policy(self) -> str:
-        """'auto' or 'fixed' (plain decoding counts as fixed)."""
+        """'auto' or 'fixed' (plain decoding counts as fixed); 'tree' or 'tree-auto' when it
+        verifies draft trees."""
         return self.decoder.policy.name
 
     def encode(self, prompt: str | list[dict[str, str]], chat: bool = True) -> list[int]:

@@ -64,8 +64,9 @@ class DFlashProposer:
         if features is not None and features.shape[1]:
             self._pending.append(features)
 
-    @torch.inference_mode()
-    def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
+    def _draft_hidden(self, anchor: int, position: int, num_tokens: int) -> torch.Tensor:
+        """One drafter forward for the block after `anchor` (at `position`) -> the hidden
+        states [num_tokens, H] of its first num_tokens drafts."""
         drafter, target, cache = self.drafter, self.target, self._cache
         device = target.device
         if not self._pending:  # nothing committed since the last proposal (a repeated call)
@@ -90,8 +91,20 @@ class DFlashProposer:
             feature_positions = torch.arange(cache.length, position, device=device)[None]  # [1, c]
             embeds = drafter.embed_block(ids, target.embed_raw)  # [1, k+1, H]
             hidden = drafter(embeds, positions, pending.to(embeds.dtype), feature_positions, cache)
-        hidden = hidden[0, 1:wanted + 1].to(target.dtype)  # [k, H]
+        return hidden[0, 1:wanted + 1].to(target.dtype)  # [k, H]
+
+    @torch.inference_mode()
+    def propose(self, anchor: int, position: int, num_tokens: int, sampler: Sampler) -> Proposal:
+        hidden = self._draft_hidden(anchor, position, num_tokens)  # [k, H]
         if sampler.greedy:
             return Proposal(self._head.greedy(hidden))
         probs = sampler.probs(self._head.logits(hidden))  # [k, V]
         return Proposal(sampler.sample(probs), probs)
+
+    @torch.inference_mode()
+    def candidates(self, anchor: int, position: int, depth: int, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The same one drafter forward as `propose`, read as a draft tree's raw material:
+        the drafter's `top_k` tokens at each of the first `depth` block positions, best
+        first, with its probabilities -> (tokens [depth, top_k], probs [depth, top_k])."""
+        hidden = self._draft_hidden(anchor, position, depth)  # [depth, H]
+        return self._head.top_candidates(hidden, top_k)

@@ -23,6 +23,11 @@ class NgramProposer:
     def layer_ids(self) -> tuple[int, ...]:
         return ()
 
+    @property
+    def history(self) -> list[int]:
+        """The prompt and every committed token so far."""
+        return self._history
+
     def reset(self, prompt_ids: torch.Tensor, features: torch.Tensor | None) -> None:
         self._history = [int(t) for t in prompt_ids.tolist()]
 
