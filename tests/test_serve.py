@@ -425,7 +425,7 @@ def test_too_many_messages_or_characters_are_refused_before_tokenizing(limited, 
     assert r.status_code == 400
     error = r.json()["error"]
     assert error["param"] == "messages" and "1,200 characters" in error["message"]
-    assert "at most 1,000" in error["message"] and "max_prompt_chars" in error["message"]
+    assert "at most 1,000" in error["message"] and "--max-prompt-chars" in error["message"]
     r = c.post("/v1/completions", json={"prompt": "x" * 1001})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
     assert calls == []

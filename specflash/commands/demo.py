@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import DEFAULT_TARGET, AtLeast, block_size_arg, resolve_draft_flag
+from .common import DEFAULT_TARGET, AtLeast, add_tree_flag, block_size_arg, resolve_draft_flag
 
 
 def register(sub) -> None:
@@ -19,6 +19,7 @@ def register(sub) -> None:
                         "shipped drafter, else random)")
     p.add_argument("--block-size", type=block_size_arg, default="auto",
                    help="auto (default: cost-aware drafts per step) or a fixed verify width")
+    add_tree_flag(p)
     p.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable; default: three built-in)")
     p.add_argument("--max-new-tokens", type=int, action=AtLeast, minimum=1, default=96,
                    help="new tokens per prompt (default 96)")
@@ -36,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     from ..runtime.blockpolicy import make_policy
     from ..runtime.decode import SpeculativeDecoder
     from ..runtime.loading import build_proposer, choose_verify_kernels
+    from ..runtime.treepolicy import make_tree_policy
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -52,10 +54,13 @@ def run(args: argparse.Namespace) -> int:
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     choose_verify_kernels(target, proposer, log=say)  # this machine's verify kernels, before any cost
     size, policy = make_policy(args.block_size, target, proposer, log=say)
+    policy = make_tree_policy(args.tree, target, proposer, log=say) or policy  # a draft tree per step
     decoder = SpeculativeDecoder(target, proposer, size, policy)
     rows = run_demo(target, decoder, prompts, args.max_new_tokens)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    print(f"\ntarget {args.target}, draft {args.draft}, block {decoder.block_size} {decoder.policy.name}, "
+    how = (f"draft tree {decoder.policy.name}" if args.tree is not None
+           else f"block {decoder.block_size} {decoder.policy.name}")
+    print(f"\ntarget {args.target}, draft {args.draft}, {how}, "
           f"{args.max_new_tokens} new tokens, greedy\n")
     print(format_table(rows))
     mark = "underlined" if color else "in «»"

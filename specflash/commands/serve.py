@@ -36,6 +36,13 @@ def register(sub) -> None:
     g.add_argument("--threads", type=int, action=AtLeast, minimum=1, default=None,
                    help="torch threads of the decoding thread (default: CPU cores - 1, leaving one to the HTTP "
                         "server; on a GPU it hardly matters)")
+    g.add_argument("--max-body-mb", type=float, default=4.0,
+                   help="largest request body in MB, counted as it arrives (default 4; larger gets 413)")
+    g.add_argument("--max-messages", type=int, action=AtLeast, minimum=1, default=4096,
+                   help="most messages in one chat request (default 4096)")
+    g.add_argument("--max-prompt-chars", type=int, action=AtLeast, minimum=1, default=None,
+                   help="most characters in one prompt, checked before tokenizing (default: 16 per token of the "
+                        "model's context)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random drafter (--draft random)")
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"),
                    help="server log verbosity (default info)")
@@ -58,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         raise InputError("specflash serve needs the serve extra: pip install 'specflash[serve]'") from None
     threads = args.threads if args.threads is not None else max(1, _cpu_count() - 1)
+    if not args.max_body_mb > 0:
+        raise InputError(f"--max-body-mb must be > 0 (got {args.max_body_mb})")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535 (got {args.port})")
     api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV) or None
@@ -73,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     name = args.served_model_name or args.target
     settings = ServeSettings(model_name=name, draft=args.draft, aliases=(args.target,), api_key=api_key,
                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
-                             default_max_tokens=args.default_max_tokens, torch_threads=threads)
+                             default_max_tokens=args.default_max_tokens, torch_threads=threads,
+                             max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_messages=args.max_messages,
+                             max_prompt_chars=args.max_prompt_chars)
     app = create_app(pipe, settings)
     if args.host not in LOOPBACK_HOSTS and not api_key:
         print(f"specflash: warning: serving on {args.host} without an API key; anyone who can reach this "
@@ -81,7 +92,9 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         host = f"[{args.host}]" if ":" in args.host else args.host
-        print(f"specflash: serving {name!r} (draft {args.draft}, block {pipe.block_size} {pipe.block_policy}, context "
+        how = ("draft tree " + pipe.block_policy) if pipe.block_policy.startswith("tree") else \
+            f"block {pipe.block_size} {pipe.block_policy}"
+        print(f"specflash: serving {name!r} (draft {args.draft}, {how}, context "
               f"{pipe.target.max_context}) on http://{host}:{port}/v1"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
 

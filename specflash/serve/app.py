@@ -64,7 +64,7 @@ CHARS_PER_TOKEN = 16  # English averages about 4 characters per token, code abou
 def prompt_char_limit(settings: ServeSettings, max_context: int) -> tuple[int, str]:
     """The prompt character limit and how it was set, for error messages."""
     if settings.max_prompt_chars is not None:
-        return settings.max_prompt_chars, "the server's max_prompt_chars"
+        return settings.max_prompt_chars, "the server's --max-prompt-chars"
     return CHARS_PER_TOKEN * max_context, f"{CHARS_PER_TOKEN} per token of the model's {max_context:,}-token context"
 
 
@@ -73,9 +73,10 @@ class BodyTooLarge(StarletteHTTPException):
 
     def __init__(self, limit: int, size: int | None = None):
         if size is None:
-            message = f"the request body is larger than this server's limit of {limit:,} bytes"
+            message = f"the request body is larger than this server's limit of {limit:,} bytes (serve --max-body-mb)"
         else:
-            message = f"the request body has {size:,} bytes; this server's limit is {limit:,} bytes"
+            message = (f"the request body has {size:,} bytes; this server's limit is {limit:,} bytes "
+                       "(serve --max-body-mb)")
         super().__init__(413, message)
 
 

@@ -349,7 +349,7 @@ def check_message_count(body: dict[str, Any], max_messages: int) -> None:
     messages = body.get("messages")
     if isinstance(messages, list) and len(messages) > max_messages:
         raise bad("messages", f"the request has {len(messages):,} messages; this server takes at most "
-                              f"{max_messages:,} per request", code="too_many_messages")
+                              f"{max_messages:,} per request (serve --max-messages)", code="too_many_messages")
 
 
 def check_prompt_chars(param: str, chars: int, max_chars: int, note: str = "") -> None:
