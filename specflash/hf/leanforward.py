@@ -22,7 +22,9 @@ forward off (for A/B measurements).
 `LeanForward.masked` runs the same layers under explicit RoPE positions and an explicit
 4-D mask (a draft tree's one verify forward, target.py's `forward_tree`);
 `attention_mask_form` turns a bool "may see" mask into what an attention implementation
-adds or selects with, for that and for the transformers forward alike.
+adds or selects with, for that and for the transformers forward alike. `masked_hidden` is
+`masked` without the LM head, for a batched step that needs logits at only some positions
+(target.py's `forward_batch`).
 """
 
 from __future__ import annotations
@@ -160,6 +162,24 @@ class LeanForward:
         those slots). Same outputs as `__call__`."""
         hidden = self.decoder.embed_tokens(ids)  # [b, n, H]
         return self._layers_and_head(hidden, mask, position_ids, cache_position, cache, logits_to_keep, taps)
+
+    def masked_hidden(self, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
+                      mask: torch.Tensor, cache,
+                      taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """`masked` without the LM head: -> the final-norm hidden states [b, n, H] and the
+        tapped layers' outputs, for a caller that needs logits at only some positions (a
+        batched step's padded rows and prompt chunks, batchstep.py)."""
+        decoder = self.decoder
+        hidden = decoder.embed_tokens(ids)  # [b, n, H]
+        cos, sin = decoder.rotary_emb(hidden, position_ids)
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": cache_position}
+        captured: dict[int, torch.Tensor] = {}
+        tapped = set(taps)
+        for index, layer in enumerate(decoder.layers[: self.config.num_hidden_layers]):
+            hidden = self._layer(layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids)
+            if index in tapped:
+                captured[index] = hidden
+        return decoder.norm(hidden), captured
 
     def _layers_and_head(self, hidden, mask, position_ids, cache_position, cache, logits_to_keep,
                          taps) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

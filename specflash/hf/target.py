@@ -15,6 +15,9 @@ benchmarks see the target through it.
   (every node sees the cached context and its own root-to-node path, at position
   cache length + depth), and `keep_cache_path(cache, start, path)` then keeps only the
   accepted path's K/V; `tree_attention_inputs(parents)` builds depths and ancestor mask.
+- `forward_batch(slot_cache, rows)` runs several sequences' rows (a decoding step, a
+  drafted block, a prompt chunk, a draft tree) in one forward over per-sequence slots of a
+  `SlotKVCache` from `new_slot_cache` (batchstep.py, slotcache.py).
 - the shape a drafter must match (`num_attention_heads`, `head_dim`, `rope_theta`, ...) and
   the weights a drafter may start from (`decoder_layer_state(i)`, `final_norm_state()`,
   `head_weight`), under names that do not depend on the family's module layout.
@@ -37,7 +40,9 @@ import torch.nn.functional as F
 from ..errors import CheckpointError, InputError
 from ..perf.kernelchoice import STOCK, KernelChoice
 from ..perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
+from .batchstep import BatchRow, PackedBatch
 from .leanforward import LeanForward, attention_mask_form, decoder_of, lean_forward_allowed
+from .slotcache import SlotKVCache
 from .staticsteps import StaticKV, StaticTargetSteps
 
 
@@ -383,6 +388,86 @@ class TargetModel:
         finally:
             self._captured.clear()
         return TargetOutput(out.logits, features)
+
+    def new_slot_cache(self, max_slots: int = 8, capacity: int = 256) -> SlotKVCache:
+        """Per-sequence KV caches for `forward_batch`: `max_slots` slots of this target's layer
+        shapes, room for `capacity` positions each (grown when a step needs more)."""
+        return SlotKVCache(self.num_layers, max_slots, self.num_key_value_heads, self.head_dim, self.dtype,
+                           self.device, capacity=min(capacity, self.max_context), maximum=self.max_context)
+
+    @torch.inference_mode()
+    def forward_batch(self, cache: SlotKVCache, rows: Sequence[BatchRow]) -> list[TargetOutput]:
+        """Several sequences' rows in one forward (batchstep.py): row r's ids [n_r] sit after
+        the committed positions of its slot (or as a draft tree over them) and see only
+        that slot's keys and their own causal (or ancestor) predecessors. Each row's K/V are
+        written to its slot, whose length then grows by n_r (`cache.crop` rolls back).
+        -> one TargetOutput per row, in row order: logits [1, n_r, V] ("all"), [1, 1, V]
+        ("last") or [1, 0, V] ("none"), features [1, n_r, K*H] (None without taps).
+
+        Runs the lean forward (Llama / Qwen2 / Qwen3) or the model's own forward with a
+        prepared 4-D mask (per layer type where sliding-window layers exist, e.g. Gemma3);
+        sdpa or eager attention. Other targets raise InputError: step them one at a time."""
+        batch = PackedBatch(rows, cache, self.device)
+        lean = self._lean_forward()
+        try:
+            masks = attention_mask_form(batch.visible(), lean.attention_implementation, self.dtype) \
+                if lean is not None else self._batch_masks(batch)
+        except ValueError as exc:  # an attention implementation that takes no dense mask
+            raise InputError(f"batched step: {exc}; or step the sequences one at a time") from None
+        if lean is not None:
+            hidden, captured = lean.masked_hidden(batch.ids, batch.positions, batch.cache_position, masks,
+                                                  batch.writer, self._taps)
+        else:
+            hidden, captured = self._transformers_hidden(batch, masks)
+        batch.commit()
+        features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None  # [B, L, K*H]
+        row_index, column, sizes = batch.logit_rows()
+        logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
+        outputs, offset = [], 0
+        for r, (n, size) in enumerate(zip(batch.counts, sizes)):
+            row_features = features[r: r + 1, :n] if features is not None else None
+            outputs.append(TargetOutput(logits[offset: offset + size][None], row_features))
+            offset += size
+        return outputs
+
+    def _batch_masks(self, batch: PackedBatch):
+        """A batched step's 4-D mask as the model's own forward takes a prepared one: one
+        tensor where every layer attends alike, else {layer type: mask}."""
+        config = self.config
+        implementation = getattr(config, "_attn_implementation", None)
+        if getattr(config, "use_bidirectional_attention", False):
+            raise InputError("forward_batch needs a causal target; this one attends bidirectionally")
+        window = getattr(config, "sliding_window", None)
+
+        def form(sliding: int | None) -> torch.Tensor:
+            return attention_mask_form(batch.visible(sliding), implementation, self.dtype)
+
+        types = set(getattr(config, "layer_types", None) or ())
+        if not types:
+            return form(window)
+        unknown = types - {"full_attention", "sliding_attention"}
+        if unknown:
+            raise InputError(f"forward_batch does not know the attention of layer types {sorted(unknown)}; "
+                             "step these sequences one at a time")
+        if types == {"full_attention"}:
+            return form(None)
+        if window is None:
+            raise InputError("the target has sliding-window layers but no sliding_window in its config")
+        return {"full_attention": form(None), "sliding_attention": form(int(window))}
+
+    def _transformers_hidden(self, batch: PackedBatch, masks) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The decoder stack's own forward over a packed batch (no LM head): -> final-norm
+        hidden states [B, L, H] and the tapped layers' outputs (from the layer hooks)."""
+        self._captured.clear()
+        try:
+            out = decoder_of(self.model)(input_ids=batch.ids, attention_mask=masks, position_ids=batch.positions,
+                                         past_key_values=batch.writer, use_cache=True,
+                                         cache_position=batch.cache_position)
+            captured = dict(self._captured)
+        finally:
+            self._captured.clear()
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        return hidden, captured
 
     # ----------------------------------------------------------- draft trees
     @torch.inference_mode()
