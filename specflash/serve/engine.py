@@ -9,6 +9,12 @@ left to the production engines; see `specflash export`). Each slot has its own
 are shared, and the per-generation state (context cache, history) is rebuilt by the
 proposer's `reset` at the start of every generation.
 
+With `batched=True` the jobs in the slots share one target forward per step instead
+(`runtime.batchdecode.BatchDecoder`: each job a slot of one slot KV cache, prompts
+prefilled in chunks of `prefill_chunk` tokens next to the others' decode rows); a job
+still gets its solo tokens up to float rounding of the batched forward (see that module).
+A draft-tree policy keeps one-at-a-time stepping.
+
 Text is assembled here (`TextAssembler`): deltas hold back an incomplete UTF-8
 character and any tail that could begin a stop string; the first stop string ends
 the job. A job whose client went away is cancelled between two steps, which frees
@@ -26,6 +32,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
+from ..runtime.batchdecode import BatchDecoder
 from ..runtime.config import DecodeConfig
 from ..runtime.decode import SpeculativeDecoder
 from ..errors import SpecflashError
@@ -131,6 +138,7 @@ class Job:
         self.cancelled = threading.Event()
         self._queue: asyncio.Queue[Event] | None = asyncio.Queue() if self.loop is not None else None
         self._steps = None
+        self._sequence = None  # its BatchSequence when the engine runs batched
         self._assembler: TextAssembler | None = None
         self.on_event: Callable[[Event], None] | None = None  # for callers without an event loop
 
@@ -175,7 +183,8 @@ class Engine:
     """Owns the pipeline; runs jobs on one worker thread (see the module docstring)."""
 
     def __init__(self, pipe: Pipeline, max_concurrency: int = 8, max_queue: int = 256,
-                 metrics: ServerMetrics | None = None, torch_threads: int | None = None):
+                 metrics: ServerMetrics | None = None, torch_threads: int | None = None,
+                 batched: bool = False, prefill_chunk: int = 256):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
         if max_queue < 0:
@@ -195,6 +204,21 @@ class Engine:
         self._active: list[Job] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._batch = self._batch_decoder(prefill_chunk) if batched else None
+
+    def _batch_decoder(self, prefill_chunk: int) -> BatchDecoder | None:
+        """The batched decoder over `max_concurrency` slots (None: a policy it cannot run)."""
+        base = self.pipe.decoder
+        try:
+            return BatchDecoder(base.target, base.proposer, base.block_size, base.policy,
+                                max_slots=self.max_concurrency, prefill_chunk=prefill_chunk)
+        except SpecflashError as exc:
+            logger.warning("stepping requests one at a time: %s", exc)
+            return None
+
+    @property
+    def batched(self) -> bool:
+        return self._batch is not None
 
     # --------------------------------------------------------------- control
     def start(self) -> None:
@@ -282,9 +306,51 @@ class Engine:
                 self._active.append(job)
             active = list(self._active)
             self._update_gauges()
+        if self._batch is not None:
+            self._advance_batch(active)
+            return bool(active)
         for job in active:
             self._advance(job)
         return bool(active)
+
+    def _advance_batch(self, active: list[Job]) -> None:
+        """One batched step for every running job: new jobs join the batch (their prompts
+        prefill in chunks from this step on), cancelled ones leave it first."""
+        batch = self._batch
+        stepping: dict[int, Job] = {}
+        for job in active:
+            if job.cancelled.is_set():
+                self._close(job)
+                self._retire(job, "abort", Event("", finish_reason="abort"))
+                continue
+            if job._sequence is None:
+                job._assembler = TextAssembler(self.decode_text, job.stop)
+                try:
+                    job._sequence = batch.add(job.prompt_ids, job.config)
+                except SpecflashError as exc:
+                    self._retire(job, "error", Event("", error=str(exc), status=400))
+                    continue
+                job.stats = job._sequence.stats
+                self.metrics.prompt_tokens.inc(len(job.prompt_ids))
+            stepping[id(job._sequence)] = job
+        if not stepping:
+            return
+        try:
+            events = batch.step()
+        except Exception as exc:  # noqa: BLE001 - a bug fails the step's requests, not the server
+            if isinstance(exc, SpecflashError):
+                error, status = str(exc), 400
+            else:
+                logger.exception("batched step failed")
+                error, status = f"internal error: {type(exc).__name__}: {exc}", 500
+            for job in stepping.values():
+                self._close(job)
+                self._retire(job, "error", Event("", error=error, status=status))
+            return
+        self.metrics.record_forward(batch.rows_per_step[-1], batch.tokens_per_step[-1])
+        for event in events:
+            job = stepping[id(event.sequence)]
+            self._deliver(job, event.step, verify=job.first_token_at is not None)
 
     def _new_decoder(self) -> SpeculativeDecoder:
         base = self.pipe.decoder
@@ -314,13 +380,17 @@ class Engine:
             self._close(job)
             self._retire(job, "error", Event("", error=f"internal error: {type(exc).__name__}: {exc}", status=500))
             return
+        # One job per target forward: the prefill computes the prompt, a verify step the
+        # anchor and the drafts it checks.
+        self.metrics.record_forward(1, 1 + step.num_drafted if verify else len(job.prompt_ids))
+        self._deliver(job, step, verify)
+
+    def _deliver(self, job: Job, step, verify: bool) -> None:
+        """Count a job's step, send its text, retire the job when the step ended it."""
         now = time.perf_counter()
         if job.first_token_at is None:
             job.first_token_at = now
         job.num_tokens += len(step.tokens)
-        # One job per target forward: the prefill computes the prompt, a verify step the
-        # anchor and the drafts it checks.
-        self.metrics.record_forward(1, 1 + step.num_drafted if verify else len(job.prompt_ids))
         self.metrics.record_step(step.num_drafted, step.num_accepted, len(step.tokens), verify)
         assembler = job._assembler
         delta = assembler.push(step.tokens, final=step.finish_reason is not None)
@@ -333,6 +403,10 @@ class Engine:
         self._retire(job, reason, Event(delta, finish_reason=reason))
 
     def _close(self, job: Job) -> None:
+        if job._sequence is not None:  # batched: leave the batch (a no-op once it has finished)
+            if self._batch is not None:
+                self._batch.cancel(job._sequence)
+            job._sequence = None
         if job._steps is not None:
             try:
                 job._steps.close()
