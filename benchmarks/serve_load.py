@@ -177,11 +177,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_server(args) -> tuple[subprocess.Popen, str]:
+def spawn_server(args, extra: list[str] = ()) -> tuple[subprocess.Popen, str]:
+    """`specflash serve` of args.target / draft / block_size / max_concurrency (+ `extra`
+    flags) on a free loopback port -> (process, url) once /health answers."""
     port = free_port()
     cmd = [sys.executable, "-m", "specflash.cli", "serve", "--target", args.target, "--draft", args.draft,
            "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", str(args.max_concurrency),
-           "--log-level", "warning"]
+           "--log-level", "warning", *extra]
     if args.block_size is not None:
         cmd += ["--block-size", str(args.block_size)]
     env = dict(os.environ)

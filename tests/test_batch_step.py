@@ -367,29 +367,48 @@ def test_a_cancelled_sequence_frees_its_slot_and_the_others_continue_identically
     assert victim.tokens == solo_result(target, proposer, prompts[1], config).token_ids[: len(victim.tokens)]
 
 
-def test_prefill_chunks_interleave_with_decode_rows_and_give_the_same_tokens(monkeypatch):
+@pytest.mark.parametrize("split", [True, False], ids=["chunks-apart", "one-forward"])
+def test_prefill_chunks_interleave_with_decode_rows_and_give_the_same_tokens(monkeypatch, split):
+    """A step's prompt chunks run in a forward of their own when they are longer than its
+    decode rows (`split_prefill`, the default: decode rows are not padded to a chunk), or
+    in the same forward."""
     target = make_target("gemma3", "transformers")
     prompts = prompt_list((6, 45, 30), seed=5)
     proposer = make_proposer("dflash", target, prompts, 16)
-    config = DecodeConfig(max_new_tokens=16, stop_token_ids=())
-    decoder = BatchDecoder(target, proposer, 8, max_slots=3, prefill_chunk=8)
-    steps: list[list[tuple[int, str]]] = []
+    config = DecodeConfig(max_new_tokens=16, block_size=4, stop_token_ids=())  # decode rows of 4 < chunks of 8
+    decoder = BatchDecoder(target, proposer, 8, max_slots=3, prefill_chunk=8, split_prefill=split)
+    forwards: list[list[tuple[int, str]]] = []
+    steps: list[list[tuple[int, str]]] = []  # the rows of each step, whatever forwards ran them
     forward_batch = target.forward_batch
 
     def recording(cache, rows):
-        steps.append([(row.num_tokens, row.logits) for row in rows])
+        forwards.append([(row.num_tokens, row.logits) for row in rows])
         return forward_batch(cache, rows)
 
+    def on_step(step, sequences):
+        steps.append([row for forward in forwards for row in forward])
+        forwards.clear()
+
     monkeypatch.setattr(target, "forward_batch", recording)
-    sequences = run_schedule(decoder, [(0, prompts[0], config), (2, prompts[1], config), (3, prompts[2], config)])
+    sequences = run_schedule(decoder, [(0, prompts[0], config), (2, prompts[1], config), (3, prompts[2], config)],
+                             on_step=on_step)
+    on_step(None, None)
+    steps = steps[1:]
     for prompt, sequence in zip(prompts, sequences):
         assert sequence.tokens == solo_result(target, proposer, prompt, config).token_ids
     chunks = [n for step in steps for n, logits in step if logits == "none"]
     assert chunks and max(chunks) == 8  # the long prompts went in chunks of 8...
     mixed = [step for step in steps if any(logits == "none" for _, logits in step)
              and any(logits == "all" for _, logits in step)]
-    assert len(mixed) >= 5  # ...next to other sequences' decode rows
+    assert len(mixed) >= 5  # ...in the same steps as other sequences' decode rows
     assert max(n for step in steps for n, _ in step) <= 8
+    with_chunks = [step for step in steps if any(logits != "all" for _, logits in step)
+                   and any(logits == "all" for _, logits in step)]  # the last chunk has logits "last"
+    apart = [step for step in with_chunks if max(n for n, logits in step if logits != "all")
+             > max(n for n, logits in step if logits == "all")]
+    assert decoder.num_forwards == decoder.num_steps + (len(apart) if split else 0)
+    assert not split or len(apart) >= 1
+    assert len(decoder.rows_per_step) == decoder.num_forwards
 
 
 def test_slot_capacity_growth_mid_run_keeps_the_tokens():

@@ -659,6 +659,7 @@ def test_serve_command_answers_on_loopback(folder, tmp_path):
             if "serving" in line or not line:
                 break
         assert "http://127.0.0.1:" in line and "API key required" in line, line
+        assert "batched: up to 8 requests per forward" in line, line  # the default; --exact steps one at a time
         url = line.split("on ")[-1].split("/v1")[0]
         oa = openai.OpenAI(base_url=url + "/v1", api_key="k3y", max_retries=0, timeout=60)
         resp = oa.chat.completions.create(model=folder, messages=MSG, max_tokens=4, temperature=0)

@@ -95,3 +95,37 @@ def test_a_tree_policy_keeps_one_at_a_time_stepping(pipe, monkeypatch):
     monkeypatch.setattr(pipe.decoder, "policy", FixedTree(3))
     engine = Engine(pipe, max_concurrency=2, batched=True)
     assert not engine.batched
+
+
+def test_the_engine_batches_by_default_and_exact_steps_one_at_a_time(pipe):
+    assert Engine(pipe).batched and "batched" in Engine(pipe).describe()
+    exact = Engine(pipe, batched=False)
+    assert not exact.batched and "--exact" in exact.describe()
+
+
+def test_a_long_prompt_prefills_in_chunks_while_another_job_streams(pipe):
+    """The long prompt takes one chunk per step, each in a forward of its own, and the
+    streaming job gets a token at every one of those steps."""
+    config = DecodeConfig(max_new_tokens=40, stop_token_ids=())
+    engine = Engine(pipe, max_concurrency=2, prefill_chunk=8)
+    streaming = Job(PROMPTS[0], config)
+    tokens_per_round: list[int] = []
+    streaming.on_event = lambda event: tokens_per_round.append(len(event.text))
+    engine.submit(streaming)
+    for _ in range(3):
+        engine.run_once()
+    long_prompt = [(7 * i) % 200 + 3 for i in range(60)]
+    late = Job(long_prompt, DecodeConfig(max_new_tokens=5, stop_token_ids=()))
+    engine.submit(late)
+    before = streaming.num_tokens
+    for _ in range(8):  # 60 tokens in chunks of 8: the prompt is in after 8 steps
+        engine.run_once()
+    assert late.num_tokens == 1 and late.first_token_at is not None
+    assert streaming.num_tokens >= before + 8  # a token (or more) at every step of the prefill
+    run(engine, [])
+    assert streaming._assembler.tokens == solo_tokens(pipe, PROMPTS[0], config)
+    assert late._assembler.tokens == solo_tokens(pipe, long_prompt, late.config)
+    batch = engine._batch
+    forwards = list(zip(batch.rows_per_step, batch.tokens_per_step))
+    assert forwards.count((1, 8)) >= 7  # the chunks ran in forwards of their own (the streaming
+    assert batch.num_forwards > batch.num_steps  # job's rows are shorter than a chunk)

@@ -1,5 +1,7 @@
 """The server's decoding side without HTTP: text assembly with stop strings, the
-step-by-step round-robin scheduler, its queue bound, and the Prometheus metrics."""
+one-at-a-time round-robin scheduler (`serve --exact`, `Engine(batched=False)`), the queue
+bound and cancellation in both modes, and the Prometheus metrics. The batched engine (the
+default) has its own file, test_serve_batched.py."""
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -89,7 +91,7 @@ def run_engine_to_completion(engine, jobs, max_rounds=2000):
 def test_jobs_in_slots_advance_in_turn_and_each_gets_its_solo_tokens(pipe):
     prompts = [[5, 6, 7], [9, 8, 7, 6, 5], [42] * 4]
     solo = [pipe.decoder.generate(p, DecodeConfig(max_new_tokens=12)).token_ids for p in prompts]
-    engine = Engine(pipe, max_concurrency=3)
+    engine = Engine(pipe, max_concurrency=3, batched=False)
     jobs = [Job(p, DecodeConfig(max_new_tokens=12)) for p in prompts]
     order = run_engine_to_completion(engine, jobs)
     assert [j for j, _ in order[:3]] == jobs  # round-robin: every job has a step before any has two
@@ -99,16 +101,18 @@ def test_jobs_in_slots_advance_in_turn_and_each_gets_its_solo_tokens(pipe):
         assert job.num_tokens == len(expected)
 
 
-def test_a_single_slot_runs_jobs_one_after_the_other(pipe):
-    engine = Engine(pipe, max_concurrency=1)
+@pytest.mark.parametrize("batched", [False, True], ids=["exact", "batched"])
+def test_a_single_slot_runs_jobs_one_after_the_other(pipe, batched):
+    engine = Engine(pipe, max_concurrency=1, batched=batched)
     jobs = [Job([1, 2, 3], DecodeConfig(max_new_tokens=6)), Job([3, 2, 1], DecodeConfig(max_new_tokens=6))]
     order = run_engine_to_completion(engine, jobs)
     owners = [j for j, _ in order]
     assert owners == sorted(owners, key=jobs.index)  # all of job 0's events come first
 
 
-def test_a_cancelled_job_leaves_its_slot_before_its_next_step(pipe):
-    engine = Engine(pipe, max_concurrency=1)
+@pytest.mark.parametrize("batched", [False, True], ids=["exact", "batched"])
+def test_a_cancelled_job_leaves_its_slot_before_its_next_step(pipe, batched):
+    engine = Engine(pipe, max_concurrency=1, batched=batched)
     first, second = Job([1, 2, 3], DecodeConfig(max_new_tokens=50)), Job([4, 5], DecodeConfig(max_new_tokens=3))
     events = []
     first.on_event = events.append
@@ -125,8 +129,9 @@ def test_a_cancelled_job_leaves_its_slot_before_its_next_step(pipe):
     assert engine.metrics.value("specflash_requests_finished_total", finish_reason="abort") == 1
 
 
-def test_the_queue_refuses_work_beyond_slots_plus_queue(pipe):
-    engine = Engine(pipe, max_concurrency=1, max_queue=1)
+@pytest.mark.parametrize("batched", [False, True], ids=["exact", "batched"])
+def test_the_queue_refuses_work_beyond_slots_plus_queue(pipe, batched):
+    engine = Engine(pipe, max_concurrency=1, max_queue=1, batched=batched)
     engine.submit(Job([1], DecodeConfig(max_new_tokens=2)))
     engine.submit(Job([2], DecodeConfig(max_new_tokens=2)))
     with pytest.raises(QueueFullError):
@@ -185,14 +190,14 @@ def test_each_server_has_its_own_registry():
     assert "specflash_generation_tokens_total 0.0" in b.render()
 
 
-def test_the_engine_counts_each_target_forward_with_its_batch_size_and_rows(pipe):
-    engine = Engine(pipe, max_concurrency=2)
+def test_the_exact_engine_counts_each_target_forward_with_its_batch_size_and_rows(pipe):
+    engine = Engine(pipe, max_concurrency=2, batched=False)
     jobs = [Job([5, 6, 7], DecodeConfig(max_new_tokens=10)), Job([1, 2, 3, 4, 5], DecodeConfig(max_new_tokens=7))]
     run_engine_to_completion(engine, jobs)
     m = engine.metrics
     forwards = sum(1 + job.verify_steps for job in jobs)  # a prefill, then the verify steps
     assert m.value("specflash_batch_size_count") == forwards
-    assert m.value("specflash_batch_size_sum") == forwards  # one generation per forward, for now
+    assert m.value("specflash_batch_size_sum") == forwards  # --exact: one generation per forward
     assert m.value("specflash_batch_size_bucket", le="1.0") == forwards
     assert m.value("specflash_forward_rows_count") == forwards
     rows = sum(len(job.prompt_ids) + job.verify_steps + job.drafted for job in jobs)  # prompt; anchor + drafts

@@ -16,15 +16,25 @@ def register(sub) -> None:
         "serve", help="serve the target over an OpenAI-compatible HTTP API",
         description="Serve the target model, speculatively when a drafter is given, over an OpenAI-compatible "
                     "HTTP API: POST /v1/chat/completions and /v1/completions (with streaming), GET /v1/models, "
-                    "/health and /metrics (Prometheus). Requests run one decode step at a time, round-robin over "
-                    "--max-concurrency slots, so each gets exactly the tokens it would get alone.")
+                    "/health and /metrics (Prometheus). Up to --max-concurrency requests share one target forward per "
+                    "step (continuous batching; long prompts are prefilled in chunks between the others' steps); "
+                    "--exact steps them one at a time instead, so each gets exactly the tokens it would get alone. "
+                    "Draft trees (--tree) always step one at a time.")
     add_model_flags(p)
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --api-key)")
     g.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
     g.add_argument("--max-concurrency", type=int, action=AtLeast, minimum=1, default=8,
-                   help="requests decoded at once, interleaved step by step (default 8); more wait in a queue")
+                   help="requests decoded at once, in one batched forward per step (default 8); more wait in a "
+                        "queue")
+    g.add_argument("--exact", action="store_true",
+                   help="step the requests one at a time, each in its own target forward (round-robin): every "
+                        "answer is exactly its solo output, whatever float rounding batched shapes bring; lower "
+                        "throughput under load, and a long prompt is prefilled in one step")
+    g.add_argument("--prefill-chunk", type=int, action=AtLeast, minimum=1, default=256,
+                   help="batched: most prompt tokens one request prefills per step, so a long prompt does not "
+                        "stall the other streams (default 256)")
     g.add_argument("--max-queue", type=int, action=AtLeast, minimum=0, default=256,
                    help="requests that may wait for a slot before new ones get 503 (default 256)")
     g.add_argument("--default-max-tokens", type=int, action=AtLeast, minimum=1, default=512,
@@ -84,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
                              max_concurrency=args.max_concurrency, max_queue=args.max_queue,
                              default_max_tokens=args.default_max_tokens, torch_threads=threads,
                              max_body_bytes=int(args.max_body_mb * 1024 * 1024), max_messages=args.max_messages,
-                             max_prompt_chars=args.max_prompt_chars)
+                             max_prompt_chars=args.max_prompt_chars, exact=args.exact,
+                             prefill_chunk=args.prefill_chunk)
     app = create_app(pipe, settings)
     if args.host not in LOOPBACK_HOSTS and not api_key:
         print(f"specflash: warning: serving on {args.host} without an API key; anyone who can reach this "
@@ -95,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
         how = ("draft tree " + pipe.block_policy) if pipe.block_policy.startswith("tree") else \
             f"block {pipe.block_size} {pipe.block_policy}"
         print(f"specflash: serving {name!r} (draft {args.draft}, {how}, context "
-              f"{pipe.target.max_context}) on http://{host}:{port}/v1"
+              f"{pipe.target.max_context}; {app.state.engine.describe()}) on http://{host}:{port}/v1"
               f"{' (API key required)' if api_key else ''}", file=sys.stderr, flush=True)
 
     try:

@@ -12,7 +12,9 @@ temperature, top-k / top-p of its `DecodeConfig`) and stop rules. Per `step()`:
   2. every decoding sequence asks the batch policy how many drafts to verify (default
      `PerSequencePolicy`: its own block policy alone, `FixedBlock` unless given) and its
      proposer for them: a row of anchor + drafts;
-  3. one `TargetModel.forward_batch` over all rows;
+  3. one `TargetModel.forward_batch` over all rows (two when prompt chunks are longer
+     than the decode rows: decode rows first, then the chunks, so that no decode row is
+     padded to a chunk's length; `split_prefill`);
   4. per row: the prefill's first token, or acceptance (`greedy_accept` /
      `rejection_accept`, the same calls in the same order as the solo loop, so a seeded
      sequence draws the same random numbers), rollback of its slot to the accepted length
@@ -135,11 +137,13 @@ class BatchDecoder:
     policy: the block policy a sequence uses unless `add` gives its own (shared, as the
     server shares its decoder's); batch_policy: decides every step's drafts at once
     (default `PerSequencePolicy`); max_slots: sequences at once; capacity: positions per
-    slot to start with (grows); prefill_chunk: most prompt tokens a sequence feeds per step."""
+    slot to start with (grows); prefill_chunk: most prompt tokens a sequence feeds per step;
+    split_prefill: run prompt chunks in a forward of their own when they are longer than the
+    step's decode rows (no padding of decode rows to a chunk's length; see `_forwards`)."""
 
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
                  policy=None, batch_policy=None, max_slots: int = 8, capacity: int = MIN_CAPACITY,
-                 prefill_chunk: int = 256):
+                 prefill_chunk: int = 256, split_prefill: bool = True):
         if block_size is None:
             block_size = getattr(proposer, "block_size", 8) if proposer is not None else 1
         if block_size < 1:
@@ -156,9 +160,12 @@ class BatchDecoder:
         self._taps = tuple(self.proposer.layer_ids) if self.proposer is not None else ()
         self._running: list[BatchSequence] = []
         self._ids = itertools.count()
-        self.num_steps = 0  # batched forwards run
+        self.split_prefill = split_prefill
+        self.num_steps = 0  # steps run
+        self.num_forwards = 0  # batched forwards run (two in a step whose prompt chunks ran apart)
         self.rows_per_step: list[int] = []  # rows of each batched forward
         self.tokens_per_step: list[int] = []  # tokens (rows' lengths summed) of each
+        self.last_forwards: list[tuple[int, int]] = []  # (rows, tokens) of each forward of the last step
 
     # ------------------------------------------------------------ sequences
     @property
@@ -242,13 +249,11 @@ class BatchDecoder:
             block = torch.cat([torch.tensor([s._anchor], device=target.device), drafts])  # [k + 1]
             rows.append(BatchRow(s.slot, block, "all"))
             plans.append((s, drafts, draft_probs))
-        outs = target.forward_batch(self.cache, rows)
+        outs = self._forwards(rows)
         if target.device.type == "cuda":
             torch.cuda.synchronize()
         forward_time = time.perf_counter() - t_step
         self.num_steps += 1
-        self.rows_per_step.append(len(rows))
-        self.tokens_per_step.append(sum(row.num_tokens for row in rows))
 
         events: list[BatchEvent] = []
         for (s, drafts, extra), row, out in zip(plans, rows, outs):
@@ -262,6 +267,31 @@ class BatchDecoder:
                 if event.step.finish_reason is not None:
                     self._leave(s, event.step.finish_reason)
         return events
+
+    def _forwards(self, rows: list[BatchRow]) -> list:
+        """The step's rows in one target forward, or two when prompt chunks would pad the
+        decode rows (`split_prefill`): the rows of one forward are padded to its longest, so
+        a 256-token chunk next to seven 1-token decode rows would compute 8 x 256 positions
+        instead of 256 + 7. -> outputs in row order; `last_forwards` lists (rows, tokens)
+        per forward."""
+        groups = [list(range(len(rows)))]
+        if self.split_prefill:
+            prefill = [i for i, row in enumerate(rows) if row.logits != "all"]
+            decode = [i for i, row in enumerate(rows) if row.logits == "all"]
+            if prefill and decode and max(rows[i].num_tokens for i in prefill) > \
+                    max(rows[i].num_tokens for i in decode):
+                groups = [decode, prefill]  # decode rows first: their tokens are not held up by the chunk
+        outs: list = [None] * len(rows)
+        self.last_forwards = []
+        for group in groups:
+            part = [rows[i] for i in group]
+            for i, out in zip(group, self.target.forward_batch(self.cache, part)):
+                outs[i] = out
+            self.num_forwards += 1
+            self.last_forwards.append((len(part), sum(row.num_tokens for row in part)))
+            self.rows_per_step.append(len(part))
+            self.tokens_per_step.append(sum(row.num_tokens for row in part))
+        return outs
 
     def _max_drafts(self, s: BatchSequence) -> int:
         remaining = s.config.max_new_tokens - s._produced

@@ -56,6 +56,10 @@ class ServeSettings:
     # Characters of one prompt (chat: all message contents together); None: CHARS_PER_TOKEN
     # per token of the model's context, more than any prompt that fits in it.
     max_prompt_chars: int | None = None
+    # True: each request in its own target forward, round-robin (`serve --exact`: exactly
+    # the solo tokens); False: one batched forward per step for every running request.
+    exact: bool = False
+    prefill_chunk: int = 256  # batched: most prompt tokens a request prefills per step
 
 
 CHARS_PER_TOKEN = 16  # English averages about 4 characters per token, code about 3
@@ -110,7 +114,8 @@ def _sse(data: Any) -> str:
 def create_app(pipe: Pipeline, settings: ServeSettings, engine: Engine | None = None) -> FastAPI:
     """The FastAPI app; the engine's worker thread starts and stops with the app."""
     metrics = engine.metrics if engine is not None else ServerMetrics(pipe.block_size)
-    engine = engine or Engine(pipe, settings.max_concurrency, settings.max_queue, metrics, settings.torch_threads)
+    engine = engine or Engine(pipe, settings.max_concurrency, settings.max_queue, metrics, settings.torch_threads,
+                              batched=not settings.exact, prefill_chunk=settings.prefill_chunk)
     target = pipe.target
     created = P.now()
     names = {settings.model_name, *settings.aliases}

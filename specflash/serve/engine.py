@@ -1,19 +1,24 @@
 """The decoding side of the server: one thread owns the model and runs every request.
 
-Requests (`Job`s) wait in a FIFO queue for one of `max_concurrency` slots. The worker
-thread advances the jobs in the slots one decode step (one target forward) at a time,
-round-robin, so every client streams while others run. No two jobs ever share a
-forward pass, so each job's tokens are exactly what it would get alone (batching is
-left to the production engines; see `specflash export`). Each slot has its own
-`SpeculativeDecoder` and its own shallow copy of the proposer: the drafter's weights
-are shared, and the per-generation state (context cache, history) is rebuilt by the
-proposer's `reset` at the start of every generation.
+Requests (`Job`s) wait in a FIFO queue for one of `max_concurrency` slots; the worker
+thread advances every job in a slot by one step at a time, so every client streams
+while others run. Two ways to step them:
 
-With `batched=True` the jobs in the slots share one target forward per step instead
-(`runtime.batchdecode.BatchDecoder`: each job a slot of one slot KV cache, prompts
-prefilled in chunks of `prefill_chunk` tokens next to the others' decode rows); a job
-still gets its solo tokens up to float rounding of the batched forward (see that module).
-A draft-tree policy keeps one-at-a-time stepping.
+- batched (the default, `batched=True`): the jobs share one target forward per step
+  (`runtime.batchdecode.BatchDecoder`: each job a slot of one slot KV cache; requests join
+  and leave between steps; a prompt is prefilled in chunks of `prefill_chunk` tokens, one
+  chunk per step, next to the others' decode rows, so a long prompt never stalls the
+  other streams for longer than one chunk). A job gets its solo tokens up to the float
+  rounding of the batched forward's shapes (see that module and docs/serving.md);
+  `batch_policy` decides each step's drafts for all jobs at once (load-aware speculation).
+- one at a time (`batched=False`, `specflash serve --exact`): each job steps in its own
+  target forward, round-robin, with its own `SpeculativeDecoder` and its own shallow copy
+  of the proposer (the drafter's weights are shared, the per-generation state is rebuilt
+  by the proposer's `reset`). No two jobs share a forward, so each gets exactly its solo
+  tokens; a prompt is prefilled whole in one step.
+
+A draft-tree policy (`--tree`) always steps one at a time (the batched decoder verifies
+linear blocks).
 
 Text is assembled here (`TextAssembler`): deltas hold back an incomplete UTF-8
 character and any tail that could begin a stop string; the first stop string ends
@@ -38,6 +43,7 @@ from ..runtime.decode import SpeculativeDecoder
 from ..errors import SpecflashError
 from ..runtime.metrics import SpecStats
 from ..runtime.pipeline import Pipeline
+from ..runtime.treepolicy import is_tree_policy
 from .stats import ServerMetrics
 
 logger = logging.getLogger("specflash.serve")
@@ -184,7 +190,7 @@ class Engine:
 
     def __init__(self, pipe: Pipeline, max_concurrency: int = 8, max_queue: int = 256,
                  metrics: ServerMetrics | None = None, torch_threads: int | None = None,
-                 batched: bool = False, prefill_chunk: int = 256):
+                 batched: bool = True, prefill_chunk: int = 256, batch_policy=None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
         if max_queue < 0:
@@ -204,21 +210,33 @@ class Engine:
         self._active: list[Job] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
-        self._batch = self._batch_decoder(prefill_chunk) if batched else None
+        self.why_one_at_a_time = "" if batched else "--exact"  # why the engine does not batch
+        self._batch = self._batch_decoder(prefill_chunk, batch_policy) if batched else None
 
-    def _batch_decoder(self, prefill_chunk: int) -> BatchDecoder | None:
+    def _batch_decoder(self, prefill_chunk: int, batch_policy) -> BatchDecoder | None:
         """The batched decoder over `max_concurrency` slots (None: a policy it cannot run)."""
         base = self.pipe.decoder
+        if is_tree_policy(base.policy):
+            self.why_one_at_a_time = "draft trees step one request at a time"
+            return None
         try:
-            return BatchDecoder(base.target, base.proposer, base.block_size, base.policy,
+            return BatchDecoder(base.target, base.proposer, base.block_size, base.policy, batch_policy,
                                 max_slots=self.max_concurrency, prefill_chunk=prefill_chunk)
         except SpecflashError as exc:
             logger.warning("stepping requests one at a time: %s", exc)
+            self.why_one_at_a_time = str(exc)
             return None
 
     @property
     def batched(self) -> bool:
         return self._batch is not None
+
+    def describe(self) -> str:
+        """How requests are stepped, for the startup line."""
+        if self._batch is not None:
+            return (f"batched: up to {self.max_concurrency} requests per forward, prompts in chunks of "
+                    f"{self._batch.prefill_chunk}, drafts by {self._batch.batch_policy.name}")
+        return f"one request per forward ({self.why_one_at_a_time})"
 
     # --------------------------------------------------------------- control
     def start(self) -> None:
@@ -347,7 +365,8 @@ class Engine:
                 self._close(job)
                 self._retire(job, "error", Event("", error=error, status=status))
             return
-        self.metrics.record_forward(batch.rows_per_step[-1], batch.tokens_per_step[-1])
+        for rows, tokens in batch.last_forwards:
+            self.metrics.record_forward(rows, tokens)
         for event in events:
             job = stepping[id(event.sequence)]
             self._deliver(job, event.step, verify=job.first_token_at is not None)
