@@ -129,3 +129,15 @@ def test_a_long_prompt_prefills_in_chunks_while_another_job_streams(pipe):
     forwards = list(zip(batch.rows_per_step, batch.tokens_per_step))
     assert forwards.count((1, 8)) >= 7  # the chunks ran in forwards of their own (the streaming
     assert batch.num_forwards > batch.num_steps  # job's rows are shorter than a chunk)
+
+
+def test_with_block_size_auto_the_engine_speculates_load_aware(tmp_path_factory):
+    folder = tiny_model_folder(tmp_path_factory.mktemp("auto") / "tiny")
+    auto = Pipeline.load(str(folder), draft="random", block_size="auto")
+    engine = Engine(auto, max_concurrency=3)
+    assert engine._batch.batch_policy.name == "load-aware" and "load-aware" in engine.describe()
+    config = DecodeConfig(max_new_tokens=10, stop_token_ids=())
+    jobs = [Job(p, config) for p in PROMPTS]
+    run(engine, jobs)
+    for job, prompt in zip(jobs, PROMPTS):
+        assert job._assembler.tokens == solo_tokens(auto, prompt, config)

@@ -129,3 +129,45 @@ def engine_efficiency(costs: StepCosts, drafts_per_step: Sequence[int], decode_t
     if not drafts_per_step or decode_time_s <= 0:
         return None
     return modeled_time_s(costs, drafts_per_step) / decode_time_s
+
+
+# ------------------------------------------------------------------ batched steps
+@dataclass(frozen=True)
+class BatchCosts:
+    """Measured seconds of one batched target forward (`TargetModel.forward_batch`) of
+    `rows` sequences' rows, each padded to `width` tokens (the longest row: 1 + the most
+    drafts any row of the step verifies): `forward[(rows, width)]` -> median time.
+
+    A batched step that verifies k_i drafts for sequence i costs
+        t_forward(B, 1 + max_i k_i) + sum_{i: k_i > 0} t_draft(k_i)
+    (the drafter runs once per drafting sequence, the forward once for all of them)."""
+
+    forward: dict[tuple[int, int], float]
+    context: int = 0  # cached tokens per sequence in front of the measured forwards
+    noisy: bool = False
+
+    def __post_init__(self):
+        if (1, 1) not in self.forward:
+            raise ValueError("batched costs need at least the one-row, one-token forward")
+
+    def forward_s(self, rows: int, width: int) -> float:
+        """Cost of a forward of `rows` rows of `width` tokens: per measured row count, linear
+        in the width (`interpolate`), then linear between the measured row counts (beyond
+        the largest: extrapolated from the last two)."""
+        by_rows: dict[int, dict[int, float]] = {}
+        for (b, w), t in self.forward.items():
+            by_rows.setdefault(b, {})[w] = t
+        at = {b: interpolate(widths, width) for b, widths in by_rows.items()}
+        return max(interpolate(at, rows), 0.0)
+
+    def to_dict(self) -> dict:
+        return {"forward": {f"{b}x{w}": t for (b, w), t in sorted(self.forward.items())},
+                "context": self.context, "noisy": self.noisy}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> BatchCosts:
+        forward = {}
+        for key, t in data["forward"].items():
+            b, w = key.split("x")
+            forward[(int(b), int(w))] = float(t)
+        return cls(forward, int(data.get("context", 0)), bool(data.get("noisy", False)))

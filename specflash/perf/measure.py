@@ -5,7 +5,9 @@ proposer calls, round-robin, medians; `load_or_measure` caches the result as JSO
 `$SPECFLASH_COST_CACHE` (default `$SPECFLASH_HOME/costs/`) keyed by everything it depends
 on (model, proposer, device, dtype, threads, CPU, kernels, forward path, step mode).
 `cached_measurement` is the read / measure / retry-when-noisy / atomic-write logic shared
-with the kernel choice (kernelchoice.py).
+with the kernel choice (kernelchoice.py). `measure_batch_costs` / `load_or_measure_batch`
+do the same for batched forwards of 1..max_rows rows (`BatchCosts`, the server's
+load-aware speculation).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..paths import specflash_home
-from .costmodel import StepCosts
+from .costmodel import BatchCosts, StepCosts
 
 
 def _sync(device: torch.device) -> None:
@@ -184,3 +186,74 @@ def load_or_measure(target, proposer=None, max_tokens: int = 16, refresh: bool =
         f"measuring step costs for {getattr(target, 'name', 'target')} (once per model and machine) ...",
         "warning: the machine was busy while step costs were measured (timings spread widely); using them for "
         "this run only, not caching them")
+
+
+# ------------------------------------------------------------- batched forwards
+def batch_sizes(max_rows: int, max_tokens: int) -> dict[int, list[int]]:
+    """Row counts to time (1, 2, 4, ... and max_rows) -> the row widths timed at each: every
+    few-token size where one or two rows run, 1, 2, 4, 8, ... and max_tokens beyond."""
+    rows = sorted({r for r in (1, 2, 4, 8, 16, 32, 64) if r <= max_rows} | {max_rows})
+    fine = [w for w in default_sizes(max_tokens) if w <= 16] + ([max_tokens] if max_tokens > 16 else [])
+    coarse = sorted({w for w in (1, 2, 4, 8, 16, 32) if w <= max_tokens} | {max_tokens})
+    return {r: sorted(set(fine if r <= 2 else coarse)) for r in rows}
+
+
+@torch.inference_mode()
+def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: int = 16, context: int = 256,
+                        repeats: int = 5, warmup: int = 1, seed: int = 0, noise_limit: float = 0.5) -> BatchCosts:
+    """Time `forward_batch` over B rows of w tokens each, every sequence `context` tokens
+    into its slot (sizes from `batch_sizes`), round-robin, medians, non-decreasing in w."""
+    from ..hf.batchstep import BatchRow
+
+    device = target.device
+    context = max(1, min(context, target.max_context - 2 * max_tokens - 2))
+    generator = torch.Generator().manual_seed(seed)
+    high = min(target.vocab_rows, len(target.tokenizer) if target.tokenizer is not None else target.vocab_rows)
+    target.set_taps(proposer.layer_ids if proposer is not None else ())
+    sizes = batch_sizes(max_rows, max_tokens)
+    cache = target.new_slot_cache(max_slots=max(sizes), capacity=context + max_tokens)
+    slots = [cache.acquire() for _ in range(max(sizes))]
+    prompt = torch.randint(0, high, (context,), generator=generator).to(device)
+    target.forward_batch(cache, [BatchRow(slots[0], prompt, "none")])
+    for slot in slots[1:]:  # every sequence holds the same context: the cost does not depend on the tokens
+        for kv in cache.keys + cache.values:
+            kv[slot, :, :context] = kv[slots[0], :, :context]
+        cache.advance(slot, context)
+    jobs = {}
+    for b, widths in sizes.items():
+        for w in widths:
+            blocks = [torch.randint(0, high, (w,), generator=generator).to(device) for _ in range(b)]
+
+            def run(b=b, blocks=blocks):
+                target.forward_batch(cache, [BatchRow(slots[i], blocks[i]) for i in range(b)])
+                for i in range(b):
+                    cache.crop(slots[i], context)
+
+            jobs[(b, w)] = run
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
+    times: dict = {key: [] for key in jobs}
+    for _ in range(repeats):
+        for key, fn in jobs.items():
+            times[key].append(timed(fn, device))
+    noisy = any(relative_spread(t) > noise_limit for t in times.values())
+    forward = {}
+    for b in sizes:
+        fitted = non_decreasing({w: statistics.median(t) for (rows, w), t in times.items() if rows == b})
+        forward.update({(b, w): t for w, t in fitted.items()})
+    return BatchCosts(forward, context, noisy)
+
+
+def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: int = 16, refresh: bool = False,
+                          log=None) -> BatchCosts:
+    """The cached batched-forward costs for this target / proposer / machine (as
+    `load_or_measure`), measured on first use."""
+    path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}.json"
+    return cached_measurement(
+        path, lambda: measure_batch_costs(target, proposer, max_rows=max_rows, max_tokens=max_tokens),
+        BatchCosts.from_dict, refresh, log,
+        f"measuring batched forward costs for {getattr(target, 'name', 'target')}, 1..{max_rows} rows "
+        "(once per model and machine) ...",
+        "warning: the machine was busy while batched forward costs were measured; using them for this run only, "
+        "not caching them")

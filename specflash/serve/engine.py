@@ -38,6 +38,8 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 from ..runtime.batchdecode import BatchDecoder
+from ..runtime.batchpolicy import LoadAwarePolicy
+from ..runtime.blockpolicy import AutoBlock
 from ..runtime.config import DecodeConfig
 from ..runtime.decode import SpeculativeDecoder
 from ..errors import SpecflashError
@@ -220,12 +222,27 @@ class Engine:
             self.why_one_at_a_time = "draft trees step one request at a time"
             return None
         try:
+            if batch_policy is None:
+                batch_policy = self._load_aware_policy()
             return BatchDecoder(base.target, base.proposer, base.block_size, base.policy, batch_policy,
                                 max_slots=self.max_concurrency, prefill_chunk=prefill_chunk)
         except SpecflashError as exc:
             logger.warning("stepping requests one at a time: %s", exc)
             self.why_one_at_a_time = str(exc)
             return None
+
+    def _load_aware_policy(self) -> LoadAwarePolicy | None:
+        """With `--block-size auto` and a proposer: load-aware speculation over the batched
+        forward costs of this machine (measured once, cached); else None (each sequence's
+        own block policy)."""
+        base = self.pipe.decoder
+        if base.proposer is None or not isinstance(base.policy, AutoBlock):
+            return None
+        from ..perf.measure import load_or_measure_batch
+
+        costs = load_or_measure_batch(base.target, base.proposer, max_rows=self.max_concurrency,
+                                      max_tokens=base.block_size, log=logger.warning)
+        return LoadAwarePolicy(costs, base.policy.costs, base.policy.max_drafts)
 
     @property
     def batched(self) -> bool:
