@@ -166,3 +166,29 @@ def test_parse_tree_reads_every_setting(value, expected):
 def test_parse_tree_rejects_bad_settings_with_a_message(value):
     with pytest.raises(InputError, match="tree"):
         parse_tree(value)
+
+
+def test_tree_auto_leaves_plain_decoding_plain(targets):
+    from specflash.runtime.treepolicy import make_tree_policy
+
+    assert make_tree_policy("auto", targets("llama"), None) is None
+
+
+def test_a_fixed_block_size_means_linear_blocks_unless_a_budget_is_given(targets):
+    from specflash.runtime.treepolicy import make_tree_policy
+
+    target = targets("llama")
+    proposer = DFlashProposer(tiny_drafter(target, block_size=8), target)
+    assert make_tree_policy("auto", target, proposer, block_size=4) is None
+    assert make_tree_policy(None, target, proposer) is None
+    fixed = make_tree_policy(6, target, proposer, block_size=4)
+    assert isinstance(fixed, FixedTree) and fixed.budget == 6
+
+
+@pytest.mark.parametrize("command, expected", [("generate", "auto"), ("demo", "auto"), ("serve", None)])
+def test_tree_defaults_per_command(command, expected):
+    from specflash.cli import build_parser
+
+    extra = ["--prompt", "x"] if command == "generate" else []
+    args = build_parser().parse_args([command, *extra])
+    assert args.tree == expected

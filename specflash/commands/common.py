@@ -43,7 +43,7 @@ def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed of every random choice (default 0)")
 
 
-def add_model_flags(p: argparse.ArgumentParser) -> None:
+def add_model_flags(p: argparse.ArgumentParser, tree_default: str = "auto") -> None:
     g = p.add_argument_group("models")
     g.add_argument("--target", default=DEFAULT_TARGET,
                    help=f"registered name (see `specflash models`), local folder or hub id (default {DEFAULT_TARGET})")
@@ -55,23 +55,20 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="tokens verified per step (anchor + drafts): auto (default: the cost model and the running "
                         "acceptance pick 0..B-1 drafts each step, B = the drafter's block_size; costs are measured "
                         "once per model and machine and cached) or a fixed integer from 1 (plain decoding) to B")
-    add_tree_flag(g)
+    add_tree_flag(g, tree_default)
     g.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
     g.add_argument("--dtype", default="auto",
                    help="auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16")
     add_static_steps_flag(g)
 
 
-TREE_DEFAULT = "off"
-
-
-def add_tree_flag(group) -> None:
-    group.add_argument("--tree", type=tree_arg, default=TREE_DEFAULT,
+def add_tree_flag(group, default: str = "auto") -> None:
+    group.add_argument("--tree", type=tree_arg, default=parse_tree(default),
                        help="verify a draft tree each step instead of one block: the drafter's top candidates at "
                             "every depth plus the prompt-lookup continuation, best-first, in one target forward. "
                             "auto (the cost model and calibrated acceptance pick the drafter call and 0..32 drafts "
-                            f"each step), a fixed node budget N, or off (default {TREE_DEFAULT}: linear blocks, "
-                            "--block-size)")
+                            "each step; linear blocks when --block-size is a fixed number), a fixed node budget N, "
+                            f"or off (linear blocks, --block-size). Default: {default}")
 
 
 def tree_arg(value: str) -> int | str | None:

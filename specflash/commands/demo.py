@@ -54,11 +54,11 @@ def run(args: argparse.Namespace) -> int:
     say = lambda m: print(m, file=sys.stderr)  # noqa: E731
     choose_verify_kernels(target, proposer, log=say)  # this machine's verify kernels, before any cost
     size, policy = make_policy(args.block_size, target, proposer, log=say)
-    policy = make_tree_policy(args.tree, target, proposer, log=say) or policy  # a draft tree per step
+    policy = make_tree_policy(args.tree, target, proposer, log=say, block_size=args.block_size) or policy
     decoder = SpeculativeDecoder(target, proposer, size, policy)
     rows = run_demo(target, decoder, prompts, args.max_new_tokens)
     color = args.color == "always" or (args.color == "auto" and sys.stdout.isatty())
-    how = (f"draft tree {decoder.policy.name}" if args.tree is not None
+    how = (f"draft tree {decoder.policy.name}" if decoder.policy.name.startswith("tree")
            else f"block {decoder.block_size} {decoder.policy.name}")
     print(f"\ntarget {args.target}, draft {args.draft}, {how}, "
           f"{args.max_new_tokens} new tokens, greedy\n")

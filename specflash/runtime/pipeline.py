@@ -56,13 +56,14 @@ class Pipeline:
     @classmethod
     def load(cls, target: str, draft: str | None = None, device: str = "cpu", dtype: str | None = "auto",
              block_size: int | str | None = "auto", seed: int = 0, log=None,
-             static_steps: str = "auto", tree: int | str | None = None) -> "Pipeline":
+             static_steps: str = "auto", tree: int | str | None = "auto") -> "Pipeline":
         """draft None: the drafter shipped for `target` if there is one, else plain decoding.
         block_size: 'auto' (default: cost-aware drafts per step, see `blockpolicy`), an int
         (fixed), or None (the drafter's own block, fixed). static_steps: see
-        `loading.setup_static_steps` (auto: CUDA graphs on CUDA). tree: None / 'off' (linear
-        blocks), 'auto' or a node budget: verify draft trees (treepolicy.py; the drafter's
-        candidates plus prompt-lookup branches), which replaces the block policy."""
+        `loading.setup_static_steps` (auto: CUDA graphs on CUDA). tree: 'auto' (default:
+        a cost-aware draft tree each step, treepolicy.py: the drafter's candidates plus the
+        prompt-lookup branch; linear blocks when block_size is a fixed integer), a node
+        budget, or None / 'off' (linear blocks, block_size)."""
         from .blockpolicy import make_policy
         from .treepolicy import make_tree_policy
 
@@ -80,7 +81,7 @@ class Pipeline:
         proposer = build_proposer(draft, target_model, seed=seed, block_size=numeric)  # + the drafter's steps
         choose_verify_kernels(target_model, proposer, log=log)  # this machine's kernels, before any cost
         size, policy = make_policy(block_size, target_model, proposer, log=log)  # drafts per step
-        tree_policy = make_tree_policy(tree, target_model, proposer, log=log)  # or a draft tree per step
+        tree_policy = make_tree_policy(tree, target_model, proposer, log=log, block_size=block_size)  # or trees
         if tree_policy is not None:
             policy = tree_policy
         return cls(target_model, proposer, size, policy)

@@ -232,15 +232,18 @@ def is_tree_policy(policy) -> bool:
     return isinstance(policy, FixedTree)
 
 
-def make_tree_policy(tree: int | str | None, target, proposer, log=None) -> FixedTree | None:
+def make_tree_policy(tree: int | str | None, target, proposer, log=None,
+                     block_size: int | str | None = None) -> FixedTree | None:
     """Resolve a `--tree` setting (see `config.parse_tree`) for this target and proposer:
-    None for linear blocks; an int: `FixedTree`; 'auto': `AutoTree` over the cached (or
-    freshly measured) cost model, verify sizes up to its largest budget (choose the verify
-    kernels first: they change the costs)."""
+    None for linear blocks (also without a proposer: plain decoding stays plain, and for
+    'auto' beside a fixed integer `block_size`: a fixed block asks for linear blocks); an
+    int: `FixedTree`; 'auto': `AutoTree` over the cached (or freshly measured) cost model,
+    verify sizes up to its largest budget (choose the verify kernels first: they change
+    the costs)."""
     from .config import parse_tree
 
     tree = parse_tree(tree)
-    if tree is None:
+    if tree is None or proposer is None or (tree == "auto" and isinstance(block_size, int)):
         return None
     branch_depth = max(2, int(getattr(proposer, "block_size", 16))) if proposer is not None else 16
     if tree != "auto":
