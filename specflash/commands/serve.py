@@ -20,7 +20,7 @@ def register(sub) -> None:
                     "step (continuous batching; long prompts are prefilled in chunks between the others' steps); "
                     "--exact steps them one at a time instead, so each gets exactly the tokens it would get alone. "
                     "Draft trees (--tree) always step one at a time.")
-    add_model_flags(p)
+    add_model_flags(p, tree_default="off")  # trees step one request at a time; batching pays more under load
     g = p.add_argument_group("server")
     g.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes it, use --api-key)")
