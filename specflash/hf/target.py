@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError
 from ..perf.kernelchoice import STOCK, KernelChoice
-from ..perf.kernels import small_batch_linear, stock_kernels, use_small_batch_kernel
+from ..perf.kernels import (invariant_chunk, row_invariant_kernels, small_batch_linear, stock_kernels,
+                             use_small_batch_kernel)
 from .batchstep import BatchRow, PackedBatch
 from .leanforward import LeanForward, attention_mask_form, decoder_of, lean_forward_allowed
 from .slotcache import SlotKVCache
@@ -75,6 +76,7 @@ class TargetModel:
         self._captured: dict[int, torch.Tensor] = {}
         self._lean: LeanForward | bool | None = None  # None: not checked yet; False: not used
         self._static: StaticTargetSteps | None = None  # fixed-shape steps (enable_static_steps)
+        self._row_invariant: int | None = None  # batched steps: piece size of row-invariant linears
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -395,6 +397,25 @@ class TargetModel:
         return SlotKVCache(self.num_layers, max_slots, self.num_key_value_heads, self.head_dim, self.dtype,
                            self.device, capacity=min(capacity, self.max_context), maximum=self.max_context)
 
+    def enable_row_invariance(self) -> bool:
+        """Make `forward_batch` give every row the same bits whatever else is in the batch:
+        its linears take (W @ X^T)^T over row pieces (perf/kernels.py, after checking on this
+        machine, with this model's weights, that a row's result does not depend on the piece
+        size) and attention runs row by row over exactly the row's own queries and keys, as
+        the row alone would. Lean forward only (Llama / Qwen2 / Qwen3). -> whether it is on."""
+        if self._lean_forward() is None:
+            return False
+        if self._row_invariant is None:
+            head = self._head.weight.detach()
+            weights = [m.weight.detach() for m in self._decoder_linears] + [head[: min(8192, head.shape[0])]]
+            self._row_invariant = invariant_chunk(weights) or 0
+        return bool(self._row_invariant)
+
+    @property
+    def row_invariant(self) -> bool:
+        """Whether `forward_batch` gives each row the bits it gets alone (enable_row_invariance)."""
+        return bool(self._row_invariant)
+
     @torch.inference_mode()
     def forward_batch(self, cache: SlotKVCache, rows: Sequence[BatchRow]) -> list[TargetOutput]:
         """Several sequences' rows in one forward (batchstep.py): row r's ids [n_r] sit after
@@ -414,7 +435,12 @@ class TargetModel:
                 if lean is not None else self._batch_masks(batch)
         except ValueError as exc:  # an attention implementation that takes no dense mask
             raise InputError(f"batched step: {exc}; or step the sequences one at a time") from None
-        if lean is not None:
+        invariant = lean is not None and bool(self._row_invariant)
+        if invariant:
+            with row_invariant_kernels(self._decoder_linears, self._row_invariant):
+                hidden, captured = lean.masked_hidden(batch.ids, batch.positions, batch.cache_position, masks,
+                                                      batch.writer, self._taps, self._row_attention(lean, batch))
+        elif lean is not None:
             hidden, captured = lean.masked_hidden(batch.ids, batch.positions, batch.cache_position, masks,
                                                   batch.writer, self._taps)
         else:
@@ -422,7 +448,11 @@ class TargetModel:
         batch.commit()
         features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None  # [B, L, K*H]
         row_index, column, sizes = batch.logit_rows()
-        logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
+        if invariant:
+            with row_invariant_kernels([self._head], self._row_invariant):
+                logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
+        else:
+            logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
         outputs, offset = [], 0
         for r, (n, size) in enumerate(zip(batch.counts, sizes)):
             row_features = features[r: r + 1, :n] if features is not None else None
@@ -430,30 +460,32 @@ class TargetModel:
             offset += size
         return outputs
 
+    @staticmethod
+    def _row_attention(lean: LeanForward, batch: PackedBatch):
+        """The attention function of a row-invariant batched forward: row r attends with its
+        own n_r queries over its own start_r + n_r keys (the shapes it has alone); padding
+        queries get zeros (nothing reads them)."""
+        spans = [(r, n, start + n) for r, (start, n) in enumerate(zip(batch.starts, batch.counts))]
+
+        def attention(module, query, key, value, mask, **kwargs):
+            if len(spans) == 1 and spans[0][1] == query.shape[2] and spans[0][2] == key.shape[2]:
+                return lean._attention(module, query, key, value, mask, **kwargs)
+            b, heads, width, d = query.shape
+            out = query.new_zeros(b, width, heads, d)
+            for r, n, t in spans:
+                row_mask = mask[r: r + 1, :, :n, :t] if mask is not None else None
+                part, _ = lean._attention(module, query[r: r + 1, :, :n], key[r: r + 1, :, :t],
+                                          value[r: r + 1, :, :t], row_mask, **kwargs)
+                out[r, :n] = part[0]
+            return out, None
+
+        return attention
+
     def _batch_masks(self, batch: PackedBatch):
-        """A batched step's 4-D mask as the model's own forward takes a prepared one: one
-        tensor where every layer attends alike, else {layer type: mask}."""
-        config = self.config
-        implementation = getattr(config, "_attn_implementation", None)
-        if getattr(config, "use_bidirectional_attention", False):
-            raise InputError("forward_batch needs a causal target; this one attends bidirectionally")
-        window = getattr(config, "sliding_window", None)
-
-        def form(sliding: int | None) -> torch.Tensor:
-            return attention_mask_form(batch.visible(sliding), implementation, self.dtype)
-
-        types = set(getattr(config, "layer_types", None) or ())
-        if not types:
-            return form(window)
-        unknown = types - {"full_attention", "sliding_attention"}
-        if unknown:
-            raise InputError(f"forward_batch does not know the attention of layer types {sorted(unknown)}; "
-                             "step these sequences one at a time")
-        if types == {"full_attention"}:
-            return form(None)
-        if window is None:
-            raise InputError("the target has sliding-window layers but no sliding_window in its config")
-        return {"full_attention": form(None), "sliding_attention": form(int(window))}
+        """A batched step's 4-D mask as the model's own forward takes a prepared one."""
+        implementation = getattr(self.config, "_attn_implementation", None)
+        return self._masks_by_layer_type(
+            "forward_batch", lambda sliding: attention_mask_form(batch.visible(sliding), implementation, self.dtype))
 
     def _transformers_hidden(self, batch: PackedBatch, masks) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """The decoder stack's own forward over a packed batch (no LM head): -> final-norm
@@ -509,24 +541,28 @@ class TargetModel:
         return self._transformers_forward(ids, cache, attention_mask=masks, position_ids=position_ids)
 
     def _tree_masks(self, past: int, depths: torch.Tensor, ancestor_mask: torch.Tensor):
-        """The tree's 4-D mask as the model's own forward takes a prepared one: a tensor where
-        every layer attends alike, else {layer type: mask} (Gemma3 / Qwen2 / Qwen3 with
-        sliding-window layers), the sliding window applied by position as transformers does."""
+        """The tree's 4-D mask as the model's own forward takes a prepared one."""
+        implementation = getattr(self.config, "_attn_implementation", None)
+        return self._masks_by_layer_type(
+            "forward_tree",
+            lambda sliding: self._mask_form(_tree_visible(past, depths, ancestor_mask, sliding), implementation))
+
+    def _masks_by_layer_type(self, caller: str, form):
+        """`form(sliding_window or None)` -> a mask, as the model's own forward takes prepared
+        ones: one tensor where every layer attends alike (Mistral-style configs slide in
+        every layer), else {layer type: mask} (Gemma3 / Qwen2 / Qwen3 with sliding-window
+        layers; the window applied by position as transformers does)."""
         config = self.config
-        implementation = getattr(config, "_attn_implementation", None)
         window = getattr(config, "sliding_window", None)
         if getattr(config, "use_bidirectional_attention", False):
-            raise InputError("forward_tree needs a causal target; this one attends bidirectionally")
-
-        def form(sliding: int | None) -> torch.Tensor:
-            return self._mask_form(_tree_visible(past, depths, ancestor_mask, sliding), implementation)
-
+            raise InputError(f"{caller} needs a causal target; this one attends bidirectionally")
         types = set(getattr(config, "layer_types", None) or ())
-        if not types:  # every layer alike: Mistral-style configs slide in every layer
+        if not types:
             return form(window)
         unknown = types - {"full_attention", "sliding_attention"}
         if unknown:
-            raise InputError(f"forward_tree does not know the attention of layer types {sorted(unknown)}")
+            raise InputError(f"{caller} does not know the attention of layer types {sorted(unknown)}; "
+                             "step these sequences one at a time")
         if types == {"full_attention"}:
             return form(None)
         if window is None:
