@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The prepared device check of the GPU path (issue 5), for a session that is lent a GPU:
 #   device run: bash benchmarks/gpu_check.sh            (about 5-8 minutes on one H200)
-# 1. the static-step tests, including the CUDA-graph test that is skipped on CPUs;
+# 1. the static-step and draft-tree tests, including the CUDA-graph tests (block and tree steps)
+#    that are skipped on CPUs;
 # 2. the synthetic bench on a random Qwen3-8B-shaped target in bf16, CUDA graphs on and off
 #    (A/B in one session: tau, tokens/s, speedup over plain decoding, efficiency, verify cost).
 # Everything lands under $OUT (the device tool's folder) or results/gpu-check.
@@ -16,7 +17,8 @@ import torch, transformers
 print("torch", torch.__version__, "transformers", transformers.__version__,
       "cuda", torch.cuda.is_available() and torch.cuda.get_device_name())
 PY
-timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_static_steps.py tests/test_lean_forward.py 2>&1 \
+timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_static_steps.py tests/test_lean_forward.py \
+    tests/test_tree_verify.py tests/test_tree_decode.py 2>&1 \
     | tail -n 40 | tee "$OUT/tests.log"
 for mode in on off; do
     timeout 300 python3 -m specflash.cli bench --synthetic qwen3-8b --device cuda --static-steps "$mode" \

@@ -338,3 +338,23 @@ def test_cuda_graph_replays_decode_like_the_eager_steps():
         assert static.graph_error is None
         captured = [s for slot in static.pool._slots.values() for sl in slot for s in sl.steps.values()]
         assert captured and all(s.graph is not None for s in captured)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_tree_steps_decode_like_the_eager_steps():
+    """On a GPU: draft-tree verify steps captured per node count and replayed give plain
+    decoding's tokens (float32), and no capture failed."""
+    from specflash.runtime.treepolicy import FixedTree
+
+    target = tiny_target("llama", dtype=torch.float32)
+    target.model.to("cuda")
+    prompt = _prompt(12, seed=5)
+    config = DecodeConfig(max_new_tokens=40, stop_token_ids=())
+    reference = SpeculativeDecoder(target).generate(prompt, config).token_ids
+    oracle = OracleProposer(prompt + reference, target.vocab_rows, truth_rank=2, block_size=8)
+    with static_steps(target, True) as static:
+        assert static.mode == "cuda-graphs"
+        for _ in range(2):  # the second run replays graphs captured by the first
+            result = SpeculativeDecoder(target, oracle, None, FixedTree(6, top_k=3)).generate(prompt, config)
+            assert result.token_ids == reference
+        assert static.graph_error is None and static.tree_graph_error is None

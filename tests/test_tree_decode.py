@@ -192,3 +192,19 @@ def test_tree_defaults_per_command(command, expected):
     extra = ["--prompt", "x"] if command == "generate" else []
     args = build_parser().parse_args([command, *extra])
     assert args.tree == expected
+
+
+@pytest.mark.parametrize("graphs", (False, True), ids=("static-eager", "static-replay"))
+def test_tree_decode_on_static_steps_equals_plain_decoding(targets, graphs):
+    target = targets("qwen3")
+    prompt = list(range(3, 15))
+    reference = hf_greedy(target, prompt, 30)
+    oracle = OracleProposer(prompt + reference, target.vocab_rows, truth_rank=2, block_size=8)
+    target.enable_static_steps(graphs=graphs)
+    try:
+        result = SpeculativeDecoder(target, oracle, None, FixedTree(8, top_k=3)).generate(
+            prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=()))
+    finally:
+        target.disable_static_steps()
+    assert result.token_ids == reference
+    assert result.stats.tau > 2.0
