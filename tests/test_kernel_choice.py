@@ -85,7 +85,7 @@ def test_pipeline_load_chooses_the_kernels_before_measuring_costs(monkeypatch, t
     monkeypatch.setattr(measure, "measure_costs", spy)
     folder = tiny_model_folder(tmp_path / "tiny")
     pipe = Pipeline.load(str(folder), draft="random", block_size="auto", static_steps="off")
-    assert pipe.block_policy == "auto"
+    assert pipe.block_policy == "tree-auto"  # the default: a cost-aware draft tree, costs measured too
     assert seen and seen[0] is pipe.target.kernel_choice and seen[0].measured  # measured, then costs under it
 
 

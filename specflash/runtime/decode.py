@@ -27,7 +27,7 @@ from .config import DecodeConfig
 from .metrics import SpecStats
 from .proposers.base import Proposer
 from .sampling import Sampler
-from .treedecode import TreeStepper
+from .treedecode import TreeStepper, VerifyResult
 from .treepolicy import is_tree_policy
 
 
@@ -137,9 +137,6 @@ class SpeculativeDecoder:
             block_size = max(block_size, 2)  # a prompt-lookup branch needs no drafter
         target.set_taps(proposer.layer_ids if proposer is not None else ())
         max_context = target.max_context
-        # Forward timing for the engine-efficiency figure: on CUDA the forwards run async,
-        # so wait for them (the accept step right after waits for them anyway).
-        sync = torch.cuda.synchronize if target.device.type == "cuda" else None
 
         t_start = time.perf_counter()
         room = max(block_size, policy.max_nodes + 1) if tree is not None else block_size
@@ -161,9 +158,13 @@ class SpeculativeDecoder:
             reason = "length"
         try:
             yield Step(first, 0, 0, reason)
-            while reason is None and tree is not None:  # draft trees (treedecode.py)
+            while reason is None:
                 remaining = config.max_new_tokens - produced
-                result = tree.step(anchor, start, cache, min(remaining - 1, max_context - 2 - start), sampler)
+                max_depth = min(remaining - 1, max_context - 2 - start)  # drafts past it could not be kept
+                if tree is not None:  # a draft tree (treedecode.py)
+                    result = tree.step(anchor, start, cache, max_depth, sampler)
+                else:
+                    result = self._block_step(anchor, start, cache, min(block_size - 1, max_depth), sampler)
                 stats.forward_time_s += result.forward_s
                 a = len(result.accepted)
                 stats.record_step(result.num_drafts, a, depth=result.depth)
@@ -176,50 +177,42 @@ class SpeculativeDecoder:
                     reason = "length"
                 stats.decode_time_s = time.perf_counter() - t_decode
                 yield Step(new_tokens, result.num_drafts, a, reason)
-            while reason is None:
-                remaining = config.max_new_tokens - produced
-                num_drafts = min(block_size - 1, remaining - 1, max_context - 2 - start)
-                if proposer is not None and num_drafts > 0:
-                    num_drafts = policy.choose(num_drafts)
-                t_forwards = time.perf_counter()
-                if proposer is not None and num_drafts > 0:
-                    proposal = proposer.propose(anchor, start, num_drafts, sampler)
-                    drafts = proposal.tokens[:num_drafts].to(target.device)
-                    draft_probs = proposal.probs[: drafts.shape[0]] if proposal.probs is not None else None
-                else:
-                    drafts, draft_probs = torch.empty(0, dtype=torch.long, device=target.device), None
-                k = int(drafts.shape[0])
-                block = torch.cat([torch.tensor([anchor], device=target.device), drafts])  # [k + 1]
-                out = target.forward(block[None], cache)
-                if sync is not None:
-                    sync()
-                stats.forward_time_s += time.perf_counter() - t_forwards
-                logits = out.logits[0]  # [k + 1, V]
-                if sampler.greedy:
-                    verdict = greedy_accept(drafts, logits.argmax(dim=-1))
-                else:
-                    uniforms = sampler.uniform((k,), device=logits.device)
-                    verdict = rejection_accept(drafts, draft_probs, sampler.probs(logits), uniforms,
-                                               sampler.generator)
-                a = verdict.num_accepted
-                target.crop_cache(cache, start + a + 1)
-                if proposer is not None:
-                    feats = out.features[:, : a + 1] if out.features is not None else None
-                    proposer.commit(block[: a + 1], feats)
-                    policy.observe(k, a)
-                stats.record_step(k, a)
-                new_tokens = drafts[:a].tolist() + [verdict.next_token]
-                new_tokens, reason = _truncate(new_tokens, stop_ids, remaining)
-                produced += len(new_tokens)
-                stats.num_new_tokens = produced
-                start += a + 1
-                anchor = verdict.next_token
-                if reason is None and start + 1 >= max_context:
-                    reason = "length"
-                stats.decode_time_s = time.perf_counter() - t_decode
-                yield Step(new_tokens, k, a, reason)
         finally:
             stats.decode_time_s = time.perf_counter() - t_decode
+
+    def _block_step(self, anchor: int, start: int, cache, max_drafts: int, sampler: Sampler) -> VerifyResult:
+        """One linear verify step: the policy's number of drafts (at most max_drafts), one
+        target forward over [anchor, drafts], acceptance, rollback of the cache, and the
+        accepted tokens' features handed to the proposer."""
+        target, proposer, policy = self.target, self.proposer, self.policy
+        device = target.device
+        num_drafts = policy.choose(max_drafts) if proposer is not None and max_drafts > 0 else 0
+        t_forwards = time.perf_counter()
+        if num_drafts > 0:
+            proposal = proposer.propose(anchor, start, num_drafts, sampler)
+            drafts = proposal.tokens[:num_drafts].to(device)
+            draft_probs = proposal.probs[: drafts.shape[0]] if proposal.probs is not None else None
+        else:
+            drafts, draft_probs = torch.empty(0, dtype=torch.long, device=device), None
+        k = int(drafts.shape[0])
+        block = torch.cat([torch.tensor([anchor], device=device), drafts])  # [k + 1]
+        out = target.forward(block[None], cache)
+        if device.type == "cuda":  # timing the forwards (engine efficiency): wait for their async kernels
+            torch.cuda.synchronize(device)
+        forward_s = time.perf_counter() - t_forwards
+        logits = out.logits[0]  # [k + 1, V]
+        if sampler.greedy:
+            verdict = greedy_accept(drafts, logits.argmax(dim=-1))
+        else:
+            uniforms = sampler.uniform((k,), device=logits.device)
+            verdict = rejection_accept(drafts, draft_probs, sampler.probs(logits), uniforms, sampler.generator)
+        a = verdict.num_accepted
+        target.crop_cache(cache, start + a + 1)
+        if proposer is not None:
+            feats = out.features[:, : a + 1] if out.features is not None else None
+            proposer.commit(block[: a + 1], feats)
+            policy.observe(k, a)
+        return VerifyResult(drafts[:a].tolist(), verdict.next_token, k, k, num_drafts > 0, forward_s)
 
     def generate(self, prompt_ids: Sequence[int] | torch.Tensor, config: DecodeConfig | None = None,
                  keep_steps: bool = False) -> GenerationResult:

@@ -32,12 +32,14 @@ from .tree import DraftTree, accept_greedy_tree, accept_sampled_tree, build_tree
 
 
 @dataclass
-class TreeStepResult:
+class VerifyResult:
+    """What one verify step decided (a draft tree's here, a linear block's in decode.py)."""
+
     accepted: list[int]  # accepted draft tokens, in order
     next_token: int  # the recovered or bonus token
-    num_drafts: int  # drafts (tree nodes after the root) verified
+    num_drafts: int  # drafts verified (a tree's nodes after the root)
     depth: int  # the deepest draft position verified
-    drafted: bool  # the drafter was called
+    drafted: bool  # the proposer was called
     forward_s: float = 0.0  # time inside the drafter's and the target's forwards
 
 
@@ -75,7 +77,7 @@ class TreeStepper:
         return self.ngram.lookup(self.ngram.history + [int(anchor)], depth)
 
     @torch.inference_mode()
-    def step(self, anchor: int, start: int, cache, max_depth: int, sampler: Sampler) -> TreeStepResult:
+    def step(self, anchor: int, start: int, cache, max_depth: int, sampler: Sampler) -> VerifyResult:
         """The anchor sits at absolute position `start` (the cache holds 0..start-1); no
         draft goes deeper than `max_depth` (the length and context limits)."""
         policy, target = self.policy, self.target
@@ -112,7 +114,7 @@ class TreeStepper:
         self.commit(tree.tokens[path].to(target.device), features)
         self._learn(tree, path, candidates, q, branch)
         accepted = tree.tokens[path[1:]].tolist()
-        return TreeStepResult(accepted, next_token, tree.num_drafts, tree.max_depth, drafted, forward_s + verify_s)
+        return VerifyResult(accepted, next_token, tree.num_drafts, tree.max_depth, drafted, forward_s + verify_s)
 
     def _verify(self, tree: DraftTree, start: int, cache, sampler: Sampler):
         """One target forward over the tree -> (accepted path, next token, the path's tapped
