@@ -31,6 +31,8 @@ def main() -> None:
     parser.add_argument("--batches", default="1,2,4,8,16")
     parser.add_argument("--tokens", default="1,8", help="tokens per row")
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--row-invariant", action="store_true",
+                        help="time the batched forward with row invariance on (TargetModel.enable_row_invariance)")
     args = parser.parse_args()
 
     from specflash.hf.batchstep import BatchRow
@@ -39,6 +41,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     target = TargetModel.from_pretrained(args.target, dtype=torch.float32)
     target.set_taps((1, target.num_layers // 2, target.num_layers - 2))  # a drafter's taps: features cost too
+    if args.row_invariant and not target.enable_row_invariance():
+        raise SystemExit("row invariance is not available for this target on this machine")
     batches = [int(b) for b in args.batches.split(",")]
     widths = [int(n) for n in args.tokens.split(",")]
     generator = torch.Generator().manual_seed(0)
@@ -49,7 +53,7 @@ def main() -> None:
         target.forward(context[None], prefilled)
     rows_out = []
     print(f"{target.name}, fp32, {args.threads} threads, {args.context} cached tokens per sequence, "
-          f"forward path {target.forward_path}, median of {args.repeats}")
+          f"forward path {target.forward_path}, row-invariant {target.row_invariant}, median of {args.repeats}")
     print(f"{'B':>3} {'n':>3} {'batched ms':>11} {'B solo ms':>10} {'solo/batched':>13} {'batched ms/row':>15}")
     for b in batches:
         # Every sequence holds the same context (the cost does not depend on which tokens).
@@ -66,7 +70,7 @@ def main() -> None:
             batched_times, solo_times = [], []
             for repeat in range(args.repeats + 1):  # the first round warms up
                 start = time.perf_counter()
-                target.forward_batch(slots, [BatchRow(s, block) for s, block in enumerate(blocks)])
+                target.forward_batch(slots, [BatchRow(s, block) for s, block in enumerate(blocks)], args.row_invariant)
                 batched = time.perf_counter() - start
                 for s in range(b):
                     slots.crop(s, args.context)
@@ -86,6 +90,7 @@ def main() -> None:
             print(f"{b:>3} {n:>3} {batched_ms:>11.1f} {solo_ms:>10.1f} {solo_ms / batched_ms:>13.2f} "
                   f"{batched_ms / b:>15.1f}", flush=True)
     print(json.dumps({"target": target.name, "threads": args.threads, "context": args.context,
+                      "row_invariant": target.row_invariant,
                       "machine": platform.processor() or platform.machine(), "rows": rows_out}))
 
 

@@ -376,14 +376,15 @@ def test_prefill_chunks_interleave_with_decode_rows_and_give_the_same_tokens(mon
     prompts = prompt_list((6, 45, 30), seed=5)
     proposer = make_proposer("dflash", target, prompts, 16)
     config = DecodeConfig(max_new_tokens=16, block_size=4, stop_token_ids=())  # decode rows of 4 < chunks of 8
-    decoder = BatchDecoder(target, proposer, 8, max_slots=3, prefill_chunk=8, split_prefill=split)
+    decoder = BatchDecoder(target, proposer, 8, max_slots=3, prefill_chunk=8, split_prefill=split,
+                           row_invariant=False)  # (row invariance runs every chunk alone)
     forwards: list[list[tuple[int, str]]] = []
     steps: list[list[tuple[int, str]]] = []  # the rows of each step, whatever forwards ran them
     forward_batch = target.forward_batch
 
-    def recording(cache, rows):
+    def recording(cache, rows, row_invariant=False):
         forwards.append([(row.num_tokens, row.logits) for row in rows])
-        return forward_batch(cache, rows)
+        return forward_batch(cache, rows, row_invariant)
 
     def on_step(step, sequences):
         steps.append([row for forward in forwards for row in forward])
@@ -416,9 +417,9 @@ def test_slot_capacity_growth_mid_run_keeps_the_tokens():
     prompts = prompt_list((10, 4, 13), seed=9)
     proposer = make_proposer("oracle", target, prompts, 60)
     config = DecodeConfig(max_new_tokens=60, stop_token_ids=())
-    decoder = BatchDecoder(target, proposer, 8, max_slots=3, capacity=16)
+    decoder = BatchDecoder(target, proposer, 8, max_slots=3, capacity=16, row_invariant=False)
     sequences = run_schedule(decoder, [(0, p, config) for p in prompts])
-    assert decoder.cache.capacity == 128 and decoder.cache.grows == 3
+    assert decoder.cache.capacity == 128 and decoder.cache.grows == 3  # (row invariance reserves 256 keys)
     for prompt, sequence in zip(prompts, sequences):
         assert sequence.tokens == solo_result(target, proposer, prompt, config).token_ids
 
@@ -486,3 +487,71 @@ def test_the_decoder_refuses_what_it_cannot_run():
         decoder.add([4])
     with pytest.raises(InputError, match="draft trees"):
         BatchDecoder(target, None, policy=FixedTree(4))
+
+
+# ------------------------------------------------------------- row invariance
+
+
+def test_row_invariant_rows_get_the_same_bits_alone_and_in_any_batch():
+    """float32 (where BLAS blockings change rounding): with row invariance on, a row's
+    logits and features are bit-identical alone, next to other rows, padded to a wider
+    row, and with its slot anywhere in the cache (each prompt prefilled in a forward of
+    its own, as BatchDecoder does)."""
+    target = TargetModel(tiny_hf_model("llama", dtype=torch.float32), name="tiny-llama-fp32")
+    target.set_taps(TAPS)
+    assert target.enable_row_invariance() and target.row_invariant
+    contexts = [tokens(n, seed) for n, seed in ((7, 1), (19, 2), (4, 3), (30, 4))]
+    blocks = [tokens(n, 10 + i) for i, n in enumerate((1, 5, 3, 8))]
+
+    def run(order, slots_first=0):
+        cache = target.new_slot_cache(max_slots=8, capacity=64)
+        slots = [cache.acquire() for _ in range(slots_first + len(contexts))][slots_first:]
+        for i in order:  # each prompt alone (as BatchDecoder runs them under row invariance)
+            target.forward_batch(cache, [BatchRow(slots[i], contexts[i], "none")], True)
+        outs = target.forward_batch(cache, [BatchRow(slots[i], blocks[i]) for i in order], True)
+        return {i: out for i, out in zip(order, outs)}
+
+    alone = {i: run([i])[i] for i in range(4)}
+    for order, first in (([0, 1, 2, 3], 0), ([3, 1], 2), ([2, 0, 3], 1)):
+        together = run(order, first)
+        for i in order:
+            assert torch.equal(together[i].logits, alone[i].logits)
+            assert torch.equal(together[i].features, alone[i].features)
+    # Without it the same batch differs in the last bits (not asserted: it depends on the BLAS).
+
+
+def test_row_invariant_positions_get_the_same_bits_at_any_row_width():
+    """A block of 6 tokens in one row, or fed 1, 2 and 3 at a time (next to another row):
+    every position's logits and features are bit-identical, so drafting more or less
+    cannot change a greedy token."""
+    target = TargetModel(tiny_hf_model("llama", dtype=torch.float32), name="tiny-llama-fp32")
+    target.set_taps(TAPS)
+    assert target.enable_row_invariance()
+    context, block, other = tokens(300, 5), tokens(6, 6), tokens(40, 7)  # 300 + 6 crosses no key block...
+
+    def feed(sizes, start=300):
+        context_here = tokens(start, 5)
+        cache = target.new_slot_cache(max_slots=2, capacity=16)
+        a, b = cache.acquire(), cache.acquire()
+        target.forward_batch(cache, [BatchRow(a, context_here, "none")], True)
+        target.forward_batch(cache, [BatchRow(b, other, "none")], True)
+        outs, at = [], 0
+        for n in sizes:
+            out = target.forward_batch(cache, [BatchRow(b, tokens(n, 100 + at)), BatchRow(a, block[at: at + n])],
+                                       row_invariant=True)
+            outs.append(out[1])
+            at += n
+        return torch.cat([o.logits for o in outs], dim=1), torch.cat([o.features for o in outs], dim=1)
+
+    for start in (300, 253):  # ...and 253 + 6 does (keys in blocks of 256)
+        whole = feed([6], start)
+        for sizes in ([1] * 6, [2, 3, 1], [3, 3]):
+            logits, features = feed(sizes, start)
+            assert torch.equal(logits, whole[0]) and torch.equal(features, whole[1])
+    assert context.numel() == 300
+
+
+def test_a_target_without_the_lean_forward_is_not_row_invariant():
+    target = make_target("gemma3", "transformers")
+    assert not target.enable_row_invariance()
+    assert not BatchDecoder(target, None, max_slots=2).row_invariant

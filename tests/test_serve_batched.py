@@ -133,7 +133,7 @@ def test_a_long_prompt_prefills_in_chunks_while_another_job_streams(pipe):
 
 def test_with_block_size_auto_the_engine_speculates_load_aware(tmp_path_factory):
     folder = tiny_model_folder(tmp_path_factory.mktemp("auto") / "tiny")
-    auto = Pipeline.load(str(folder), draft="random", block_size="auto")
+    auto = Pipeline.load(str(folder), draft="random", block_size="auto", tree="off")
     engine = Engine(auto, max_concurrency=3)
     assert engine._batch.batch_policy.name == "load-aware" and "load-aware" in engine.describe()
     config = DecodeConfig(max_new_tokens=10, stop_token_ids=())

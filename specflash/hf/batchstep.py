@@ -12,8 +12,11 @@ tokens after the committed positions of its slot in a `SlotKVCache` (slotcache.p
   (ancestor_mask[i, j]: node j is node i or one of its ancestors, as `forward_tree` takes).
 
 `PackedBatch` lays the rows out as one batch [B, L] (L = the longest row; shorter rows are
-padded at the end) with per-row RoPE positions [B, L], and builds the "may see" mask
-[B, 1, L, T] over the T = max(length + n) first storage columns of each row's slot:
+padded at the end; at least `min_positions` positions in all, which the row-invariant
+forward sets to 2) with per-row RoPE positions [B, L], and builds the "may see" mask
+[B, 1, L, T] over the T = max(length + n) first storage columns of each row's slot (rounded
+up to a multiple of `key_multiple` within the cache's maximum; columns past a row's own are
+never visible):
 a real query sees its slot's committed columns (< length) and, among its own new keys,
 its causal predecessors (or its ancestors); a padding query sees column 0 only (never an
 empty row, which would make NaNs), and no real query sees a padding key (padding K/V are
@@ -57,7 +60,8 @@ class BatchRow:
 class PackedBatch:
     """The rows of one batched step laid out for one forward (shapes in the module docstring)."""
 
-    def __init__(self, rows: Sequence[BatchRow], cache: SlotKVCache, device: torch.device):
+    def __init__(self, rows: Sequence[BatchRow], cache: SlotKVCache, device: torch.device,
+                 min_positions: int = 1, key_multiple: int = 1):
         if not rows:
             raise ValueError("a batched step needs at least one row")
         slots = [int(row.slot) for row in rows]
@@ -80,8 +84,14 @@ class PackedBatch:
         self.cache = cache
         self.device = device
         b, length = len(rows), max(self.counts)
+        while b * length < min_positions:  # e.g. never one position: a row-wise reduction over a single
+            length += 1                    # row takes another kernel than over several
         self.batch, self.width = b, length
-        self.key_length = max(s + n for s, n in zip(self.starts, self.counts))  # T
+        needed = max(s + n for s, n in zip(self.starts, self.counts))
+        t = -(-needed // key_multiple) * key_multiple  # T: rounded up (the row-invariant attention's key blocks)
+        if cache.maximum is not None:
+            t = max(needed, min(t, cache.maximum))
+        self.key_length = t
         cache.reserve(self.key_length)
 
         ids = torch.zeros(b, length, dtype=torch.long)

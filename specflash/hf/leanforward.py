@@ -164,11 +164,12 @@ class LeanForward:
         return self._layers_and_head(hidden, mask, position_ids, cache_position, cache, logits_to_keep, taps)
 
     def masked_hidden(self, ids: torch.Tensor, position_ids: torch.Tensor, cache_position: torch.Tensor,
-                      mask: torch.Tensor, cache,
-                      taps: tuple[int, ...] = ()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+                      mask: torch.Tensor, cache, taps: tuple[int, ...] = (),
+                      attention: Callable | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
         """`masked` without the LM head: -> the final-norm hidden states [b, n, H] and the
         tapped layers' outputs, for a caller that needs logits at only some positions (a
-        batched step's padded rows and prompt chunks, batchstep.py)."""
+        batched step's padded rows and prompt chunks, batchstep.py). `attention`, if given,
+        replaces the attention function (same arguments and result)."""
         decoder = self.decoder
         hidden = decoder.embed_tokens(ids)  # [b, n, H]
         cos, sin = decoder.rotary_emb(hidden, position_ids)
@@ -176,7 +177,7 @@ class LeanForward:
         captured: dict[int, torch.Tensor] = {}
         tapped = set(taps)
         for index, layer in enumerate(decoder.layers[: self.config.num_hidden_layers]):
-            hidden = self._layer(layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids)
+            hidden = self._layer(layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids, attention)
             if index in tapped:
                 captured[index] = hidden
         return decoder.norm(hidden), captured
@@ -196,7 +197,8 @@ class LeanForward:
         keep = slice(-logits_to_keep, None)
         return self.model.lm_head(hidden[:, keep, :]), captured
 
-    def _layer(self, layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids) -> torch.Tensor:
+    def _layer(self, layer, hidden, mask, cos, sin, cache, cache_kwargs, position_ids,
+               attention: Callable | None = None) -> torch.Tensor:
         # Submodules are entered through `.forward` (no hook dispatch: `supports` refuses
         # models with hooks), which still takes kernels.py's per-instance kernel choice.
         attn, mlp = layer.self_attn, layer.mlp
@@ -216,7 +218,7 @@ class LeanForward:
         extra: dict[str, Any] = {"position_ids": position_ids, "use_cache": cache is not None}
         if hasattr(attn, "sliding_window"):
             extra["sliding_window"] = attn.sliding_window
-        out, _ = self._attention(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
+        out, _ = (attention or self._attention)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling, **extra)
         out = out.reshape(*x.shape[:-1], -1).contiguous()
         hidden = residual + attn.o_proj.forward(out)
         residual = hidden

@@ -39,7 +39,8 @@ import torch.nn.functional as F
 
 from ..errors import CheckpointError, InputError
 from ..perf.kernelchoice import STOCK, KernelChoice
-from ..perf.kernels import (invariant_chunk, row_invariant_kernels, small_batch_linear, stock_kernels,
+from ..perf.kernels import (RowInvariance, attention_bias, attention_invariance, invariant_form,
+                             row_invariant_attention, row_invariant_kernels, small_batch_linear, stock_kernels,
                              use_small_batch_kernel)
 from .batchstep import BatchRow, PackedBatch
 from .leanforward import LeanForward, attention_mask_form, decoder_of, lean_forward_allowed
@@ -51,6 +52,9 @@ from .staticsteps import StaticKV, StaticTargetSteps
 class TargetOutput:
     logits: torch.Tensor  # [b, n_kept, V]
     features: torch.Tensor | None  # [b, n, K*H] tapped layers concatenated in tap order
+
+
+KEY_BLOCK = 256  # row-invariant batched forward: keys in blocks of this many columns
 
 
 class TargetModel:
@@ -76,7 +80,7 @@ class TargetModel:
         self._captured: dict[int, torch.Tensor] = {}
         self._lean: LeanForward | bool | None = None  # None: not checked yet; False: not used
         self._static: StaticTargetSteps | None = None  # fixed-shape steps (enable_static_steps)
-        self._row_invariant: int | None = None  # batched steps: piece size of row-invariant linears
+        self._row_invariant: tuple | bool | None = None  # batched steps (enable_row_invariance)
 
     # ---------------------------------------------------------------- loading
     @classmethod
@@ -397,27 +401,52 @@ class TargetModel:
         return SlotKVCache(self.num_layers, max_slots, self.num_key_value_heads, self.head_dim, self.dtype,
                            self.device, capacity=min(capacity, self.max_context), maximum=self.max_context)
 
-    def enable_row_invariance(self) -> bool:
-        """Make `forward_batch` give every row the same bits whatever else is in the batch:
-        its linears take (W @ X^T)^T over row pieces (perf/kernels.py, after checking on this
-        machine, with this model's weights, that a row's result does not depend on the piece
-        size) and attention runs row by row over exactly the row's own queries and keys, as
-        the row alone would. Lean forward only (Llama / Qwen2 / Qwen3). -> whether it is on."""
+    def enable_row_invariance(self, threads: int | None = None) -> bool:
+        """Make `forward_batch` give every position the same bits whatever else the forward
+        computes (other rows, a wider row, padding): its linears take (W @ X^T)^T over row
+        pieces (perf/kernels.py, after checking on this machine, with this model's weights,
+        that a row's result does not depend on the piece size), attention is
+        `row_invariant_attention` (a query's result depends only on the keys it sees) over
+        keys rounded up to KEY_BLOCK columns, and a forward never has a single position (a
+        reduction over one row takes another kernel). So a sequence's tokens are the same
+        alone and in any batch, whatever drafts each step verifies. Lean forward only
+        (Llama / Qwen2 / Qwen3). `threads`: the torch threads the batched forwards will run with
+        (BLAS blockings, hence invariance, depend on it; default: this thread's). The first
+        call decides. -> whether it is on."""
         if self._lean_forward() is None:
             return False
         if self._row_invariant is None:
-            head = self._head.weight.detach()
-            weights = [m.weight.detach() for m in self._decoder_linears] + [head[: min(8192, head.shape[0])]]
-            self._row_invariant = invariant_chunk(weights) or 0
+            before = torch.get_num_threads()
+            if threads:
+                torch.set_num_threads(threads)
+            try:
+                self._row_invariant = self._check_row_invariance()
+            finally:
+                torch.set_num_threads(before)
         return bool(self._row_invariant)
+
+    def _check_row_invariance(self) -> tuple | bool:
+        """(linears, scores, values) RowInvariance found on this machine, or False."""
+        head = self._head.weight.detach()
+        weights = [m.weight.detach() for m in self._decoder_linears] + [head[: min(8192, head.shape[0])]]
+        d = int(getattr(self.config, "head_dim", None) or self.hidden_size // self.config.num_attention_heads)
+        linears, attention = invariant_form(weights), attention_invariance(d, KEY_BLOCK, self.dtype, self.device)
+        return (linears, *attention) if linears is not None and attention is not None else False
+
+    @property
+    def row_invariance(self) -> tuple[RowInvariance, RowInvariance, RowInvariance] | None:
+        """The row-invariant products chosen by `enable_row_invariance` for the linears, the
+        attention scores and attention's P @ V (None: off)."""
+        return self._row_invariant or None
 
     @property
     def row_invariant(self) -> bool:
-        """Whether `forward_batch` gives each row the bits it gets alone (enable_row_invariance)."""
+        """Whether `forward_batch(.., row_invariant=True)` is row-invariant here (enable_row_invariance)."""
         return bool(self._row_invariant)
 
     @torch.inference_mode()
-    def forward_batch(self, cache: SlotKVCache, rows: Sequence[BatchRow]) -> list[TargetOutput]:
+    def forward_batch(self, cache: SlotKVCache, rows: Sequence[BatchRow],
+                      row_invariant: bool = False) -> list[TargetOutput]:
         """Several sequences' rows in one forward (batchstep.py): row r's ids [n_r] sit after
         the committed positions of its slot (or as a draft tree over them) and see only
         that slot's keys and their own causal (or ancestor) predecessors. Each row's K/V are
@@ -427,29 +456,40 @@ class TargetModel:
 
         Runs the lean forward (Llama / Qwen2 / Qwen3) or the model's own forward with a
         prepared 4-D mask (per layer type where sliding-window layers exist, e.g. Gemma3);
-        sdpa or eager attention. Other targets raise InputError: step them one at a time."""
-        batch = PackedBatch(rows, cache, self.device)
+        sdpa or eager attention. Other targets raise InputError: step them one at a time.
+        row_invariant: every position's bits independent of the rest of the forward, where
+        `enable_row_invariance` turned it on (else ignored); a forward of one prompt chunk
+        alone then runs stock kernels over exactly its own keys (bits that depend on the
+        prompt alone), so put each sequence's prompt chunks in a forward of their own."""
         lean = self._lean_forward()
+        invariant = row_invariant and lean is not None and bool(self._row_invariant)
+        # One sequence's prompt chunk alone: stock kernels, attention over exactly its own keys
+        # (contiguous): its shapes depend on the prompt alone, so its bits do too, and a long
+        # prompt keeps the speed of one large product.
+        solo_prefill = invariant and len(rows) == 1 and rows[0].logits != "all"
+        invariant = invariant and not solo_prefill
+        batch = PackedBatch(rows, cache, self.device, min_positions=2 if invariant else 1,
+                            key_multiple=KEY_BLOCK if invariant else 1)
         try:
             masks = attention_mask_form(batch.visible(), lean.attention_implementation, self.dtype) \
                 if lean is not None else self._batch_masks(batch)
         except ValueError as exc:  # an attention implementation that takes no dense mask
             raise InputError(f"batched step: {exc}; or step the sequences one at a time") from None
-        invariant = lean is not None and bool(self._row_invariant)
         if invariant:
-            with row_invariant_kernels(self._decoder_linears, self._row_invariant):
+            with row_invariant_kernels(self._decoder_linears, self._row_invariant[0]):
                 hidden, captured = lean.masked_hidden(batch.ids, batch.positions, batch.cache_position, masks,
-                                                      batch.writer, self._taps, self._row_attention(lean, batch))
+                                                      batch.writer, self._taps, self._row_attention(batch))
         elif lean is not None:
             hidden, captured = lean.masked_hidden(batch.ids, batch.positions, batch.cache_position, masks,
-                                                  batch.writer, self._taps)
+                                                  batch.writer, self._taps,
+                                                  self._contiguous_attention(lean) if solo_prefill else None)
         else:
             hidden, captured = self._transformers_hidden(batch, masks)
         batch.commit()
         features = torch.cat([captured[i] for i in self._taps], dim=-1) if self._taps else None  # [B, L, K*H]
         row_index, column, sizes = batch.logit_rows()
         if invariant:
-            with row_invariant_kernels([self._head], self._row_invariant):
+            with row_invariant_kernels([self._head], self._row_invariant[0]):
                 logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
         else:
             logits = self.lm_head(hidden[row_index, column][None])[0]  # [N, V]
@@ -461,23 +501,31 @@ class TargetModel:
         return outputs
 
     @staticmethod
-    def _row_attention(lean: LeanForward, batch: PackedBatch):
-        """The attention function of a row-invariant batched forward: row r attends with its
-        own n_r queries over its own start_r + n_r keys (the shapes it has alone); padding
-        queries get zeros (nothing reads them)."""
-        spans = [(r, n, start + n) for r, (start, n) in enumerate(zip(batch.starts, batch.counts))]
+    def _contiguous_attention(lean: LeanForward):
+        """The model's attention over contiguous copies of its operands (a kernel's path, and
+        rounding, can depend on strides, and a slot's keys are a view into the cache)."""
 
         def attention(module, query, key, value, mask, **kwargs):
-            if len(spans) == 1 and spans[0][1] == query.shape[2] and spans[0][2] == key.shape[2]:
-                return lean._attention(module, query, key, value, mask, **kwargs)
-            b, heads, width, d = query.shape
-            out = query.new_zeros(b, width, heads, d)
-            for r, n, t in spans:
-                row_mask = mask[r: r + 1, :, :n, :t] if mask is not None else None
-                part, _ = lean._attention(module, query[r: r + 1, :, :n], key[r: r + 1, :, :t],
-                                          value[r: r + 1, :, :t], row_mask, **kwargs)
-                out[r, :n] = part[0]
-            return out, None
+            return lean._attention(module, query.contiguous(), key.contiguous(), value.contiguous(),
+                                   mask.contiguous() if mask is not None else None, **kwargs)
+
+        return attention
+
+    def _row_attention(self, batch: PackedBatch):
+        """The attention function of a row-invariant batched forward (`row_invariant_attention`
+        over the batch's own "may see" mask): a query's result depends only on the keys it
+        sees, so a row gets the bits it gets alone, at any width and next to any rows."""
+        visible = batch.visible()[:, 0]  # [B, L, T]
+        _, scores_how, values_how = self._row_invariant
+        biases: dict = {}
+
+        def attention(module, query, key, value, mask, scaling=None, **kwargs):
+            scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+            shape = (key.shape[1], query.shape[1] // key.shape[1])
+            if shape not in biases:  # once per forward
+                biases[shape] = attention_bias(visible, *shape, query.dtype)
+            return row_invariant_attention(query, key, value, biases[shape], scale, scores_how, values_how,
+                                           KEY_BLOCK), None
 
         return attention
 

@@ -200,9 +200,11 @@ def batch_sizes(max_rows: int, max_tokens: int) -> dict[int, list[int]]:
 
 @torch.inference_mode()
 def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: int = 16, context: int = 256,
-                        repeats: int = 5, warmup: int = 1, seed: int = 0, noise_limit: float = 0.5) -> BatchCosts:
-    """Time `forward_batch` over B rows of w tokens each, every sequence `context` tokens
-    into its slot (sizes from `batch_sizes`), round-robin, medians, non-decreasing in w."""
+                        repeats: int = 5, warmup: int = 1, seed: int = 0, noise_limit: float = 0.5,
+                        row_invariant: bool = False) -> BatchCosts:
+    """Time `forward_batch` (row-invariant or not) over B rows of w tokens each, every
+    sequence `context` tokens into its slot (sizes from `batch_sizes`), round-robin,
+    medians, non-decreasing in w."""
     from ..hf.batchstep import BatchRow
 
     device = target.device
@@ -225,7 +227,7 @@ def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: in
             blocks = [torch.randint(0, high, (w,), generator=generator).to(device) for _ in range(b)]
 
             def run(b=b, blocks=blocks):
-                target.forward_batch(cache, [BatchRow(slots[i], blocks[i]) for i in range(b)])
+                target.forward_batch(cache, [BatchRow(slots[i], blocks[i]) for i in range(b)], row_invariant)
                 for i in range(b):
                     cache.crop(slots[i], context)
 
@@ -246,12 +248,14 @@ def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: in
 
 
 def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: int = 16, refresh: bool = False,
-                          log=None) -> BatchCosts:
+                          log=None, row_invariant: bool = False) -> BatchCosts:
     """The cached batched-forward costs for this target / proposer / machine (as
     `load_or_measure`), measured on first use."""
-    path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}.json"
+    kernels = "-inv" if row_invariant else ""
+    path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}{kernels}.json"
     return cached_measurement(
-        path, lambda: measure_batch_costs(target, proposer, max_rows=max_rows, max_tokens=max_tokens),
+        path, lambda: measure_batch_costs(target, proposer, max_rows=max_rows, max_tokens=max_tokens,
+                                          row_invariant=row_invariant),
         BatchCosts.from_dict, refresh, log,
         f"measuring batched forward costs for {getattr(target, 'name', 'target')}, 1..{max_rows} rows "
         "(once per model and machine) ...",

@@ -25,11 +25,16 @@ steps. Invariants per decoding sequence, as in decode.py: its slot holds exactly
 prompt and the committed output except its last token (the anchor); its proposer has been
 told every committed token with its features.
 
-Exactness: at temperature 0 every sequence's tokens are those of its solo run as long as
-no argmax flips between the batched and the solo forward, which compute the same logits
-up to float rounding (padding and batch shapes change summation order; the test suite
-checks 1e-9 on float64 models). With a seed, a sampled sequence consumes its generator
-exactly as the solo loop does, so it gets the solo tokens under the same proviso.
+Exactness: at temperature 0 a sequence's tokens are those it gets alone in this decoder
+when the target's batched forward is row-invariant (`row_invariant`, on by default where
+the target supports it: Llama / Qwen2 / Qwen3 on the lean forward, after a check of the
+kernels on this machine): every row then gets the same bits whatever else is in the batch
+and however wide its rows are padded, so the batch cannot flip an argmax. Against the
+one-at-a-time `SpeculativeDecoder` (other kernels: F.linear, one attention call for the
+whole block) and without row invariance, tokens agree as long as no argmax flips between
+forwards that compute the same logits up to float rounding (the test suite checks 1e-9 on
+float64 models). With a seed, a sampled sequence consumes its generator exactly as the
+solo loop does, so it gets the solo tokens under the same proviso.
 
 Not batched yet: the drafter (one drafter forward per drafting sequence) and draft trees
 (`forward_batch` takes tree rows; this loop drafts linear blocks).
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -139,11 +145,14 @@ class BatchDecoder:
     (default `PerSequencePolicy`); max_slots: sequences at once; capacity: positions per
     slot to start with (grows); prefill_chunk: most prompt tokens a sequence feeds per step;
     split_prefill: run prompt chunks in a forward of their own when they are longer than the
-    step's decode rows (no padding of decode rows to a chunk's length; see `_forwards`)."""
+    step's decode rows (no padding of decode rows to a chunk's length; see `_forwards`);
+    row_invariant: turn on the target's row-invariant batched forward where it can
+    (`TargetModel.enable_row_invariance`; `self.row_invariant` says whether it is on;
+    default on unless the environment sets SPECFLASH_ROW_INVARIANT=0)."""
 
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
                  policy=None, batch_policy=None, max_slots: int = 8, capacity: int = MIN_CAPACITY,
-                 prefill_chunk: int = 256, split_prefill: bool = True):
+                 prefill_chunk: int = 256, split_prefill: bool = True, row_invariant: bool | None = None):
         if block_size is None:
             block_size = getattr(proposer, "block_size", 8) if proposer is not None else 1
         if block_size < 1:
@@ -161,6 +170,11 @@ class BatchDecoder:
         self._running: list[BatchSequence] = []
         self._ids = itertools.count()
         self.split_prefill = split_prefill
+        # Each row's bits independent of the batch (target.enable_row_invariance): a sequence's
+        # tokens are then the same alone and next to any others, at any row widths.
+        if row_invariant is None:  # default: on, unless SPECFLASH_ROW_INVARIANT=0 (for A/B measurements)
+            row_invariant = os.environ.get("SPECFLASH_ROW_INVARIANT", "1") not in ("0", "off", "false")
+        self.row_invariant = bool(row_invariant) and target.enable_row_invariance()
         self.num_steps = 0  # steps run
         self.num_forwards = 0  # batched forwards run (two in a step whose prompt chunks ran apart)
         self.rows_per_step: list[int] = []  # rows of each batched forward
@@ -275,7 +289,10 @@ class BatchDecoder:
         instead of 256 + 7. -> outputs in row order; `last_forwards` lists (rows, tokens)
         per forward."""
         groups = [list(range(len(rows)))]
-        if self.split_prefill:
+        if self.row_invariant:  # decode rows together, each prompt chunk alone (TargetModel.forward_batch)
+            decode = [i for i, row in enumerate(rows) if row.logits == "all"]
+            groups = ([decode] if decode else []) + [[i] for i, row in enumerate(rows) if row.logits != "all"]
+        elif self.split_prefill:
             prefill = [i for i, row in enumerate(rows) if row.logits != "all"]
             decode = [i for i, row in enumerate(rows) if row.logits == "all"]
             if prefill and decode and max(rows[i].num_tokens for i in prefill) > \
@@ -285,7 +302,7 @@ class BatchDecoder:
         self.last_forwards = []
         for group in groups:
             part = [rows[i] for i in group]
-            for i, out in zip(group, self.target.forward_batch(self.cache, part)):
+            for i, out in zip(group, self.target.forward_batch(self.cache, part, self.row_invariant)):
                 outs[i] = out
             self.num_forwards += 1
             self.last_forwards.append((len(part), sum(row.num_tokens for row in part)))

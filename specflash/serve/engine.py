@@ -221,17 +221,21 @@ class Engine:
         if is_tree_policy(base.policy):
             self.why_one_at_a_time = "draft trees step one request at a time"
             return None
+        # Row invariance is checked under the decoding thread's torch threads (BLAS blockings
+        # depend on them); the batched decoder then turns it on.
+        base.target.enable_row_invariance(self.torch_threads)
         try:
+            decoder = BatchDecoder(base.target, base.proposer, base.block_size, base.policy, batch_policy,
+                                   max_slots=self.max_concurrency, prefill_chunk=prefill_chunk)
             if batch_policy is None:
-                batch_policy = self._load_aware_policy()
-            return BatchDecoder(base.target, base.proposer, base.block_size, base.policy, batch_policy,
-                                max_slots=self.max_concurrency, prefill_chunk=prefill_chunk)
+                decoder.batch_policy = self._load_aware_policy(decoder.row_invariant) or decoder.batch_policy
+            return decoder
         except SpecflashError as exc:
             logger.warning("stepping requests one at a time: %s", exc)
             self.why_one_at_a_time = str(exc)
             return None
 
-    def _load_aware_policy(self) -> LoadAwarePolicy | None:
+    def _load_aware_policy(self, row_invariant: bool) -> LoadAwarePolicy | None:
         """With `--block-size auto` and a proposer: load-aware speculation over the batched
         forward costs of this machine (measured once, cached); else None (each sequence's
         own block policy)."""
@@ -241,7 +245,7 @@ class Engine:
         from ..perf.measure import load_or_measure_batch
 
         costs = load_or_measure_batch(base.target, base.proposer, max_rows=self.max_concurrency,
-                                      max_tokens=base.block_size, log=logger.warning)
+                                      max_tokens=base.block_size, log=logger.warning, row_invariant=row_invariant)
         return LoadAwarePolicy(costs, base.policy.costs, base.policy.max_drafts)
 
     @property
@@ -252,7 +256,8 @@ class Engine:
         """How requests are stepped, for the startup line."""
         if self._batch is not None:
             return (f"batched: up to {self.max_concurrency} requests per forward, prompts in chunks of "
-                    f"{self._batch.prefill_chunk}, drafts by {self._batch.batch_policy.name}")
+                    f"{self._batch.prefill_chunk}, drafts by {self._batch.batch_policy.name}, "
+                    f"{'row-invariant' if self._batch.row_invariant else 'not row-invariant'}")
         return f"one request per forward ({self.why_one_at_a_time})"
 
     # --------------------------------------------------------------- control
