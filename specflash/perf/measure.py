@@ -61,6 +61,19 @@ def non_decreasing(values: dict[int, float]) -> dict[int, float]:
     return dict(zip(keys, fitted))
 
 
+def time_round_robin(jobs: dict, warmup: int, repeats: int, device: torch.device) -> dict:
+    """Run every job `warmup` times untimed, then `repeats` rounds of one timed call each,
+    in turn (drift hits all jobs alike) -> {key: [seconds per call]}."""
+    for _ in range(warmup):
+        for fn in jobs.values():
+            fn()
+    times: dict = {key: [] for key in jobs}
+    for _ in range(repeats):
+        for key, fn in jobs.items():
+            times[key].append(timed(fn, device))
+    return times
+
+
 def relative_spread(times: list[float]) -> float:
     """Interquartile range / median of repeated timings (0 = perfectly steady)."""
     q = statistics.quantiles(times, n=4) if len(times) >= 2 else [times[0]] * 3
@@ -102,13 +115,7 @@ def measure_costs(target, proposer=None, max_tokens: int = 16, context: int = 25
         anchor = int(prompt[-1])
         for k in default_sizes(max_tokens - 1):
             jobs[("draft", k)] = lambda k=k: proposer.propose(anchor, context, k, sampler)
-    for _ in range(warmup):
-        for fn in jobs.values():
-            fn()
-    times: dict = {key: [] for key in jobs}
-    for _ in range(repeats):
-        for key, fn in jobs.items():
-            times[key].append(timed(fn, device))
+    times = time_round_robin(jobs, warmup, repeats, device)
     noisy = any(relative_spread(t) > noise_limit for t in times.values())
     verify = non_decreasing({n: statistics.median(t) for n, t in times.items() if isinstance(n, int)})
     drafts = non_decreasing({key[1]: statistics.median(t) for key, t in times.items() if isinstance(key, tuple)})
@@ -232,13 +239,7 @@ def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: in
                     cache.crop(slots[i], context)
 
             jobs[(b, w)] = run
-    for _ in range(warmup):
-        for fn in jobs.values():
-            fn()
-    times: dict = {key: [] for key in jobs}
-    for _ in range(repeats):
-        for key, fn in jobs.items():
-            times[key].append(timed(fn, device))
+    times = time_round_robin(jobs, warmup, repeats, device)
     noisy = any(relative_spread(t) > noise_limit for t in times.values())
     forward = {}
     for b in sizes:

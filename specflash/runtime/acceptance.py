@@ -89,3 +89,16 @@ def rejection_accept(
         dist = residual / total if total > 0 else p
     next_token = int(torch.multinomial(dist, 1, generator=generator).item())
     return Acceptance(num_accepted, next_token)
+
+
+def accept_block(drafts: torch.Tensor, draft_probs: torch.Tensor | None, logits: torch.Tensor,
+                 sampler) -> Acceptance:
+    """The rule a verify step's sampler calls for: `greedy_accept` at temperature 0, else
+    `rejection_accept` with the sampler's warped distributions and its own draws.
+
+    drafts [k]; draft_probs [k, V] or None; logits [k + 1, V] the target's after the anchor
+    and each draft; sampler a `sampling.Sampler`."""
+    if sampler.greedy:
+        return greedy_accept(drafts, logits.argmax(dim=-1))
+    uniforms = sampler.uniform((drafts.shape[0],), device=logits.device)
+    return rejection_accept(drafts, draft_probs, sampler.probs(logits), uniforms, sampler.generator)

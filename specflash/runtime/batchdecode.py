@@ -15,7 +15,7 @@ temperature, top-k / top-p of its `DecodeConfig`) and stop rules. Per `step()`:
   3. one `TargetModel.forward_batch` over all rows (two when prompt chunks are longer
      than the decode rows: decode rows first, then the chunks, so that no decode row is
      padded to a chunk's length; `split_prefill`);
-  4. per row: the prefill's first token, or acceptance (`greedy_accept` /
+  4. per row: the prefill's first token, or acceptance (`accept_block`: `greedy_accept` /
      `rejection_accept`, the same calls in the same order as the solo loop, so a seeded
      sequence draws the same random numbers), rollback of its slot to the accepted length
      (`SlotKVCache.crop`), the accepted tokens' features committed to its proposer.
@@ -55,7 +55,7 @@ from ..errors import ContextLengthError, InputError
 from ..hf.batchstep import BatchRow
 from ..hf.cache import MIN_CAPACITY
 from ..hf.target import TargetModel
-from .acceptance import greedy_accept, rejection_accept
+from .acceptance import accept_block
 from .blockpolicy import FixedBlock
 from .config import DecodeConfig, at_least
 from .decode import GenerationResult, Step, _truncate
@@ -341,11 +341,7 @@ class BatchDecoder:
         sampler = s._sampler
         k = int(drafts.shape[0])
         logits = out.logits[0]  # [k + 1, V]
-        if sampler.greedy:
-            verdict = greedy_accept(drafts, logits.argmax(dim=-1))
-        else:
-            uniforms = sampler.uniform((k,), device=logits.device)
-            verdict = rejection_accept(drafts, draft_probs, sampler.probs(logits), uniforms, sampler.generator)
+        verdict = accept_block(drafts, draft_probs, logits, sampler)
         a = verdict.num_accepted
         self.cache.crop(s.slot, s._start + a + 1)
         if s._proposer is not None:

@@ -21,7 +21,7 @@ import torch
 
 from ..errors import ContextLengthError, InputError
 from ..hf.target import TargetModel
-from .acceptance import greedy_accept, rejection_accept
+from .acceptance import accept_block
 from .blockpolicy import FixedBlock
 from .config import DecodeConfig
 from .metrics import SpecStats
@@ -201,11 +201,7 @@ class SpeculativeDecoder:
             torch.cuda.synchronize(device)
         forward_s = time.perf_counter() - t_forwards
         logits = out.logits[0]  # [k + 1, V]
-        if sampler.greedy:
-            verdict = greedy_accept(drafts, logits.argmax(dim=-1))
-        else:
-            uniforms = sampler.uniform((k,), device=logits.device)
-            verdict = rejection_accept(drafts, draft_probs, sampler.probs(logits), uniforms, sampler.generator)
+        verdict = accept_block(drafts, draft_probs, logits, sampler)
         a = verdict.num_accepted
         target.crop_cache(cache, start + a + 1)
         if proposer is not None:
