@@ -56,7 +56,7 @@ def requests(n: int, rates=None):
 def test_the_draft_budget_shrinks_as_the_batch_grows():
     budgets, per_sequence = [], []
     for b in (2, 4, 8, 16):
-        policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS)
+        policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS, min_gain=0.0)
         plan = policy.choose(requests(b, [0.7] * b))
         budgets.append(sum(plan))
         per_sequence.append(sum(plan) / b)
@@ -66,7 +66,7 @@ def test_the_draft_budget_shrinks_as_the_batch_grows():
 
 def test_the_sequences_most_likely_to_be_accepted_draft_first():
     rates = [0.2, 0.9, 0.5, 0.95, 0.1, 0.6, 0.85, 0.3]
-    policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS)
+    policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS, min_gain=0.0)
     plan = policy.choose(requests(8, rates))
     drafting = {i for i, k in enumerate(plan) if k > 0}
     assert 0 < len(drafting) < 8
@@ -92,8 +92,27 @@ def test_the_plan_is_the_best_of_every_choice():
         assert rate(plan_drafts(tables, forward, lambda k: draft if k > 0 else 0.0)) == pytest.approx(best, rel=1e-9)
 
 
+def test_drafting_must_beat_no_drafts_by_the_margin():
+    """A plan that drafts must promise `min_gain` more tokens per second than no drafts:
+    a small predicted gain (inside the cost model's error) keeps speculation off."""
+    tables = [gains([0.6] * 3, 3) for _ in range(4)]
+
+    def forward(w):
+        return 0.100 + 0.004 * (w - 1)
+
+    def draft(k):
+        return 0.007 if k > 0 else 0.0
+
+    plan = plan_drafts(tables, forward, draft)
+    drafted = (4 + sum(t[k] for t, k in zip(tables, plan))) / (forward(1 + max(plan)) + sum(map(draft, plan)))
+    gain = drafted / (4 / forward(1)) - 1
+    assert sum(plan) > 0 and gain > 0
+    assert sum(plan_drafts(tables, forward, draft, min_gain=gain * 1.01)) == 0
+    assert plan_drafts(tables, forward, draft, min_gain=gain * 0.99) == plan
+
+
 def test_one_request_alone_gets_autos_choice_probes_included():
-    policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS)
+    policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS, min_gain=0.0)
     for rate in (0.9, 0.5, 0.02):
         alone, reference = requests(1, [rate])[0], requests(1, [rate])[0].sequence.policy
         choices = [policy.choose([alone])[0] for _ in range(40)]

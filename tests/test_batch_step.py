@@ -543,7 +543,7 @@ def test_row_invariant_positions_get_the_same_bits_at_any_row_width():
             at += n
         return torch.cat([o.logits for o in outs], dim=1), torch.cat([o.features for o in outs], dim=1)
 
-    for start in (300, 253):  # ...and 253 + 6 does (keys in blocks of 256)
+    for start in (300, 253):  # ...and 253 + 6 does (keys in blocks of KEY_BLOCK = 64)
         whole = feed([6], start)
         for sizes in ([1] * 6, [2, 3, 1], [3, 3]):
             logits, features = feed(sizes, start)
@@ -555,3 +555,36 @@ def test_a_target_without_the_lean_forward_is_not_row_invariant():
     target = make_target("gemma3", "transformers")
     assert not target.enable_row_invariance()
     assert not BatchDecoder(target, None, max_slots=2).row_invariant
+
+
+def test_a_lone_decode_row_runs_the_one_sequence_kernels_and_a_batch_the_invariant_ones(monkeypatch):
+    """`solo_when_alone` (the default): a step whose only decode row is one sequence's runs it
+    without row invariance (the one-sequence kernels, as fast as the solo loop); two decode
+    rows run row-invariant; prompt chunks alone as before. Tokens equal the solo loop's."""
+    target = TargetModel(tiny_hf_model("llama", dtype=torch.float32), name="tiny-llama-fp32")
+    assert target.enable_row_invariance()
+    seen: list[tuple[int, str, bool]] = []
+    forward_batch = target.forward_batch
+
+    def recording(cache, rows, row_invariant=False):
+        seen.append((len(rows), rows[0].logits, row_invariant))
+        return forward_batch(cache, rows, row_invariant)
+
+    monkeypatch.setattr(target, "forward_batch", recording)
+    config = DecodeConfig(max_new_tokens=6, stop_token_ids=())
+    prompts = [tokens(9, 1).tolist(), tokens(12, 2).tolist()]
+    alone = BatchDecoder(target, None, max_slots=2)
+    assert alone.solo_when_alone and alone.row_invariant
+    lone = alone.generate_all(prompts[:1], config)[0]
+    decode = [s for s in seen if s[1] == "all"]
+    assert decode and all(rows == 1 and not invariant for rows, _, invariant in decode)
+    seen.clear()
+    both = BatchDecoder(target, None, max_slots=2).generate_all(prompts, config)
+    assert any(rows == 2 and invariant for rows, logits, invariant in seen if logits == "all")
+    seen.clear()
+    BatchDecoder(target, None, max_slots=2, solo_when_alone=False).generate_all(prompts[:1], config)
+    assert all(invariant for _, logits, invariant in seen if logits == "all")
+    for prompt, result in zip(prompts, both):
+        solo = SpeculativeDecoder(target, None).generate(prompt, config).token_ids
+        assert result.token_ids == solo
+    assert lone.token_ids == both[0].token_ids

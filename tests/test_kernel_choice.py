@@ -30,6 +30,22 @@ def test_stock_and_the_avx2_default_describe_themselves():
     assert AVX2_DEFAULT.describe() == "head 2-16, decoder 2-4"
 
 
+def test_pick_routes_sizes_where_the_packed_gemm_wins_to_it():
+    timings = {2: {"stock": 1.0, "head": 2.0, "head+decoder": 3.0, "packed": 1.5},
+               4: {"stock": 3.0, "head": 2.0, "head+decoder": 3.0, "packed": 1.0}}
+    choice = pick(timings, max_tokens=6)
+    assert choice.packed_rows == {4, 5, 6} and choice.head_rows == {4, 5, 6} and choice.decoder_rows == {4, 5, 6}
+    assert choice.describe() == "packed 4-6"
+    if kc_packing():
+        assert KernelChoice.from_dict(choice.to_dict()) == choice
+
+
+def kc_packing() -> bool:
+    from specflash.perf.kernels import mkl_packing_available
+
+    return mkl_packing_available()
+
+
 def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path):
     import specflash.perf.kernelchoice as kc
 
@@ -39,7 +55,8 @@ def test_choice_is_measured_once_then_read_from_the_cache(monkeypatch, tmp_path)
     target = tiny_target("llama", dtype=torch.float32)
     first = choose_kernels(target, max_tokens=8)
     assert set(first.measured) == {2, 3, 4, 6, 8}
-    assert all(set(t) == {"stock", "head", "head+decoder"} for t in first.measured.values())
+    assert all(set(t) == set(kc.candidates()) for t in first.measured.values())
+    assert {"stock", "head", "head+decoder"} <= set(kc.candidates())
     assert target.kernel_choice == STOCK  # chosen, not applied: the caller hands it to the target
     monkeypatch.setattr(kc, "measure_choice", lambda *a, **k: pytest.fail("measured again"))
     assert choose_kernels(target, max_tokens=8) == first
@@ -61,7 +78,8 @@ def test_any_kernel_choice_keeps_greedy_output(monkeypatch):
     prompt = torch.randint(0, 250, (9,), generator=torch.Generator().manual_seed(3)).tolist()
     reference = hf_greedy(target, prompt, 30)
     everything = KernelChoice(frozenset(range(2, 17)), frozenset(range(2, 17)))
-    for choice in (STOCK, AVX2_DEFAULT, everything):
+    packed = KernelChoice(frozenset(range(2, 17)), frozenset(range(2, 17)), packed_rows=frozenset(range(2, 17)))
+    for choice in (STOCK, AVX2_DEFAULT, everything, packed):
         target.set_kernel_choice(choice)
         result = SpeculativeDecoder(target, DFlashProposer(drafter, target), 8).generate(
             prompt, DecodeConfig(max_new_tokens=30, stop_token_ids=()))

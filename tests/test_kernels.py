@@ -82,3 +82,74 @@ def test_routing_takes_only_the_chosen_row_counts(monkeypatch):
         assert not uses_small_batch_kernel(linear)
         linear(torch.randn(2, 16))
     assert routed_rows == [2, 5]
+
+
+# ------------------------------------------------------------ MKL's packed GEMM
+needs_mkl = __import__("pytest").mark.skipif(
+    not __import__("specflash.perf.kernels", fromlist=["x"]).mkl_packing_available(),
+    reason="this torch build has no MKL packed GEMM")
+
+
+@needs_mkl
+def test_packed_gemm_matches_f_linear_at_every_row_count_from_two():
+    from specflash.perf.kernels import PackedWeight
+
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(300, 64, generator=g), torch.randn(300, generator=g)
+    pack = PackedWeight(w)  # packed once, for 16 rows
+    for rows in (2, 3, 7, 16, 17, 40):
+        x = torch.randn(rows, 64, generator=g)
+        torch.testing.assert_close(pack.matmul(x, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(small_batch_linear(x, w, b, (), {rows}, pack), F.linear(x, w, b),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_packed_routing_takes_the_packed_rows_and_one_row_stays_f_linear(monkeypatch):
+    import specflash.perf.kernels as kernels
+
+    calls = []
+    real = kernels.PackedWeight.matmul
+    monkeypatch.setattr(kernels.PackedWeight, "matmul", lambda self, x, bias=None: (calls.append(x.shape[0]),
+                                                                                    real(self, x, bias))[1])
+    linear = torch.nn.Linear(16, 8)
+    assert use_small_batch_kernel(linear, (), {2, 4}) and uses_small_batch_kernel(linear)
+    with torch.no_grad():
+        one = torch.randn(1, 16)
+        assert torch.equal(linear(one), F.linear(one, linear.weight, linear.bias))
+        for rows in (2, 3, 4):
+            x = torch.randn(rows, 16)
+            torch.testing.assert_close(linear(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+    assert calls == [2, 4]
+
+
+@needs_mkl
+def test_a_packed_weight_is_made_again_when_the_weight_changes():
+    from specflash.perf.kernels import packed_weight
+
+    linear = torch.nn.Linear(16, 8)
+    first = packed_weight(linear)
+    assert packed_weight(linear) is first
+    with torch.no_grad():
+        linear.weight.mul_(2)
+    second = packed_weight(linear)
+    assert second is not first
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(second.matmul(x, linear.bias), F.linear(x, linear.weight, linear.bias).detach(),
+                               rtol=1e-5, atol=1e-5)
+
+
+@needs_mkl
+def test_packed_pieces_give_a_row_the_same_bits_at_any_row_count():
+    from specflash.perf.kernels import PackedWeight, RowInvariance, invariant_form, row_invariant_linear
+
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(200, 96, generator=g)
+    how = invariant_form([w])
+    assert how is not None and how.form == "packed"  # the first form where MKL has it
+    pack = PackedWeight(w)
+    x = torch.randn(40, 96, generator=g)
+    alone = torch.cat([row_invariant_linear(x[i: i + 1], w, None, how, pack) for i in range(40)])
+    for count in (2, 5, 17, 40):
+        assert torch.equal(row_invariant_linear(x[:count], w, None, how, pack), alone[:count])
+    assert RowInvariance("packed", 16).describe() == "packed x @ W^T in pieces of 2..16 rows"

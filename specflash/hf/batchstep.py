@@ -37,6 +37,7 @@ import torch
 from .slotcache import SlotKVCache
 
 LOGITS_MODES = ("all", "last", "none")
+SEGMENT_COPIES = 32  # up to this many rows, K/V are written with one slice copy per row
 
 
 @dataclass
@@ -121,6 +122,9 @@ class PackedBatch:
         slot_t = torch.tensor(slots, dtype=torch.long)
         self._write_slots = slot_t[row_idx].to(device)
         self._write_columns = (starts[row_idx] + col_idx).to(device)
+        # Per row: (row, slot, first storage column, tokens): one contiguous copy each.
+        self._segments = [(i, slot, start, n)
+                          for i, (slot, start, n) in enumerate(zip(slots, self.starts, self.counts))]
         s0 = slots[0]
         self._slot_range = slice(s0, s0 + b) if slots == list(range(s0, s0 + b)) else None
         self._slot_index = slot_t.to(device)
@@ -186,8 +190,13 @@ class SlotWriter:
                cache_kwargs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         b, cache = self.batch, self.batch.cache
         store_k, store_v = cache.keys[layer_idx], cache.values[layer_idx]
-        store_k[b._write_slots, :, b._write_columns] = keys[b._row_idx, :, b._col_idx]
-        store_v[b._write_slots, :, b._write_columns] = values[b._row_idx, :, b._col_idx]
+        if len(b._segments) <= SEGMENT_COPIES:  # a few rows: one slice copy per row (no index tensors)
+            for row, slot, start, n in b._segments:
+                store_k[slot, :, start: start + n] = keys[row, :, :n]
+                store_v[slot, :, start: start + n] = values[row, :, :n]
+        else:
+            store_k[b._write_slots, :, b._write_columns] = keys[b._row_idx, :, b._col_idx]
+            store_v[b._write_slots, :, b._write_columns] = values[b._row_idx, :, b._col_idx]
         t = b.key_length
         if b._slot_range is not None:
             return store_k[b._slot_range, :, :t], store_v[b._slot_range, :, :t]

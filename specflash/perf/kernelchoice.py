@@ -1,8 +1,9 @@
 """Which linear kernel each few-token verify takes on this machine: measured, not assumed.
 
-A verify forward of n = 2..16 tokens multiplies n rows by every weight matrix. Two exact
-ways to do it differ a lot by machine: `F.linear` (transformers' own) and (W @ x^T)^T
-(kernels.py). The same routing that makes verifies faster on one CPU can make them about
+A verify forward of n = 2..16 tokens multiplies n rows by every weight matrix. Three exact
+ways to do it differ a lot by machine: `F.linear` (transformers' own), (W @ x^T)^T and MKL's
+GEMM against weights packed once (kernels.py; where torch has MKL: the packed copies cost
+the weights' memory once more). The same routing that makes verifies faster on one CPU can make them about
 twice as slow on another (AVX2 against AVX-512 / AMX; measurements in docs/performance.md,
 "Few-row verify kernels"). So the routing is chosen per machine by timing whole target forwards of n tokens after a
 cached context under each candidate (`CANDIDATES`), interleaved, medians; per n the fastest
@@ -23,41 +24,54 @@ from dataclasses import dataclass, field
 
 import torch
 
-# candidate -> (LM head routed, decoder linears routed) for a verify of n tokens
-CANDIDATES: dict[str, tuple[bool, bool]] = {
-    "stock": (False, False),
-    "head": (True, False),
-    "head+decoder": (True, True),
+from .kernels import mkl_packing_available
+
+# candidate -> (LM head routed, decoder linears routed, packed) for a verify of n tokens:
+# routed linears take (W @ x^T)^T, or with `packed` MKL's GEMM on packed weights
+CANDIDATES: dict[str, tuple[bool, bool, bool]] = {
+    "stock": (False, False, False),
+    "head": (True, False, False),
+    "head+decoder": (True, True, False),
+    "packed": (True, True, True),
 }
+
+
+def candidates() -> dict[str, tuple[bool, bool, bool]]:
+    """The candidates this torch build can run (the packed GEMM needs MKL)."""
+    return {name: c for name, c in CANDIDATES.items() if not c[2] or mkl_packing_available()}
 
 
 @dataclass(frozen=True)
 class KernelChoice:
-    """Row counts (tokens per forward) whose linears take (W @ x^T)^T instead of F.linear."""
+    """Row counts (tokens per forward) whose linears take (W @ x^T)^T (head_rows,
+    decoder_rows) or MKL's packed GEMM (packed_rows: every linear) instead of F.linear."""
 
     head_rows: frozenset[int] = frozenset()
     decoder_rows: frozenset[int] = frozenset()
     measured: dict = field(default_factory=dict, compare=False, hash=False)  # n -> {candidate: median s}
     noisy: bool = field(default=False, compare=False)  # repeats spread widely: another process was busy
+    packed_rows: frozenset[int] = frozenset()
 
     def describe(self) -> str:
-        """Short form for reports and cache keys, e.g. 'head 2-16, decoder 2-4' or 'stock'."""
-        if not self.head_rows and not self.decoder_rows:
-            return "stock"
+        """Short form for reports and cache keys, e.g. 'head 2-16, decoder 2-4', 'packed 2-16' or 'stock'."""
         parts = []
-        for name, rows in (("head", self.head_rows), ("decoder", self.decoder_rows)):
+        for name, rows in (("packed", self.packed_rows), ("head", self.head_rows - self.packed_rows),
+                           ("decoder", self.decoder_rows - self.packed_rows)):
             if rows:
                 parts.append(f"{name} {_ranges(sorted(rows))}")
-        return ", ".join(parts)
+        return ", ".join(parts) or "stock"
 
     def to_dict(self) -> dict:
         return {"head_rows": sorted(self.head_rows), "decoder_rows": sorted(self.decoder_rows),
-                "measured": {str(n): v for n, v in self.measured.items()}}
+                "packed_rows": sorted(self.packed_rows), "measured": {str(n): v for n, v in self.measured.items()}}
 
     @classmethod
     def from_dict(cls, data: dict) -> "KernelChoice":
+        packed = frozenset(int(n) for n in data.get("packed_rows", ()))
+        if packed and not mkl_packing_available():  # a cache file from another torch build
+            raise ValueError("this torch build has no packed GEMM")
         return cls(frozenset(int(n) for n in data["head_rows"]), frozenset(int(n) for n in data["decoder_rows"]),
-                   {int(n): v for n, v in data.get("measured", {}).items()})
+                   {int(n): v for n, v in data.get("measured", {}).items()}, packed_rows=packed)
 
 
 STOCK = KernelChoice()
@@ -80,18 +94,20 @@ def pick(timings: dict[int, dict[str, float]], max_tokens: int, noisy: bool = Fa
     """Per measured size n the fastest candidate; sizes 2..max_tokens between measured ones
     take the choice of the largest measured size below them. timings: n -> {candidate: s}."""
     best = {n: min(t, key=t.get) for n, t in timings.items()}
-    head, decoder = set(), set()
+    head, decoder, packed = set(), set(), set()
     sizes = sorted(best)
     for n in range(2, max_tokens + 1):
         below = [m for m in sizes if m <= n]
         if not below:
             continue
-        route_head, route_decoder = CANDIDATES[best[below[-1]]]
+        route_head, route_decoder, route_packed = CANDIDATES[best[below[-1]]]
         if route_head:
             head.add(n)
         if route_decoder:
             decoder.add(n)
-    return KernelChoice(frozenset(head), frozenset(decoder), dict(timings), noisy)
+        if route_packed:
+            packed.add(n)
+    return KernelChoice(frozenset(head), frozenset(decoder), dict(timings), noisy, frozenset(packed))
 
 
 def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: int = 5, seed: int = 0,
@@ -112,8 +128,10 @@ def measure_choice(target, max_tokens: int = 16, context: int = 256, repeats: in
         target.forward(torch.randint(0, high, (1, context), generator=generator).to(device), cache, logits_to_keep=1)
         sizes = [n for n in default_sizes(max_tokens) if n >= 2]
         blocks = {n: torch.randint(0, high, (1, n), generator=generator).to(device) for n in sizes}
-        choices = {name: KernelChoice(frozenset(sizes) if h else frozenset(), frozenset(sizes) if d else frozenset())
-                   for name, (h, d) in CANDIDATES.items()}
+        every = frozenset(sizes)
+        choices = {name: KernelChoice(every if h else frozenset(), every if d else frozenset(),
+                                      packed_rows=every if p else frozenset())
+                   for name, (h, d, p) in candidates().items()}
 
         def run(n: int) -> None:
             target.forward(blocks[n], cache)
@@ -142,7 +160,7 @@ def choice_key(target, max_tokens: int) -> str:
         "target": str(getattr(target, "name", "")), "layers": target.num_layers, "hidden": target.hidden_size,
         "device": str(target.device), "dtype": str(target.dtype), "threads": torch.get_num_threads(),
         "torch": torch.__version__, "cpu": machine_info()["cpu"], "forward": target.forward_path,
-        "max_tokens": max_tokens,
+        "max_tokens": max_tokens, "candidates": sorted(candidates()),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

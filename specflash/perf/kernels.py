@@ -1,39 +1,89 @@
 """Few-row linear kernels for the verify forwards of decoding on the CPU.
 
 Speculative decoding runs the LM head (and every linear) on a handful of rows: 1 token
-per plain step, k + 1 per verify step, k per draft. `F.linear(x, W)` and the same product
-written as (W @ x^T)^T give the same result to rounding, but their speed for 2..16 rows
-depends on the machine: on some CPUs (MKL on AVX2) the second stays close to the cost of
-reading W once while F.linear leaves its matrix-vector path and takes several times as
-long; on others (AVX-512 / AMX) it is the other way round (measurements with their
-machines: docs/performance.md, "Few-row verify kernels"). Which row counts take which
-kernel is therefore measured per machine (kernelchoice.py) and set per module with
-`use_small_batch_kernel(linear, rows)`. One row always takes `F.linear`, so plain decoding
-runs transformers' exact kernels and logits; everything else (training, prefill, GPUs,
-non-fp32) goes through `F.linear` unchanged.
+per plain step, k + 1 per verify step, k per draft. `F.linear(x, W)`, the same product
+written as (W @ x^T)^T, and MKL's GEMM against a weight packed once (`PackedWeight`) give
+the same result to rounding, but their speed for 2..32 rows depends on the machine: on
+some CPUs (MKL on AVX2) (W @ x^T)^T stays close to the cost of reading W once while
+F.linear leaves its matrix-vector path and takes several times as long; on AVX-512 / AMX
+it is the other way round, and the packed GEMM runs 8 rows in ~1.1x the time of one
+(measurements with their machines: docs/performance.md, "Few-row verify kernels"). Which
+row counts take which kernel is therefore measured per machine (kernelchoice.py) and set
+per module with `use_small_batch_kernel(linear, rows, packed_rows)`. One row always takes
+`F.linear`, so plain decoding runs transformers' exact kernels and logits; everything else
+(training, prefill, GPUs, non-fp32) goes through `F.linear` unchanged.
 """
 
 from __future__ import annotations
 
 import types
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
 DEFAULT_ROWS = frozenset(range(2, 17))
+PACK_ROWS = 16  # the row count MKL packs a weight for; the packed weight then serves any count >= 2
+
+
+# ------------------------------------------------------------------ packed weights (MKL)
+@lru_cache(maxsize=1)
+def mkl_packing_available() -> bool:
+    """Whether this torch build has MKL's packed GEMM (x86 builds with MKL: `torch.ops.mkl`)."""
+    try:
+        if not torch.backends.mkl.is_available():
+            return False
+        w = torch.ones(3, 2)
+        pack = torch.ops.mkl._mkl_reorder_linear_weight(w, 2)
+        return torch.equal(torch.ops.mkl._mkl_linear(torch.ones(2, 2), pack, w, None, 2), torch.full((2, 3), 2.0))
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class PackedWeight:
+    """A linear's weight [N, K] (fp32, CPU) packed once in MKL's GEMM layout: `matmul(x)`
+    computes x @ W^T (+ bias) for x [M, K], M >= 2, with the weight already in the order
+    the GEMM's inner kernel reads it (no per-call packing, one pass over W for all M rows).
+    The packed copy costs as much memory as the weight; `packed_weight(module)` makes it on
+    first use and keeps it with the module. The same packed weight serves every M (MKL packs
+    B independently of it; `invariant_form` and `measure_choice` check the results)."""
+
+    def __init__(self, weight: torch.Tensor, prepack_rows: int = PACK_ROWS):
+        self.weight = weight.detach()
+        self.pack = torch.ops.mkl._mkl_reorder_linear_weight(self.weight, prepack_rows)
+        self.key = (self.weight.data_ptr(), self.weight._version, tuple(self.weight.shape))
+
+    def matmul(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x [M, K] -> [M, N]."""
+        return torch.ops.mkl._mkl_linear(x.contiguous(), self.pack, self.weight,
+                                         bias.detach() if bias is not None else None, x.shape[0])
+
+
+def packed_weight(linear: torch.nn.Linear) -> PackedWeight:
+    """The module's PackedWeight, made on first use and again if its weight changed."""
+    weight = linear.weight.detach()
+    pack = vars(linear).get("_packed_weight")
+    if pack is None or pack.key != (weight.data_ptr(), weight._version, tuple(weight.shape)):
+        pack = PackedWeight(weight)
+        linear._packed_weight = pack
+    return pack
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                       rows: frozenset[int] | set[int] = DEFAULT_ROWS) -> torch.Tensor:
-    """x [..., K], weight [N, K] -> [..., N]; (W @ x^T)^T when x has a row count in `rows`
-    (fp32 CPU, no autograd), else F.linear (one row always: plain decoding keeps
+                       rows: frozenset[int] | set[int] = DEFAULT_ROWS, packed_rows: frozenset[int] | set[int] = (),
+                       pack: PackedWeight | None = None) -> torch.Tensor:
+    """x [..., K], weight [N, K] -> [..., N]; with x's row count in `packed_rows` and a
+    `pack` of this weight: MKL's GEMM against the packed weight; in `rows`: (W @ x^T)^T
+    (fp32 CPU, no autograd both); else F.linear (one row always: plain decoding keeps
     transformers' exact kernel and logits)."""
     n = x.numel() // max(1, x.shape[-1])
     autograd = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    if (n <= 1 or n not in rows or autograd or x.device.type != "cpu" or x.dtype != torch.float32
-            or weight.dtype != torch.float32):
+    if (n <= 1 or (n not in rows and n not in packed_rows) or autograd or x.device.type != "cpu"
+            or x.dtype != torch.float32 or weight.dtype != torch.float32):
         return F.linear(x, weight, bias)
+    if n in packed_rows and pack is not None:
+        return pack.matmul(x.reshape(n, x.shape[-1]), bias).reshape(*x.shape[:-1], weight.shape[0])
     out = torch.mm(weight, x.reshape(n, x.shape[-1]).t()).t()  # [n, N]
     if bias is not None:
         out = out + bias
@@ -41,21 +91,27 @@ def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 
 def _forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    return small_batch_linear(x, self.weight, self.bias, self._small_batch_rows)
+    packed_rows = self._small_batch_packed_rows
+    pack = packed_weight(self) if packed_rows and (x.numel() // max(1, x.shape[-1])) in packed_rows else None
+    return small_batch_linear(x, self.weight, self.bias, self._small_batch_rows, packed_rows, pack)
 
 
-def use_small_batch_kernel(linear: torch.nn.Module, rows=DEFAULT_ROWS) -> bool:
+def use_small_batch_kernel(linear: torch.nn.Module, rows=DEFAULT_ROWS, packed_rows=()) -> bool:
     """Route this module's forward through `small_batch_linear` for inputs of these row
-    counts (no rows: back to the stock forward). True if it is an nn.Linear."""
+    counts ((W @ x^T)^T for `rows`, the packed GEMM for `packed_rows`, which wins where both
+    list a count; none: back to the stock forward). True if it is an nn.Linear."""
     if not isinstance(linear, torch.nn.Linear):
         return False
     rows = frozenset(int(r) for r in rows)
-    if not rows:
+    packed_rows = frozenset(int(r) for r in packed_rows) if mkl_packing_available() else frozenset()
+    if not rows and not packed_rows:
         if "forward" in vars(linear):
             del linear.forward
         linear._small_batch_rows = None
+        linear._small_batch_packed_rows = frozenset()
         return True
     linear._small_batch_rows = rows
+    linear._small_batch_packed_rows = packed_rows
     linear.forward = types.MethodType(_forward, linear)
     return True
 
@@ -90,11 +146,13 @@ class stock_kernels:
 # sequence would get different rounding alone and in a batch. Splitting the rows into pieces
 # of 2..chunk rows, each multiplied on its own, gives every row the same bits whatever the
 # piece size, for a chunk below the BLAS's next blocking change (measured: 15 rows for
-# x @ W^T and 32 for (W @ x^T)^T with MKL on AVX-512). `invariant_form` finds, on this
-# machine and for the model's own matrix shapes, a form and chunk for which that holds;
-# `RowInvariance` carries the choice.
+# x @ W^T and 32 for (W @ x^T)^T with MKL on AVX-512; MKL's GEMM against a packed weight
+# gives a row the same bits at every row count from 2 up, at about the cost of one row for
+# up to 8). `invariant_form` finds, on this machine and for the model's own matrix shapes, a
+# form and chunk for which that holds; `RowInvariance` carries the choice.
 
-FORMS = ("xwt", "wxt")  # x @ W^T (F.linear's form), (W @ x^T)^T
+FORMS = ("packed", "xwt", "wxt")  # MKL's GEMM on a packed weight (linears only), x @ W^T (F.linear's), (W @ x^T)^T
+FORM_NAMES = {"packed": "packed x @ W^T", "xwt": "x @ W^T", "wxt": "(W @ x^T)^T"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +161,7 @@ class RowInvariance:
     chunk: int  # most rows per piece (>= 2)
 
     def describe(self) -> str:
-        return f"{'x @ W^T' if self.form == 'xwt' else '(W @ x^T)^T'} in pieces of 2..{self.chunk} rows"
+        return f"{FORM_NAMES[self.form]} in pieces of 2..{self.chunk} rows"
 
 
 def _pieces(n: int, chunk: int) -> list[int]:
@@ -114,21 +172,27 @@ def _pieces(n: int, chunk: int) -> list[int]:
     return sizes
 
 
-def _product(w: torch.Tensor, x: torch.Tensor, form: str) -> torch.Tensor:
+def _product(w: torch.Tensor, x: torch.Tensor, form: str, pack: PackedWeight | None = None) -> torch.Tensor:
+    if form == "packed":  # a 2-D weight with its PackedWeight, x [C, K]
+        return pack.matmul(x)
     if form == "xwt":
         return torch.matmul(x, w.transpose(-1, -2))
     return torch.matmul(w, x.transpose(-1, -2)).transpose(-1, -2)
 
 
-def row_invariant_matmul(w: torch.Tensor, x: torch.Tensor, how: RowInvariance) -> torch.Tensor:
+def row_invariant_matmul(w: torch.Tensor, x: torch.Tensor, how: RowInvariance,
+                         pack: PackedWeight | None = None) -> torch.Tensor:
     """w [..., O, K], x [..., C, K] -> [..., C, O] (x @ w^T), each of the C rows computed in a
-    piece of 2..how.chunk rows (one row is paired with itself), so its bits do not depend on C."""
+    piece of 2..how.chunk rows (one row is paired with itself), so its bits do not depend on C.
+    The "packed" form takes a 2-D w and its `pack`."""
     c = x.shape[-2]
     if c == 0:
         return x.new_zeros(*x.shape[:-1], w.shape[-2])
+    if how.form == "packed" and pack is None:
+        raise ValueError("the packed row-invariant form needs the weight's PackedWeight")
     if c == 1:
-        return _product(w, torch.cat([x, x], dim=-2), how.form)[..., :1, :]
-    parts = [_product(w, piece, how.form) for piece in x.split(_pieces(c, how.chunk), dim=-2)]
+        return _product(w, torch.cat([x, x], dim=-2), how.form, pack)[..., :1, :]
+    parts = [_product(w, piece, how.form, pack) for piece in x.split(_pieces(c, how.chunk), dim=-2)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
@@ -173,54 +237,66 @@ def attention_invariance(head_dim: int, block: int, dtype: torch.dtype, device, 
     generator = torch.Generator().manual_seed(seed)
     keys = torch.randn(2 * block, head_dim, generator=generator).to(device, dtype)
     values = torch.randn(2 * block, head_dim, generator=generator).to(device, dtype)
-    scores = invariant_form([keys])
-    values_how = invariant_form([values[:block].transpose(0, 1)], inputs={values.shape[0]: block})
+    activations = tuple(f for f in FORMS if f != "packed")  # operands change every call: nothing to pack
+    scores = invariant_form([keys], forms=activations)
+    values_how = invariant_form([values[:block].transpose(0, 1)], inputs={values.shape[0]: block}, forms=activations)
     return (scores, values_how) if scores is not None and values_how is not None else None
 
 
 def row_invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         how: RowInvariance) -> torch.Tensor:
+                         how: RowInvariance, pack: PackedWeight | None = None) -> torch.Tensor:
     """x [..., K], weight [N, K] -> [..., N], each row's result independent of the other rows."""
-    out = row_invariant_matmul(weight, x.reshape(-1, x.shape[-1]), how)
+    out = row_invariant_matmul(weight, x.reshape(-1, x.shape[-1]), how, pack)
     if bias is not None:
         out = out + bias
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _invariant_up_to(w: torch.Tensor, x: torch.Tensor, form: str, top: int) -> int:
+def _invariant_up_to(w: torch.Tensor, x: torch.Tensor, form: str, top: int, pack: PackedWeight | None = None) -> int:
     """Largest c <= top such that every piece size 2..c gives the rows of x the bits they get
     in pieces of 2 (1 if even 2..2 fails, i.e. never)."""
     n = x.shape[0]
-    reference = torch.cat([_product(w, x[i: i + 2], form)[:1] for i in range(n - 1)]
-                          + [_product(w, x[n - 2:], form)[1:]])
+    reference = torch.cat([_product(w, x[i: i + 2], form, pack)[:1] for i in range(n - 1)]
+                          + [_product(w, x[n - 2:], form, pack)[1:]])
+    if form == "packed":  # MKL's packed layout reused at other row counts: the values must be right too
+        exact = torch.matmul(x, w.transpose(-1, -2))
+        if not torch.allclose(reference, exact, rtol=1e-4, atol=1e-4 * float(exact.abs().max())):
+            return 1
     ok = 1
     for m in range(2, top + 1):
-        if not torch.equal(_product(w, x[:m], form), reference[:m]):
+        if not torch.equal(_product(w, x[:m], form, pack), reference[:m]):
             break
         ok = m
     return ok
 
 
-def invariant_form(weights, candidates=(32, 16, 15, 8, 4), seed: int = 0, inputs=None) -> RowInvariance | None:
+def invariant_form(weights, candidates=(32, 16, 15, 8, 4), seed: int = 0, inputs=None,
+                   forms=FORMS) -> RowInvariance | None:
     """For each form, the largest chunk in `candidates` that is row-invariant for every one of
-    these matrices (one per distinct shape is checked); the first form of FORMS that has one
-    (x @ W^T, F.linear's own form and speed, before (W @ x^T)^T, which is several times slower
-    for a few rows on some CPUs). None when no form is invariant here."""
+    these matrices (one per distinct shape is checked); the first of `forms` that has one:
+    the packed GEMM (2-D fp32 CPU weights, where MKL has it: the fastest for a few rows),
+    then x @ W^T, F.linear's own form and speed, before (W @ x^T)^T, which is several times
+    slower for a few rows on some CPUs. None when no form is invariant here."""
     generator = torch.Generator().manual_seed(seed)
     shapes = {}
     for w in weights:
         shapes.setdefault((tuple(w.shape), w.dtype, w.device), w)
     top = max(candidates)
+    packable = mkl_packing_available() and all(
+        w.dim() == 2 and w.dtype == torch.float32 and w.device.type == "cpu" for w in shapes.values())
     with torch.inference_mode():
         # inputs {T: K}: rows of K columns cut from rows of T (strided, as probabilities' key blocks)
         xs = {}
         for key, w in shapes.items():
             wide = next((t for t, k in (inputs or {}).items() if k == w.shape[1]), w.shape[1])
             xs[key] = torch.randn(top, wide, generator=generator).to(w.device, w.dtype)[:, : w.shape[1]]
-        for form in FORMS:
+        for form in forms:
+            if form == "packed" and not packable:
+                continue
+            packs = {key: PackedWeight(w) for key, w in shapes.items()} if form == "packed" else {}
             worst = top
             for key, w in shapes.items():
-                worst = min(worst, _invariant_up_to(w, xs[key], form, worst))
+                worst = min(worst, _invariant_up_to(w, xs[key], form, worst, packs.get(key)))
                 if worst < 2:
                     break
             fitting = [c for c in candidates if c <= worst]
@@ -243,7 +319,8 @@ class row_invariant_kernels:
         self._saved = [vars(m).get("forward") for m in self.modules]
 
         def forward(module, x):
-            return row_invariant_linear(x, module.weight, module.bias, how)
+            pack = packed_weight(module) if how.form == "packed" else None
+            return row_invariant_linear(x, module.weight, module.bias, how, pack)
 
         for m in self.modules:
             m.forward = types.MethodType(forward, m)

@@ -252,7 +252,10 @@ def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: 
                           log=None, row_invariant: bool = False) -> BatchCosts:
     """The cached batched-forward costs for this target / proposer / machine (as
     `load_or_measure`), measured on first use."""
-    kernels = "-inv" if row_invariant else ""
+    kernels = ""
+    if row_invariant:  # the row-invariant products chosen on this machine change the costs
+        how = target.describe_row_invariance() if hasattr(target, "describe_row_invariance") else ""
+        kernels = "-inv-" + hashlib.sha256(how.encode()).hexdigest()[:8]
     path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}{kernels}.json"
     return cached_measurement(
         path, lambda: measure_batch_costs(target, proposer, max_rows=max_rows, max_tokens=max_tokens,

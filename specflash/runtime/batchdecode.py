@@ -25,16 +25,21 @@ steps. Invariants per decoding sequence, as in decode.py: its slot holds exactly
 prompt and the committed output except its last token (the anchor); its proposer has been
 told every committed token with its features.
 
-Exactness: at temperature 0 a sequence's tokens are those it gets alone in this decoder
-when the target's batched forward is row-invariant (`row_invariant`, on by default where
-the target supports it: Llama / Qwen2 / Qwen3 on the lean forward, after a check of the
-kernels on this machine): every row then gets the same bits whatever else is in the batch
-and however wide its rows are padded, so the batch cannot flip an argmax. Against the
-one-at-a-time `SpeculativeDecoder` (other kernels: F.linear, one attention call for the
-whole block) and without row invariance, tokens agree as long as no argmax flips between
-forwards that compute the same logits up to float rounding (the test suite checks 1e-9 on
-float64 models). With a seed, a sampled sequence consumes its generator exactly as the
-solo loop does, so it gets the solo tokens under the same proviso.
+Exactness: at temperature 0 a sequence's tokens are those it gets alone when the target's
+batched forward is row-invariant (`row_invariant`, on by default where the target supports
+it: Llama / Qwen2 / Qwen3 on the lean forward, after a check of the kernels on this
+machine): every row then gets the same bits whatever else is in the batch and however wide
+its rows are padded, so the batch cannot flip an argmax. One exception, for speed: a step
+whose only decode row is one sequence's (`solo_when_alone`, the default) runs that row with
+the one-sequence kernels, which cost ~20% less than the row-invariant ones alone, so a
+lone request decodes as fast as in the solo loop; its steps before and after others join
+then take different kernels. Against the one-at-a-time `SpeculativeDecoder` (other
+kernels: F.linear, one attention call for the whole block), with those lone steps, or
+without row invariance, tokens agree as long as no argmax flips between forwards that
+compute the same logits up to float rounding (the test suite checks 1e-9 on float64
+models; benchmarks/batch_exactness.py counts flips on real prompts). With a seed, a
+sampled sequence consumes its generator exactly as the solo loop does, so it gets the solo
+tokens under the same proviso.
 
 Not batched yet: the drafter (one drafter forward per drafting sequence) and draft trees
 (`forward_batch` takes tree rows; this loop drafts linear blocks).
@@ -148,11 +153,14 @@ class BatchDecoder:
     step's decode rows (no padding of decode rows to a chunk's length; see `_forwards`);
     row_invariant: turn on the target's row-invariant batched forward where it can
     (`TargetModel.enable_row_invariance`; `self.row_invariant` says whether it is on;
-    default on unless the environment sets SPECFLASH_ROW_INVARIANT=0)."""
+    default on unless the environment sets SPECFLASH_ROW_INVARIANT=0); solo_when_alone: a
+    step with a single decode row runs it with the one-sequence kernels, as fast as the
+    solo loop (default on unless SPECFLASH_SOLO_WHEN_ALONE=0; module docstring)."""
 
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
                  policy=None, batch_policy=None, max_slots: int = 8, capacity: int = MIN_CAPACITY,
-                 prefill_chunk: int = 256, split_prefill: bool = True, row_invariant: bool | None = None):
+                 prefill_chunk: int = 256, split_prefill: bool = True, row_invariant: bool | None = None,
+                 solo_when_alone: bool | None = None):
         if block_size is None:
             block_size = getattr(proposer, "block_size", 8) if proposer is not None else 1
         if block_size < 1:
@@ -175,6 +183,12 @@ class BatchDecoder:
         if row_invariant is None:  # default: on, unless SPECFLASH_ROW_INVARIANT=0 (for A/B measurements)
             row_invariant = os.environ.get("SPECFLASH_ROW_INVARIANT", "1") not in ("0", "off", "false")
         self.row_invariant = bool(row_invariant) and target.enable_row_invariance()
+        # A decode row with no other decode row in its step runs the one-sequence kernels (as
+        # fast as the solo loop) instead of the row-invariant ones (default on unless
+        # SPECFLASH_SOLO_WHEN_ALONE=0).
+        if solo_when_alone is None:
+            solo_when_alone = os.environ.get("SPECFLASH_SOLO_WHEN_ALONE", "1") not in ("0", "off", "false")
+        self.solo_when_alone = bool(solo_when_alone)
         self.num_steps = 0  # steps run
         self.num_forwards = 0  # batched forwards run (two in a step whose prompt chunks ran apart)
         self.rows_per_step: list[int] = []  # rows of each batched forward
@@ -302,7 +316,9 @@ class BatchDecoder:
         self.last_forwards = []
         for group in groups:
             part = [rows[i] for i in group]
-            for i, out in zip(group, self.target.forward_batch(self.cache, part, self.row_invariant)):
+            invariant = self.row_invariant and not (self.solo_when_alone and len(part) == 1
+                                                    and part[0].logits == "all")
+            for i, out in zip(group, self.target.forward_batch(self.cache, part, invariant)):
                 outs[i] = out
             self.num_forwards += 1
             self.last_forwards.append((len(part), sum(row.num_tokens for row in part)))
