@@ -117,3 +117,49 @@ def test_pack_appends_only_new_ids_and_carries_cached_features(tmp_path):
     assert not (dst / "shard-00001.features.safetensors").exists()  # cut: its row numbers changed
     assert corpus.read_manifest(dst)["shards"]["shard-00001.npz"]["settings"]["dtype"] == "bfloat16"
     assert corpus.pack_folder(src, dst, "t", "c" * 64)["rows"] == 0  # idempotent
+
+
+def test_relabelled_greedy_answers_store_only_the_labels_that_differ():
+    """A greedy answer's labels cost next to nothing where they equal its text, read back
+    whole, and leave the row a greedy answer; human answers keep their dense labels."""
+    rows = _rows(64, seed=5)
+    greedy = [r for r in rows if r["response_from"] == "target"]
+    same = [dict(r, target_greedy=r["input_ids"][r["num_prompt_tokens"]:]) for r in greedy]
+    plain_size, same_size = len(corpus.pack_rows(greedy)), len(corpus.pack_rows(same))
+    assert same_size < plain_size * 1.02 + 64, (plain_size, same_size)
+    assert corpus.unpack_rows(corpus.pack_rows(same)) == same
+    changed = [dict(r, target_greedy=[t if j % 7 else (t + 1) % 49152 for j, t in enumerate(r["target_greedy"])])
+               for r in same]
+    assert corpus.unpack_rows(corpus.pack_rows(changed + rows)) == changed + rows
+    assert {corpus.answer_kind(r) for r in changed} == {"greedy"}
+
+
+def test_answer_kind_tells_greedy_sampled_and_human_answers_apart():
+    assert corpus.answer_kind({"id": "sharegpt-12", "response_from": "target"}) == "greedy"
+    assert corpus.answer_kind({"id": "sharegpt-12#T0.7s3", "response_from": "target"}) == "sampled"
+    assert corpus.answer_kind({"id": "he/7#T1e-05s0"}) == "sampled"
+    assert corpus.answer_kind({"id": "x#T0.7s3", "response_from": "human"}) == "human"
+    assert corpus.answer_kind({"id": "a#Tb"}) == "greedy"
+
+
+def test_a_manifest_replaced_while_it_is_updated_keeps_both_changes(tmp_path, monkeypatch):
+    """Another process (a `train data` run) replacing the manifest between our read and our
+    write: our change is applied again to its manifest instead of overwriting it."""
+    corpus.record_shard(tmp_path, tmp_path / "shard-00000.npz", _rows(2), {"dtype": "bfloat16"})
+    real = corpus.read_manifest
+    calls = []
+
+    def another_process_writes_in_between(folder):
+        manifest = real(folder)
+        if not calls:
+            calls.append(1)
+            corpus.record_shard(tmp_path, tmp_path / "shard-00001.npz", _rows(3, seed=1), {"dtype": "bfloat16"})
+        return manifest
+
+    monkeypatch.setattr(corpus, "read_manifest", another_process_writes_in_between)
+    corpus.update_manifest(tmp_path, lambda m: m["shards"]["shard-00000.npz"].update(labels={"dtype": "float32"}))
+    monkeypatch.setattr(corpus, "read_manifest", real)
+    shards = corpus.read_manifest(tmp_path)["shards"]
+    assert set(shards) == {"shard-00000.npz", "shard-00001.npz"}
+    assert shards["shard-00000.npz"]["labels"] == {"dtype": "float32"}
+    assert not list(tmp_path.glob("*.tmp"))

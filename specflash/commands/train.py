@@ -1,6 +1,7 @@
 """`specflash train`: regenerate data with the target, train a drafter, export it.
 
     specflash train data --prompts sharegpt,humaneval --out data/smollm2
+    specflash train relabel --data data/smollm2          # labels from the float32 target (bf16-written data)
     specflash train fit --data data/smollm2 --out runs/smollm2-dflash
     specflash train export --run runs/smollm2-dflash --out drafters/my-drafter
 """
@@ -16,7 +17,9 @@ from .common import DEFAULT_TARGET
 def register(sub) -> None:
     train = sub.add_parser("train", help="train a DFlash drafter for a target (data, fit, export)",
                            description="Train a DFlash drafter: `data` regenerates responses with the target and "
-                                       "keeps its tapped features, `fit` trains (resumable, DDP with torchrun), "
+                                       "keeps its tapped features, `relabel` labels answers a bfloat16 target wrote "
+                                       "with the float32 target's greedy tokens, `fit` trains (resumable, DDP with "
+                                       "torchrun), "
                                        "`export` writes the published checkpoint format plus a model card.")
     stages = train.add_subparsers(dest="stage", metavar="STAGE", required=True)
 
@@ -154,6 +157,32 @@ def register(sub) -> None:
     pack.add_argument("--target", default=None,
                       help="target that wrote the data (checked against the corpus's; default: the data's meta.json)")
     pack.set_defaults(handler=run_pack)
+
+    relabel = stages.add_parser(
+        "relabel", help="label a corpus's answers with the float32 target's greedy tokens",
+        description="Decoding is verified against the float32 target, but `train data --dtype bfloat16` writes the "
+                    "bfloat16 target's answers, whose greedy tokens differ from the float32 target's at a few "
+                    "percent of positions. This teacher-forces every row of the shards another dtype wrote through "
+                    "the target at --dtype, once, and stores its greedy token at each response position as the "
+                    "row's labels (the text stays the context; on disk a greedy answer keeps only the positions "
+                    "where the labels differ from it). The manifest records each relabelled shard, so a re-run "
+                    "resumes (a killed run loses at most the shard in progress) and shards appended later by "
+                    "`train data` are relabelled by the next run. Safe beside a `train data` run appending to the "
+                    "same corpus: only shards listed in the manifest at the start are touched.")
+    relabel.add_argument("--data", required=True, help="corpus folder, e.g. corpus/smollm2-135m-instruct")
+    relabel.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                         help="precision of the labelling target (default float32, what decoding verifies with); "
+                              "shards written at this dtype already carry its greedy answers and are skipped")
+    relabel.add_argument("--target", default=None,
+                         help="target model (default: the corpus's, from its manifest; checked against the sha256 "
+                              "of the weights that wrote it)")
+    relabel.add_argument("--batch-size", type=int, default=8,
+                         help="sequences teacher-forced together, similar lengths batched (default 8)")
+    relabel.add_argument("--max-shards", type=int, default=None,
+                         help="relabel at most N shards this run (default: all pending); re-run for the rest")
+    add_device_flag(relabel, "where the target runs")
+    relabel.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    relabel.set_defaults(handler=run_relabel)
 
     compare = stages.add_parser("compare", help="held-out acceptance of several drafters, paired",
                                 description="Estimate each drafter's acceptance on the same held-out sequences of "
@@ -294,6 +323,37 @@ def run_pack(args: argparse.Namespace) -> int:
         for key, value in pack_folder(folder, args.out, target, sha256).items():
             totals[key] += value
     print(json.dumps(totals | {"corpus": read_manifest(args.out).get("totals", {})}))
+    return 0
+
+
+def run_relabel(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from ..data.corpus import check_target, weights_sha256
+    from ..devices import resolve_device
+    from ..errors import InputError
+    from ..hf.target import TargetModel
+    from ..models import resolve_model
+    from ..train.relabel import check_corpus, pending_shards, relabel_corpus
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    if args.max_shards is not None and args.max_shards < 1:
+        raise InputError(f"--max-shards must be 1 or more, got {args.max_shards}")
+    manifest = check_corpus(args.data)
+    name = args.target or manifest.get("target")
+    if not name:
+        raise InputError(f"{args.data}/manifest.json does not name its target; pass --target")
+    if not pending_shards(args.data, args.dtype):
+        print(json.dumps({"shards": 0, "shards_pending": 0, "labels": args.dtype}))
+        return 0
+    _threads(args)
+    check_target(args.data, name, weights_sha256(resolve_model(name, progress=False)))
+    target = TargetModel.from_pretrained(name, dtype=getattr(torch, args.dtype), device=resolve_device(args.device))
+    stats = relabel_corpus(target, args.data, args.dtype, batch_size=args.batch_size, max_shards=args.max_shards)
+    print(json.dumps(stats | {"labels": args.dtype}))
     return 0
 
 

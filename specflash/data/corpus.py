@@ -12,16 +12,29 @@ Shard files, one of two kinds, numbered in one sequence per folder:
     offsets           [R + 1] int64: row r is tokens[offsets[r]:offsets[r + 1]]
     num_prompt_tokens [R] int32
     greedy, greedy_offsets: the target's greedy token at each response position, for rows
-                      whose response the target did not write (empty for the others)
-    rows_json         a JSON list of {id, source, response_from, finish_reason} per row
+                      whose response the target did not write greedily (human and sampled
+                      answers; empty for the others)
+    label_positions, label_tokens, label_offsets (shards relabelled by `train relabel`):
+                      for the target's own greedy answers, the response positions whose
+                      label (the relabelling target's greedy token) differs from the text,
+                      and those labels; a relabelled answer stores nothing where they agree
+    rows_json         a JSON list of {id, source, response_from, finish_reason, has_greedy,
+                      label_diffs} per row
 - `shard-NNNNN.jsonl` (older folders): one JSON object per row with the same fields.
-Either reads back as the same row dicts (`read_rows`), so every reader accepts both.
+Either reads back as the same row dicts (`read_rows`), so every reader accepts both: a
+row's labels, when it has any, are its `target_greedy` list (one token per response token).
+
+How a response was written (`answer_kind`): "human" (an existing answer, teacher-forced),
+"sampled" (the target at a temperature, id `<prompt id>#T0.7s3`) or "greedy" (the target's
+own greedy answer, in whatever dtype wrote it). A greedy answer keeps that kind when it gets
+labels from a relabelling.
 
 `manifest.json` says what is in the folder and how it was made: the target and the sha256 of
 its weights, per shard the generation settings (dtype, temperature, prompt sets, ...) and
-token counts, and totals by prompt set and by writer ("target/bfloat16", "human", ...).
-Each shard is written whole by rename and the manifest after it, so a killed job loses at
-most the shard in progress.
+token counts, and totals by prompt set and by writer ("target/bfloat16", "human", ...); a
+relabelled shard's entry also has `labels` (the dtype of the target whose greedy tokens are
+its labels, and counts). Each shard is written whole by rename and the manifest after it, so
+a killed job loses at most the shard in progress.
 """
 
 from __future__ import annotations
@@ -30,6 +43,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -41,6 +55,16 @@ from ..errors import InputError
 MANIFEST = "manifest.json"
 FORMAT = "specflash-corpus/1"
 _SUFFIXES = (".npz", ".jsonl")
+_SAMPLED_ID = re.compile(r"#T[^#]+s-?\d+$")  # what `train data --temperature T --seed N` appends to an id
+
+
+def answer_kind(row: dict) -> str:
+    """How a row's response was written: "human" (an existing answer, teacher-forced),
+    "sampled" (the target at a temperature: its id ends in "#T<temperature>s<seed>") or
+    "greedy" (the target's own greedy answer). Labels added later do not change it."""
+    if row.get("response_from", "target") != "target":
+        return "human"
+    return "sampled" if _SAMPLED_ID.search(row["id"]) else "greedy"
 
 
 def shard_files(folder: str | Path) -> list[Path]:
@@ -70,19 +94,45 @@ def _concat(seqs: list[list[int]], dtype) -> tuple[np.ndarray, np.ndarray]:
     return flat.astype(dtype), offsets
 
 
+def _stores_label_diffs(row: dict) -> bool:
+    """Whether a row's labels go to disk as differences from its text: a greedy answer with
+    one label per response token (what `train relabel` gives it). Human and sampled answers
+    keep the dense `greedy` arrays older readers know."""
+    labels = row.get("target_greedy")
+    return (labels is not None and answer_kind(row) == "greedy"
+            and len(labels) == len(row["input_ids"]) - row["num_prompt_tokens"])
+
+
+def label_diffs(row: dict) -> tuple[list[int], list[int]]:
+    """(response positions, labels) where a row's `target_greedy` differs from its response."""
+    response = row["input_ids"][row["num_prompt_tokens"]:]
+    at = [j for j, (label, token) in enumerate(zip(row["target_greedy"], response)) if label != token]
+    return at, [row["target_greedy"][j] for j in at]
+
+
 def pack_rows(rows: list[dict]) -> bytes:
-    """Row dicts -> the bytes of a compact `.npz` shard."""
-    largest = max((max(r["input_ids"], default=0) for r in rows), default=0)
+    """Row dicts -> the bytes of a compact `.npz` shard (the module doc says what is where)."""
+    largest = max((max([*r["input_ids"], *(r.get("target_greedy") or [])], default=0) for r in rows), default=0)
     dtype = np.uint16 if largest < 2 ** 16 else np.uint32
+    sparse = [_stores_label_diffs(r) for r in rows]
     tokens, offsets = _concat([r["input_ids"] for r in rows], dtype)
-    greedy, greedy_offsets = _concat([r.get("target_greedy") or [] for r in rows], dtype)
-    meta = [{"id": r["id"], "source": r.get("source", "?"), "response_from": r.get("response_from", "target"),
-             "finish_reason": r.get("finish_reason"), "has_greedy": r.get("target_greedy") is not None}
-            for r in rows]
+    greedy, greedy_offsets = _concat([[] if s else r.get("target_greedy") or [] for r, s in zip(rows, sparse)],
+                                     dtype)
+    diffs = [label_diffs(r) if s else ([], []) for r, s in zip(rows, sparse)]
+    label_positions, label_offsets = _concat([at for at, _ in diffs], np.int32)
+    label_tokens, _ = _concat([labels for _, labels in diffs], dtype)
+    meta = []
+    for r, s in zip(rows, sparse):
+        entry = {"id": r["id"], "source": r.get("source", "?"), "response_from": r.get("response_from", "target"),
+                 "finish_reason": r.get("finish_reason"), "has_greedy": r.get("target_greedy") is not None and not s}
+        if s:
+            entry["label_diffs"] = True
+        meta.append(entry)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, tokens=tokens, offsets=offsets,
                         num_prompt_tokens=np.array([r["num_prompt_tokens"] for r in rows], dtype=np.int32),
-                        greedy=greedy, greedy_offsets=greedy_offsets, rows_json=np.array(json.dumps(meta)))
+                        greedy=greedy, greedy_offsets=greedy_offsets, label_positions=label_positions,
+                        label_tokens=label_tokens, label_offsets=label_offsets, rows_json=np.array(json.dumps(meta)))
     return buffer.getvalue()
 
 
@@ -94,13 +144,23 @@ def unpack_rows(data: bytes | Path) -> list[dict]:
         greedy, greedy_offsets = z["greedy"].astype(np.int64), z["greedy_offsets"]
         prompt = z["num_prompt_tokens"]
         meta = json.loads(str(z["rows_json"]))
+        relabelled = "label_offsets" in z.files  # shards written before relabelling have none
+        if relabelled:
+            label_positions, label_offsets = z["label_positions"].astype(np.int64), z["label_offsets"]
+            label_tokens = z["label_tokens"].astype(np.int64)
     rows = []
     for r, m in enumerate(meta):
-        row = {"id": m["id"], "source": m["source"], "input_ids": tokens[offsets[r]:offsets[r + 1]].tolist(),
+        ids = tokens[offsets[r]:offsets[r + 1]]
+        row = {"id": m["id"], "source": m["source"], "input_ids": ids.tolist(),
                "num_prompt_tokens": int(prompt[r]), "response_from": m["response_from"],
                "finish_reason": m["finish_reason"]}
         if m.get("has_greedy"):
             row["target_greedy"] = greedy[greedy_offsets[r]:greedy_offsets[r + 1]].tolist()
+        elif m.get("label_diffs") and relabelled:
+            labels = ids[int(prompt[r]):].copy()
+            span = slice(label_offsets[r], label_offsets[r + 1])
+            labels[label_positions[span]] = label_tokens[span]
+            row["target_greedy"] = labels.tolist()
         rows.append(row)
     return rows
 
@@ -182,29 +242,62 @@ def writer_of(row: dict, settings: dict) -> str:
     return name
 
 
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    """(inode, mtime ns, size) of a file, None when absent: changes whenever it is replaced."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
+def update_manifest(folder: str | Path, change, attempts: int = 20) -> dict:
+    """Read the manifest, apply `change(manifest)` (in place) and write it back whole by rename.
+
+    Safe beside another process that rewrites the manifest by rename (a `train data` run
+    appending shards to the folder): the new manifest is written to a file of this process's
+    own, and if the manifest was replaced since it was read, the change is applied again to
+    the newer one instead of overwriting it. (The gap left, between that last check and the
+    rename, is microseconds.) Returns the manifest written."""
+    path = Path(folder) / MANIFEST
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    for _ in range(attempts):
+        before = _stamp(path)
+        manifest = read_manifest(folder) or {"format": FORMAT}
+        change(manifest)
+        tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        if _stamp(path) == before:
+            os.replace(tmp, path)
+            return manifest
+        time.sleep(0.05)
+    tmp.unlink(missing_ok=True)
+    raise InputError(f"{path} kept changing while it was being updated; try again")
+
+
 def record_shard(folder: str | Path, shard: Path, rows: list[dict], settings: dict,
-                 target: str | None = None, target_sha256: str | None = None) -> dict:
-    """Add (or replace) a shard's entry in the manifest and recompute the totals."""
-    folder = Path(folder)
-    manifest = read_manifest(folder) or {"format": FORMAT}
-    if target is not None:
-        manifest.setdefault("target", target)
-    if target_sha256 is not None:
-        manifest.setdefault("target_sha256", target_sha256)
+                 target: str | None = None, target_sha256: str | None = None, labels: dict | None = None) -> dict:
+    """Add (or replace) a shard's entry in the manifest and recompute the totals; `labels`
+    (a relabelled shard's record, carried by `pack_folder`) goes into the entry."""
     prompt = sum(r["num_prompt_tokens"] for r in rows)
     total = sum(len(r["input_ids"]) for r in rows)
-    manifest.setdefault("shards", {})[shard.name] = {
+    entry = {
         "rows": len(rows), "prompt_tokens": prompt, "response_tokens": total - prompt,
         "sources": dict(Counter(r.get("source", "?") for r in rows)),
         "writers": dict(Counter(writer_of(r, settings) for r in rows)),
         "settings": settings, "written": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    manifest["totals"] = _totals(manifest["shards"])
-    path = folder / MANIFEST
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return manifest
+    if labels is not None:
+        entry["labels"] = labels
+
+    def change(manifest: dict) -> None:
+        if target is not None:
+            manifest.setdefault("target", target)
+        if target_sha256 is not None:
+            manifest.setdefault("target_sha256", target_sha256)
+        manifest.setdefault("shards", {})[shard.name] = entry
+        manifest["totals"] = _totals(manifest["shards"])
+
+    return update_manifest(folder, change)
 
 
 def _totals(shards: dict) -> dict:
@@ -251,8 +344,10 @@ def pack_folder(source: str | Path, corpus: str | Path, target: str | None = Non
             tmp.write_bytes(cached.read_bytes())
             os.replace(tmp, features_path(out))
         write_rows(out, keep)
-        settings = theirs.get(shard.name, {}).get("settings", fallback)
-        record_shard(corpus, out, keep, settings, target or meta.get("target"), target_sha256)
+        entry = theirs.get(shard.name, {})
+        labels = entry.get("labels") if len(keep) == len(rows) else None  # its counts are of the whole shard
+        record_shard(corpus, out, keep, entry.get("settings", fallback), target or meta.get("target"), target_sha256,
+                     labels)
         have.update(r["id"] for r in keep)
         counts["rows"] += len(keep)
         counts["shards"] += 1

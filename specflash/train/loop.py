@@ -40,6 +40,7 @@ from .objective import (
     weighted_block_loss,
 )
 from ..data.corpus import features_path
+from .relabel import stale_label_rows
 from .shards import Example, ShardDataset
 
 
@@ -295,7 +296,7 @@ def held_out_fraction(config: "TrainConfig", dataset: ShardDataset) -> float:
     has a standard error (~0.07 tau) larger than most differences between runs."""
     if config.held_out_fraction is not None:
         return config.held_out_fraction
-    own = sum(1 for r in dataset.rows if r.response_from == "target" and r.target_greedy is None)
+    own = sum(1 for r in dataset.rows if r.greedy_answer)
     return min(0.2, max(0.03, config.eval_sequences / max(1, own)))
 
 
@@ -403,6 +404,11 @@ class Trainer:
             print(f"warning: {unlabelled} teacher-forced (human) answers have no target greedy labels, so the "
                   "drafter learns their human tokens, which the target would often not write; run `specflash "
                   "train data` on the data folder(s) again to add the labels", flush=True)
+        stale = stale_label_rows(config.data)
+        if stale and self.rank == 0:
+            print(f"warning: {stale} rows were written by a target in another dtype than float32 (e.g. `train data "
+                  "--dtype bfloat16`) and keep its greedy tokens as labels, not the float32 target's that decoding "
+                  "checks; run `specflash train relabel --data FOLDER` on the data folder(s) first", flush=True)
         if config.distill > 0 and self.dataset[self.train_idx[0]].topk_ids is None and self.rank == 0:
             print("warning: --distill needs the target's top-k logits beside the data (`specflash train data` "
                   "with the features and --topk); without them positions train on their labels alone", flush=True)
@@ -602,7 +608,8 @@ class Trainer:
     def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64,
                  per_sequence: bool = False) -> dict:
         """Offline acceptance on held-out sequences: teacher-forced blocks against the
-        target's own continuation, argmax over the drafter's vocabulary as at decode time."""
+        target's own continuation (in a relabelled answer, the labelling target's greedy tokens),
+        argmax over the drafter's vocabulary as at decode time."""
         self.drafter.eval()
         indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
         lengths, hits_all = [], []  # per sequence: [blocks] acceptance lengths, [blocks, B-1] reach
@@ -620,9 +627,14 @@ class Trainer:
             b = self.config.block_size
             pred = pred.view(-1, b)[:, 1:].cpu()
             truth = blocks.labels.view(-1, b)[:, 1:]
-            # Only blocks whose positions are all response tokens are scored.
-            full = (truth >= 0).all(dim=1)
-            hits = (pred == truth)[full]
+            # Valid anchors keep every block inside the response, so a label is unknown (-100) only
+            # in a relabelled answer, past where its text left the labelling target's greedy path
+            # (build_blocks): the continuation decoding would verify is unknown there and counts as
+            # a miss, so such a block's acceptance is a lower bound (low only if the drafter got
+            # every known position right). Dropping those blocks instead would drop the uncertain
+            # spots of the text (a third of the blocks at 2.6% differing labels, block 16).
+            hits = pred == truth
+            hits = hits[truth[:, 0] >= 0]
             if hits.numel():
                 lengths.append(acceptance_from_hits(hits).float())
                 scored.append(example.id)
@@ -731,7 +743,7 @@ def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float,
 def train_estimate_sample(dataset: "ShardDataset", train_idx: list[int], count: int) -> list[int]:
     """`count` training rows the target wrote greedily, spread evenly over the training
     order (every k-th), fixed for the run, for the training-set acceptance estimate."""
-    rows = [i for i in train_idx if dataset.rows[i].response_from == "target" and dataset.rows[i].target_greedy is None]
+    rows = [i for i in train_idx if dataset.rows[i].greedy_answer]
     if not rows or count <= 0:
         return []
     stride = max(1, len(rows) // count)
@@ -793,14 +805,16 @@ def data_summary(trainer: "Trainer") -> dict:
     sources = sorted({ds.rows[i].source for i in trainer.train_idx})
     from_target = ds.num_response_tokens([i for i in trainer.train_idx if ds.rows[i].response_from == "target"])
     total = ds.num_response_tokens(trainer.train_idx)
-    greedy_labelled = ds.num_response_tokens([i for i in trainer.train_idx if ds.rows[i].response_from != "target"
+    greedy_labelled = ds.num_response_tokens([i for i in trainer.train_idx if ds.rows[i].written == "human"
                                               and ds.rows[i].target_greedy is not None])
+    greedy_rows = [i for i in trainer.train_idx if ds.rows[i].greedy_answer]
     return {"sources": sources, "sequences": len(trainer.train_idx), "held_out": len(trainer.eval_idx),
             "response_tokens": total, "fraction_from_target": round(from_target / total, 4) if total else None,
             "human_tokens_with_target_labels": greedy_labelled,
             "sampled_response_tokens": ds.num_response_tokens([i for i in trainer.train_idx
-                                                               if ds.rows[i].response_from == "target"
-                                                               and ds.rows[i].target_greedy is not None])}
+                                                               if ds.rows[i].written == "sampled"]),
+            # greedy answers relabelled by another dtype's target (`train relabel`): labels that differ from the text
+            "greedy_labels_differing_from_text": ds.labels_differing_from_text(greedy_rows)}
 
 
 def export_run(trainer: "Trainer", folder: str | Path | None = None, command: str | None = None) -> Path:

@@ -3,9 +3,16 @@
 An example is one sequence: prompt + response token ids, a mask of response tokens
 (the only supervised ones), and the tapped target features of every token but the last
 (from the shard's features file, or computed by a teacher-forced target forward when
-the shard has none). Rows whose response the target did not write (teacher-forced human
-answers) also carry `target_greedy`: the target's greedy token at each response
-position given the tokens before it, the labels the objective trains on."""
+the shard has none). Rows whose response the target did not write greedily (teacher-forced
+human answers, sampled answers) also carry `target_greedy`: the target's greedy token at
+each response position given the tokens before it, the labels the objective trains on. So
+do the target's greedy answers after `train relabel` (text written by a bfloat16 target,
+labels from the float32 target), where those labels differ from the text.
+
+How a row was written (`_Row.written`: "greedy", "sampled" or "human",
+`specflash.data.corpus.answer_kind`) is kept apart from whether it has labels: the held-out
+split, its default size and the training-set estimate take the target's greedy answers,
+relabelled or not."""
 
 from __future__ import annotations
 
@@ -15,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.corpus import features_path, read_rows, shard_files
+from ..data.corpus import answer_kind, features_path, read_rows, shard_files
 from ..errors import InputError
 
 
@@ -42,7 +49,29 @@ class _Row:
     input_ids: tuple[int, ...]
     num_prompt_tokens: int
     response_from: str
-    target_greedy: tuple[int, ...] | None = None  # per response token, for human answers
+    target_greedy: tuple[int, ...] | None = None  # labels per response token; None: the response itself
+    written: str = "greedy"  # "greedy" (the target's own greedy answer), "sampled" or "human"
+
+    @property
+    def greedy_answer(self) -> bool:
+        """The target's own greedy answer (labelled by a relabelling or not): what decoding reproduces."""
+        return self.written == "greedy"
+
+    def labels(self) -> tuple[int, ...]:
+        """The tokens the drafter must predict at the response positions."""
+        return self.target_greedy if self.target_greedy is not None else self.input_ids[self.num_prompt_tokens:]
+
+
+def _row_labels(d: dict, ids: tuple[int, ...], n_prompt: int, written: str) -> tuple[int, ...] | None:
+    """A row's labels, cut to its (possibly truncated) response; None where they are the
+    response itself (a greedy answer whose relabelling changed nothing), to save memory."""
+    greedy = d.get("target_greedy")
+    if greedy is None:
+        return None
+    greedy = tuple(greedy[:max(0, len(ids) - n_prompt)])
+    if written == "greedy" and greedy == ids[n_prompt:]:
+        return None
+    return greedy
 
 
 class ShardDataset:
@@ -61,11 +90,10 @@ class ShardDataset:
                 for i, d in enumerate(read_rows(shard)):
                     ids = tuple(d["input_ids"][:max_length] if max_length else d["input_ids"])
                     n_prompt = int(d["num_prompt_tokens"])
-                    greedy = d.get("target_greedy")
-                    if greedy is not None:
-                        greedy = tuple(greedy[:max(0, len(ids) - n_prompt)])
+                    written = answer_kind(d)
                     self.rows.append(_Row(shard, i, d["id"], d.get("source", "?"), ids, n_prompt,
-                                          d.get("response_from", "target"), greedy))
+                                          d.get("response_from", "target"), _row_labels(d, ids, n_prompt, written),
+                                          written))
         self._open: dict[Path, object] = {}
 
     def __len__(self) -> int:
@@ -79,7 +107,8 @@ class ShardDataset:
         Rows of prompts in `exclude_ids` (e.g. benchmark prompts) are in neither. Only the
         target's own greedy answers are held out (the held-out estimate compares the drafter
         with them); a human (teacher-forced) answer of a held-out prompt trains, and a sampled
-        answer of one is in neither set, so no held-out prompt is ever trained on."""
+        answer of one is in neither set, so no held-out prompt is ever trained on. A greedy
+        answer relabelled by another dtype's target is still the target's greedy answer."""
         train, held = [], []
         for i, row in enumerate(self.rows):
             # Keyed by the prompt: the sampled answers of a prompt ("<id>#T..s..") go with it.
@@ -90,9 +119,9 @@ class ShardDataset:
             bucket = int(hashlib.sha256(f"held-out:{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
             if bucket >= held_out_fraction:
                 train.append(i)
-            elif row.response_from == "target" and row.target_greedy is None:
+            elif row.greedy_answer:
                 held.append(i)  # the target's own greedy answer: what decoding must match
-            elif row.response_from != "target":
+            elif row.written == "human":
                 train.append(i)  # a human answer: its prompt has no target answer to leak
             # else a sampled answer to a held-out prompt: in neither set
         return train, held
@@ -100,20 +129,23 @@ class ShardDataset:
     def unlabelled_human_rows(self) -> int:
         """Rows with a human answer but no `target_greedy` labels (shards written before
         they existed); `specflash train data` on the folder adds them."""
-        return sum(1 for r in self.rows if r.response_from != "target" and r.target_greedy is None)
+        return sum(1 for r in self.rows if r.written == "human" and r.target_greedy is None)
 
     def token_counts(self, indices: list[int], vocab_size: int) -> torch.Tensor:
         """[V] counts of the response labels (the tokens the drafter must predict) over the given rows."""
         counts = torch.zeros(vocab_size, dtype=torch.float64)
         for i in indices:
-            row = self.rows[i]
-            labels = row.target_greedy if row.target_greedy is not None else row.input_ids[row.num_prompt_tokens:]
-            response = torch.tensor(labels, dtype=torch.long)
+            response = torch.tensor(self.rows[i].labels(), dtype=torch.long)
             counts.index_add_(0, response, torch.ones(response.numel(), dtype=torch.float64))
         return counts
 
     def num_response_tokens(self, indices: list[int]) -> int:
         return sum(max(0, len(self.rows[i].input_ids) - self.rows[i].num_prompt_tokens) for i in indices)
+
+    def labels_differing_from_text(self, indices: list[int]) -> int:
+        """Response positions of the given rows whose label is not the text's own token."""
+        return sum(sum(a != b for a, b in zip(row.target_greedy, row.input_ids[row.num_prompt_tokens:]))
+                   for row in (self.rows[i] for i in indices) if row.target_greedy is not None)
 
     def _cache(self, row: _Row):
         """The open features cache of the row's shard, or None when it has none."""
