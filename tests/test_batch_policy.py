@@ -111,6 +111,21 @@ def test_drafting_must_beat_no_drafts_by_the_margin():
     assert plan_drafts(tables, forward, draft, min_gain=gain * 0.99) == plan
 
 
+def test_one_drafter_forward_for_all_makes_drafting_pay_at_a_larger_batch():
+    """With the drafter's cost per step (one forward for every drafting sequence) instead of
+    one call per sequence, drafting pays at a batch where separate calls do not."""
+    separate = BatchCosts(cpu_like_costs().forward)
+    together = BatchCosts(cpu_like_costs().forward, drafts={1: 0.005, 2: 0.006, 4: 0.008, 8: 0.012, 16: 0.02})
+    step = StepCosts({1: 0.052, 2: 0.054}, draft=0.012)
+    b = 8
+    plans = [LoadAwarePolicy(costs, step, MAX_DRAFTS, min_gain=0.0).choose(requests(b, [0.6] * b))
+             for costs in (separate, together)]
+    assert sum(plans[0]) < sum(plans[1])
+    assert sum(k > 0 for k in plans[1]) == b
+    assert together.drafts_s(0) == 0.0 and together.drafts_s(3) == pytest.approx(0.007)
+    assert separate.drafts_s(3) is None
+
+
 def test_one_request_alone_gets_autos_choice_probes_included():
     policy = LoadAwarePolicy(cpu_like_costs(), STEP, MAX_DRAFTS, min_gain=0.0)
     for rate in (0.9, 0.5, 0.02):
@@ -154,6 +169,8 @@ def test_batched_costs_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert sizes == {1: [1, 2, 3, 4], 2: [1, 2, 3, 4], 3: [1, 2, 4]}
     costs = measure_batch_costs(target, proposer, max_rows=3, max_tokens=4, context=16, repeats=2)
     assert set(costs.forward) == {(b, w) for b, ws in sizes.items() for w in ws}
+    assert set(costs.drafts) == {1, 2, 3}  # one drafter forward for 1, 2, 3 drafting sequences
+    assert BatchCosts.from_dict(json.loads(json.dumps(costs.to_dict()))) == costs
     first = load_or_measure_batch(target, proposer, max_rows=3, max_tokens=4)
     assert len(list(tmp_path.glob("batch-*.json"))) == 1 or first.noisy
     monkeypatch.setattr("specflash.perf.measure.measure_batch_costs", lambda *a, **k: pytest.fail("measured twice"))

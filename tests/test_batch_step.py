@@ -588,3 +588,57 @@ def test_a_lone_decode_row_runs_the_one_sequence_kernels_and_a_batch_the_invaria
         solo = SpeculativeDecoder(target, None).generate(prompt, config).token_ids
         assert result.token_ids == solo
     assert lone.token_ids == both[0].token_ids
+
+
+# ------------------------------------------------------------ batched drafting
+
+
+def test_one_drafter_forward_gives_every_sequence_its_solo_proposal():
+    """`propose_batch`: sequences with different context lengths and draft counts get, from
+    one drafter forward, the drafts (and sampled probabilities) each gets alone (float64:
+    only the summation order can differ)."""
+    from specflash.runtime.proposers.dflash import propose_batch
+    from specflash.runtime.sampling import Sampler
+
+    target = make_target()
+    drafter = tiny_drafter(target, block_size=8)
+    lengths, anchors, ks = (5, 17, 9), (3, 44, 120), (1, 7, 4)
+    features = [torch.randn(1, n, target.hidden_size * 3, generator=torch.Generator().manual_seed(n),
+                            dtype=target.dtype) for n in lengths]
+
+    def fresh(i):
+        proposer = DFlashProposer(drafter, target)
+        proposer.reset(torch.zeros(lengths[i], dtype=torch.long), features[i])
+        return proposer
+
+    for temperature in (0.0, 0.8):
+        solo, batch = [], []
+        for i in range(3):
+            sampler = Sampler.create(temperature, 0, 1.0, 7 + i)
+            solo.append(fresh(i).propose(anchors[i], lengths[i], ks[i], sampler))
+        proposers = [fresh(i) for i in range(3)]
+        assert all(p.batchable for p in proposers)
+        batch = propose_batch(proposers, list(anchors), list(lengths), list(ks),
+                              [Sampler.create(temperature, 0, 1.0, 7 + i) for i in range(3)])
+        for a, b, k in zip(solo, batch, ks):
+            assert a.tokens.shape == (k,) and torch.equal(a.tokens, b.tokens)
+            if temperature:
+                torch.testing.assert_close(a.probs, b.probs, **EXACT)
+        assert all(p._cache.length == n for p, n in zip(proposers, lengths))  # contexts were extended
+
+
+def test_the_decoder_drafts_with_one_drafter_forward_per_step_and_keeps_the_solo_tokens(monkeypatch):
+    import specflash.runtime.batchdecode as batchdecode
+
+    target = make_target()
+    prompts = prompt_list((6, 21, 13), seed=9)
+    proposer = make_proposer("dflash", target, prompts, 12)
+    calls = []
+    real = batchdecode.propose_batch
+    monkeypatch.setattr(batchdecode, "propose_batch", lambda ps, *a: (calls.append(len(ps)), real(ps, *a))[1])
+    config = DecodeConfig(max_new_tokens=12, block_size=4, stop_token_ids=())
+    decoder = BatchDecoder(target, proposer, 8, max_slots=3)
+    results = decoder.generate_all(prompts, config)
+    assert calls and max(calls) == 3 and decoder.num_batched_drafts == len(calls)
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == solo_result(target, proposer, prompt, config).token_ids

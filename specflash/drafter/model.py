@@ -328,6 +328,55 @@ class DFlashDrafter(nn.Module):
             cache.advance(n_new)
         return self.norm(hidden)
 
+    @property
+    def blocks_see_everything(self) -> bool:
+        """Whether every layer lets a block see all its context and itself (full, non-causal
+        attention: the published drafters), so blocks of several sequences can share one
+        forward with only their context lengths masked (`forward_blocks`)."""
+        return all(not self._layer_is_causal(layer) and self._layer_window(layer) is None for layer in self.layers)
+
+    def extend_context(self, features: torch.Tensor, feature_positions: torch.Tensor, cache: ContextKVCache) -> None:
+        """Append context features [1, c, K*H_t] at positions [1, c] to a sequence's cache
+        (what `forward` does before its block, without the block)."""
+        n = features.shape[1]
+        if n == 0:
+            return
+        context = self.fuse(features)  # [1, c, H]
+        cos_c, sin_c = self.rotary(context, feature_positions)
+        cache.reserve(n)
+        for layer in self.layers:
+            attn = layer.self_attn
+            ctx_k, ctx_v = attn.context_kv(context, cos_c, sin_c)
+            cache.write(attn.layer_idx, ctx_k, ctx_v, feature_positions[0])
+        cache.advance(n)
+
+    def forward_blocks(self, block_embeds: torch.Tensor, block_positions: torch.Tensor,
+                       caches: list[ContextKVCache]) -> torch.Tensor:
+        """Several sequences' blocks in one forward: block_embeds [B, q, H] at positions
+        [B, q], sequence b attending to the context in caches[b] (its own length, the rest
+        of the padded keys masked) and to its whole block -> hidden states [B, q, H] after
+        the final norm. Layers must see everything (`blocks_see_everything`)."""
+        if not self.blocks_see_everything:
+            raise ValueError("batched blocks need full, non-causal attention in every layer")
+        b, q = block_positions.shape
+        lengths = torch.tensor([cache.length for cache in caches], device=block_positions.device)
+        longest = int(lengths.max()) if b else 0
+        keys = torch.arange(longest + q, device=block_positions.device)
+        visible = (keys[None, :] < lengths[:, None]) | (keys[None, :] >= longest)  # [B, c + q]
+        mask = visible[:, None, None, :].expand(b, 1, q, longest + q)  # [B, 1, q, c + q]
+        hidden = block_embeds
+        cos_q, sin_q = self.rotary(hidden, block_positions)
+        for layer in self.layers:
+            index = layer.self_attn.layer_idx
+            ctx_k = hidden.new_zeros(b, layer.self_attn.num_kv_heads, longest, layer.self_attn.head_dim)
+            ctx_v = torch.zeros_like(ctx_k)
+            for i, cache in enumerate(caches):
+                k, v = cache.view(index)  # [1, kv, length_i, d]
+                ctx_k[i, :, : k.shape[2]] = k[0]
+                ctx_v[i, :, : v.shape[2]] = v[0]
+            hidden = layer(hidden, cos_q, sin_q, ctx_k, ctx_v, mask)
+        return self.norm(hidden)
+
     @staticmethod
     def _block_mask(block_positions: torch.Tensor, num_keys: int, cache: ContextCache | None,
                     feature_positions: torch.Tensor | None, causal: bool,

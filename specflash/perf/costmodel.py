@@ -139,12 +139,22 @@ class BatchCosts:
     drafts any row of the step verifies): `forward[(rows, width)]` -> median time.
 
     A batched step that verifies k_i drafts for sequence i costs
-        t_forward(B, 1 + max_i k_i) + sum_{i: k_i > 0} t_draft(k_i)
-    (the drafter runs once per drafting sequence, the forward once for all of them)."""
+        t_forward(B, 1 + max_i k_i) + t_drafts(n)      (n sequences draft, one drafter forward)
+    or, without `drafts` (a proposer that drafts one sequence at a time),
+        t_forward(B, 1 + max_i k_i) + sum_{i: k_i > 0} t_draft(k_i).
+    `drafts[n]`: one batched drafter call for n sequences (each its full block)."""
 
     forward: dict[tuple[int, int], float]
     context: int = 0  # cached tokens per sequence in front of the measured forwards
     noisy: bool = False
+    drafts: dict[int, float] | None = None
+
+    def drafts_s(self, sequences: int) -> float | None:
+        """One drafter forward for `sequences` drafting sequences (0 for none; None when not
+        measured: the proposer drafts one at a time)."""
+        if not self.drafts:
+            return None
+        return 0.0 if sequences <= 0 else max(interpolate(self.drafts, sequences), 0.0)
 
     def __post_init__(self):
         if (1, 1) not in self.forward:
@@ -161,8 +171,11 @@ class BatchCosts:
         return max(interpolate(at, rows), 0.0)
 
     def to_dict(self) -> dict:
-        return {"forward": {f"{b}x{w}": t for (b, w), t in sorted(self.forward.items())},
+        data = {"forward": {f"{b}x{w}": t for (b, w), t in sorted(self.forward.items())},
                 "context": self.context, "noisy": self.noisy}
+        if self.drafts:
+            data["drafts"] = {str(n): t for n, t in sorted(self.drafts.items())}
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> BatchCosts:
@@ -170,4 +183,5 @@ class BatchCosts:
         for key, t in data["forward"].items():
             b, w = key.split("x")
             forward[(int(b), int(w))] = float(t)
-        return cls(forward, int(data.get("context", 0)), bool(data.get("noisy", False)))
+        drafts = {int(n): float(t) for n, t in data["drafts"].items()} if data.get("drafts") else None
+        return cls(forward, int(data.get("context", 0)), bool(data.get("noisy", False)), drafts)

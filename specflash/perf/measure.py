@@ -239,13 +239,48 @@ def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: in
                     cache.crop(slots[i], context)
 
             jobs[(b, w)] = run
+    jobs.update(_batched_draft_jobs(target, proposer, sorted(sizes), context, generator))
     times = time_round_robin(jobs, warmup, repeats, device)
     noisy = any(relative_spread(t) > noise_limit for t in times.values())
     forward = {}
     for b in sizes:
         fitted = non_decreasing({w: statistics.median(t) for (rows, w), t in times.items() if rows == b})
         forward.update({(b, w): t for w, t in fitted.items()})
-    return BatchCosts(forward, context, noisy)
+    drafts = non_decreasing({n: statistics.median(t) for (kind, n), t in times.items() if kind == "drafts"})
+    return BatchCosts(forward, context, noisy, drafts or None)
+
+
+def drafts_in_one_forward(proposer) -> bool:
+    """Whether the batched decoder drafts for all its sequences in one drafter forward with
+    this proposer (`proposers.dflash.propose_batch`)."""
+    from ..runtime.proposers.dflash import DFlashProposer
+
+    return (isinstance(proposer, DFlashProposer) and getattr(proposer, "_static", None) is None
+            and proposer.drafter.blocks_see_everything)
+
+
+def _batched_draft_jobs(target, proposer, counts: list[int], context: int, generator) -> dict:
+    """Timing jobs ("drafts", n): one batched drafter call for n sequences, each with
+    `context` tokens of context (none when the proposer drafts one sequence at a time)."""
+    if not drafts_in_one_forward(proposer):
+        return {}
+    import copy
+
+    from ..runtime.proposers.dflash import propose_batch
+    from ..runtime.sampling import Sampler
+
+    drafter = proposer.drafter
+    high = target.vocab_rows
+    proposers = []
+    for _ in range(max(counts)):
+        p = copy.copy(proposer)
+        features = torch.randn(1, context, drafter.fc.in_features, generator=generator)
+        p.reset(torch.zeros(context, dtype=torch.long), features.to(target.device, target.dtype))
+        proposers.append(p)
+    anchor = int(torch.randint(0, high, (1,), generator=generator))
+    greedy = Sampler.create(0.0, 0, 1.0, 0, device=target.device)
+    return {("drafts", n): (lambda n=n: propose_batch(proposers[:n], [anchor] * n, [context] * n, [1] * n,
+                                                       [greedy] * n)) for n in counts}
 
 
 def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: int = 16, refresh: bool = False,
@@ -256,6 +291,8 @@ def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: 
     if row_invariant:  # the row-invariant products chosen on this machine change the costs
         how = target.describe_row_invariance() if hasattr(target, "describe_row_invariance") else ""
         kernels = "-inv-" + hashlib.sha256(how.encode()).hexdigest()[:8]
+    if drafts_in_one_forward(proposer):
+        kernels += "-drafts"  # the batched drafter's costs are measured too
     path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}{kernels}.json"
     return cached_measurement(
         path, lambda: measure_batch_costs(target, proposer, max_rows=max_rows, max_tokens=max_tokens,

@@ -41,8 +41,11 @@ models; benchmarks/batch_exactness.py counts flips on real prompts). With a seed
 sampled sequence consumes its generator exactly as the solo loop does, so it gets the solo
 tokens under the same proviso.
 
-Not batched yet: the drafter (one drafter forward per drafting sequence) and draft trees
-(`forward_batch` takes tree rows; this loop drafts linear blocks).
+The drafter runs once per step for every drafting sequence (`propose_batch`: each block
+attends to its own context, padded and masked) where the proposer allows it (DFlash on its
+dynamic context cache, full-attention drafter layers); other proposers draft one sequence
+at a time. Draft trees are not batched yet (`forward_batch` takes tree rows; this loop
+drafts linear blocks).
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ from .config import DecodeConfig, at_least
 from .decode import GenerationResult, Step, _truncate
 from .metrics import SpecStats
 from .proposers.base import Proposer
+from .proposers.dflash import propose_batch
 from .sampling import Sampler
 from .treepolicy import is_tree_policy
 
@@ -155,12 +159,14 @@ class BatchDecoder:
     (`TargetModel.enable_row_invariance`; `self.row_invariant` says whether it is on;
     default on unless the environment sets SPECFLASH_ROW_INVARIANT=0); solo_when_alone: a
     step with a single decode row runs it with the one-sequence kernels, as fast as the
-    solo loop (default on unless SPECFLASH_SOLO_WHEN_ALONE=0; module docstring)."""
+    solo loop (default on unless SPECFLASH_SOLO_WHEN_ALONE=0; module docstring);
+    batch_drafts: the step's DFlash drafts from one drafter forward for all drafting
+    sequences (`proposers.dflash.propose_batch`) instead of one forward each."""
 
     def __init__(self, target: TargetModel, proposer: Proposer | None = None, block_size: int | None = None,
                  policy=None, batch_policy=None, max_slots: int = 8, capacity: int = MIN_CAPACITY,
                  prefill_chunk: int = 256, split_prefill: bool = True, row_invariant: bool | None = None,
-                 solo_when_alone: bool | None = None):
+                 solo_when_alone: bool | None = None, batch_drafts: bool = True):
         if block_size is None:
             block_size = getattr(proposer, "block_size", 8) if proposer is not None else 1
         if block_size < 1:
@@ -189,6 +195,8 @@ class BatchDecoder:
         if solo_when_alone is None:
             solo_when_alone = os.environ.get("SPECFLASH_SOLO_WHEN_ALONE", "1") not in ("0", "off", "false")
         self.solo_when_alone = bool(solo_when_alone)
+        self.batch_drafts = bool(batch_drafts)
+        self.num_batched_drafts = 0  # steps whose drafts came from one drafter forward
         self.num_steps = 0  # steps run
         self.num_forwards = 0  # batched forwards run (two in a step whose prompt chunks ran apart)
         self.rows_per_step: list[int] = []  # rows of each batched forward
@@ -260,6 +268,9 @@ class BatchDecoder:
 
         rows: list[BatchRow] = []
         plans: list[tuple] = []  # per row: (sequence, drafts, draft_probs) or (sequence, None, end)
+        wanted = {s.id: min(chosen.get(s.id, 0), self._max_drafts(s)) for s in decoding}
+        batched = self._propose_together([s for s in decoding if wanted[s.id] > 0 and s._proposer is not None],
+                                         wanted)
         for s in running:
             if s._anchor is None:
                 end = min(s._prefilled + self.prefill_chunk, s._prompt.numel())
@@ -267,9 +278,9 @@ class BatchDecoder:
                                      "last" if end == s._prompt.numel() else "none"))
                 plans.append((s, None, end))
                 continue
-            k = min(chosen.get(s.id, 0), self._max_drafts(s))
+            k = wanted[s.id]
             if s._proposer is not None and k > 0:
-                proposal = s._proposer.propose(s._anchor, s._start, k, s._sampler)
+                proposal = batched.get(s.id) or s._proposer.propose(s._anchor, s._start, k, s._sampler)
                 drafts = proposal.tokens[:k].to(target.device)
                 draft_probs = proposal.probs[: drafts.shape[0]] if proposal.probs is not None else None
             else:
@@ -295,6 +306,19 @@ class BatchDecoder:
                 if event.step.finish_reason is not None:
                     self._leave(s, event.step.finish_reason)
         return events
+
+    def _propose_together(self, drafting: list[BatchSequence], wanted: dict[int, int]) -> dict:
+        """Proposals of every drafting sequence whose DFlash proposer can share one drafter
+        forward (`proposers.dflash.propose_batch`), when there are two or more and
+        `batch_drafts` is on -> {sequence id: Proposal}; the others propose alone."""
+        together = [s for s in drafting if getattr(s._proposer, "batchable", False)]
+        if not self.batch_drafts or len(together) < 2:
+            return {}
+        proposals = propose_batch([s._proposer for s in together], [s._anchor for s in together],
+                                  [s._start for s in together], [wanted[s.id] for s in together],
+                                  [s._sampler for s in together])
+        self.num_batched_drafts += 1
+        return {s.id: p for s, p in zip(together, proposals)}
 
     def _forwards(self, rows: list[BatchRow]) -> list:
         """The step's rows in one target forward, or two when prompt chunks would pad the

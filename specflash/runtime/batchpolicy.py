@@ -1,10 +1,11 @@
 """Load-aware speculation: how many drafts each sequence of a batched step verifies.
 
 A batched step (batchdecode.py) runs one target forward for B decoding sequences, every
-row padded to the longest, and one drafter call per drafting sequence. Verifying k_i
-drafts for sequence i costs
+row padded to the longest, and one drafter forward for all n drafting sequences (DFlash;
+other proposers: one call per drafting sequence). Verifying k_i drafts for sequence i costs
 
-    step = t_forward(B, 1 + max_i k_i) + sum_{i: k_i > 0} t_draft(k_i)       (BatchCosts, StepCosts)
+    step = t_forward(B, 1 + max_i k_i) + t_drafts(n)                      (BatchCosts)
+         = t_forward(B, 1 + max_i k_i) + sum_{i: k_i > 0} t_draft(k_i)     (one call each: StepCosts)
 
 and delivers on average sum_i E_i[tokens | k_i] = B + sum_i gain_i(k_i) tokens, gain_i(k) =
 a_i1 + a_i1 a_i2 + ... (costmodel.expected_tokens - 1, from sequence i's acceptance
@@ -65,7 +66,8 @@ def gains(rates: Sequence[float], max_drafts: int) -> list[float]:
     return out
 
 
-def plan_drafts(gain_tables: Sequence[Sequence[float]], forward_s, draft_s, min_gain: float = 0.0) -> list[int]:
+def plan_drafts(gain_tables: Sequence[Sequence[float]], forward_s, draft_s, min_gain: float = 0.0,
+                drafts_s=None) -> list[int]:
     """The drafts per sequence with the most expected tokens per second of the whole step.
 
     gain_tables[i][k]: expected accepted drafts of sequence i when it verifies k drafts
@@ -73,7 +75,9 @@ def plan_drafts(gain_tables: Sequence[Sequence[float]], forward_s, draft_s, min_
     tokens; draft_s(k): one drafter call for k drafts. For each width w, sequences are
     taken in order of their expected gain at min(w - 1, own limit) and kept while they
     raise the rate; the best width wins (ties: the narrower). A plan that drafts at all
-    must beat drafting nothing by the fraction `min_gain` (the model's margin of error)."""
+    must beat drafting nothing by the fraction `min_gain` (the model's margin of error).
+    drafts_s(n), when given: one drafter forward for all n drafting sequences, instead of
+    draft_s(k_i) per drafting sequence."""
     b = len(gain_tables)
     best, best_rate = [0] * b, b / forward_s(1) * (1 + min_gain)
     widest = 1 + max((len(g) - 1 for g in gain_tables), default=0)
@@ -83,8 +87,9 @@ def plan_drafts(gain_tables: Sequence[Sequence[float]], forward_s, draft_s, min_
         tokens, seconds = float(b), forward_s(width)
         chosen = [0] * b
         rate = None
-        for i in order:
-            t2, s2 = tokens + gain_tables[i][ks[i]], seconds + draft_s(ks[i])
+        for n, i in enumerate(order):
+            extra = drafts_s(n + 1) - drafts_s(n) if drafts_s is not None else draft_s(ks[i])
+            t2, s2 = tokens + gain_tables[i][ks[i]], seconds + extra
             if rate is not None and t2 / s2 <= rate:
                 break
             tokens, seconds, chosen[i] = t2, s2, ks[i]
@@ -135,8 +140,9 @@ class LoadAwarePolicy:
             return self.last_plan
         b = len(requests)
         tables = [gains(self.rates(r.sequence), min(r.max_drafts, self.max_drafts)) for r in requests]
+        together = self.batch_costs.drafts_s if self.batch_costs.drafts else None
         self.last_plan = plan_drafts(tables, lambda w: self.batch_costs.forward_s(b, w), self.step_costs.draft_s,
-                                     self.min_gain)
+                                     self.min_gain, together)
         return self.last_plan
 
     def observe(self, sequence, num_drafted: int, num_accepted: int) -> None:
