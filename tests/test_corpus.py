@@ -126,7 +126,7 @@ def test_relabelled_greedy_answers_store_only_the_labels_that_differ():
     greedy = [r for r in rows if r["response_from"] == "target"]
     same = [dict(r, target_greedy=r["input_ids"][r["num_prompt_tokens"]:]) for r in greedy]
     plain_size, same_size = len(corpus.pack_rows(greedy)), len(corpus.pack_rows(same))
-    assert same_size < plain_size * 1.02 + 64, (plain_size, same_size)
+    assert same_size < plain_size + 400, (plain_size, same_size)  # a fixed few hundred bytes a shard
     assert corpus.unpack_rows(corpus.pack_rows(same)) == same
     changed = [dict(r, target_greedy=[t if j % 7 else (t + 1) % 49152 for j, t in enumerate(r["target_greedy"])])
                for r in same]

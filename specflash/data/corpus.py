@@ -14,12 +14,13 @@ Shard files, one of two kinds, numbered in one sequence per folder:
     greedy, greedy_offsets: the target's greedy token at each response position, for rows
                       whose response the target did not write greedily (human and sampled
                       answers; empty for the others)
-    label_positions, label_tokens, label_offsets (shards relabelled by `train relabel`):
-                      for the target's own greedy answers, the response positions whose
-                      label (the relabelling target's greedy token) differs from the text,
-                      and those labels; a relabelled answer stores nothing where they agree
-    rows_json         a JSON list of {id, source, response_from, finish_reason, has_greedy,
-                      label_diffs} per row
+    label_diffs       [D, 2] uint16 (uint32 when wider), only in shards `train relabel`
+                      rewrote: (response position, label) wherever a greedy answer's label
+                      (the relabelling target's greedy token) differs from its text, rows in
+                      order; a relabelled answer stores nothing where the two agree
+    rows_json         a JSON list of {id, source, response_from, finish_reason, has_greedy}
+                      per row, plus label_diffs (its count of those pairs) for a relabelled
+                      greedy answer
 - `shard-NNNNN.jsonl` (older folders): one JSON object per row with the same fields.
 Either reads back as the same row dicts (`read_rows`), so every reader accepts both: a
 row's labels, when it has any, are its `target_greedy` list (one token per response token).
@@ -103,11 +104,10 @@ def _stores_label_diffs(row: dict) -> bool:
             and len(labels) == len(row["input_ids"]) - row["num_prompt_tokens"])
 
 
-def label_diffs(row: dict) -> tuple[list[int], list[int]]:
-    """(response positions, labels) where a row's `target_greedy` differs from its response."""
+def label_diffs(row: dict) -> list[tuple[int, int]]:
+    """(response position, label) wherever a row's `target_greedy` differs from its response."""
     response = row["input_ids"][row["num_prompt_tokens"]:]
-    at = [j for j, (label, token) in enumerate(zip(row["target_greedy"], response)) if label != token]
-    return at, [row["target_greedy"][j] for j in at]
+    return [(j, label) for j, (label, token) in enumerate(zip(row["target_greedy"], response)) if label != token]
 
 
 def pack_rows(rows: list[dict]) -> bytes:
@@ -118,21 +118,22 @@ def pack_rows(rows: list[dict]) -> bytes:
     tokens, offsets = _concat([r["input_ids"] for r in rows], dtype)
     greedy, greedy_offsets = _concat([[] if s else r.get("target_greedy") or [] for r, s in zip(rows, sparse)],
                                      dtype)
-    diffs = [label_diffs(r) if s else ([], []) for r, s in zip(rows, sparse)]
-    label_positions, label_offsets = _concat([at for at, _ in diffs], np.int32)
-    label_tokens, _ = _concat([labels for _, labels in diffs], dtype)
-    meta = []
+    arrays = {"tokens": tokens, "offsets": offsets, "greedy": greedy, "greedy_offsets": greedy_offsets,
+              "num_prompt_tokens": np.array([r["num_prompt_tokens"] for r in rows], dtype=np.int32)}
+    meta, diffs = [], []
     for r, s in zip(rows, sparse):
         entry = {"id": r["id"], "source": r.get("source", "?"), "response_from": r.get("response_from", "target"),
                  "finish_reason": r.get("finish_reason"), "has_greedy": r.get("target_greedy") is not None and not s}
         if s:
-            entry["label_diffs"] = True
+            found = label_diffs(r)
+            entry["label_diffs"] = len(found)
+            diffs += found
         meta.append(entry)
+    if any(sparse):  # only relabelled shards carry the array
+        widest = max((max(pair) for pair in diffs), default=0)
+        arrays["label_diffs"] = np.array(diffs, dtype=np.uint16 if widest < 2 ** 16 else np.uint32).reshape(-1, 2)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, tokens=tokens, offsets=offsets,
-                        num_prompt_tokens=np.array([r["num_prompt_tokens"] for r in rows], dtype=np.int32),
-                        greedy=greedy, greedy_offsets=greedy_offsets, label_positions=label_positions,
-                        label_tokens=label_tokens, label_offsets=label_offsets, rows_json=np.array(json.dumps(meta)))
+    np.savez_compressed(buffer, **arrays, rows_json=np.array(json.dumps(meta)))
     return buffer.getvalue()
 
 
@@ -144,11 +145,8 @@ def unpack_rows(data: bytes | Path) -> list[dict]:
         greedy, greedy_offsets = z["greedy"].astype(np.int64), z["greedy_offsets"]
         prompt = z["num_prompt_tokens"]
         meta = json.loads(str(z["rows_json"]))
-        relabelled = "label_offsets" in z.files  # shards written before relabelling have none
-        if relabelled:
-            label_positions, label_offsets = z["label_positions"].astype(np.int64), z["label_offsets"]
-            label_tokens = z["label_tokens"].astype(np.int64)
-    rows = []
+        diffs = z["label_diffs"].astype(np.int64) if "label_diffs" in z.files else np.zeros((0, 2), np.int64)
+    rows, taken = [], 0
     for r, m in enumerate(meta):
         ids = tokens[offsets[r]:offsets[r + 1]]
         row = {"id": m["id"], "source": m["source"], "input_ids": ids.tolist(),
@@ -156,10 +154,11 @@ def unpack_rows(data: bytes | Path) -> list[dict]:
                "finish_reason": m["finish_reason"]}
         if m.get("has_greedy"):
             row["target_greedy"] = greedy[greedy_offsets[r]:greedy_offsets[r + 1]].tolist()
-        elif m.get("label_diffs") and relabelled:
+        elif "label_diffs" in m:  # the response, where the labels differ from it replaced
             labels = ids[int(prompt[r]):].copy()
-            span = slice(label_offsets[r], label_offsets[r + 1])
-            labels[label_positions[span]] = label_tokens[span]
+            mine = diffs[taken:taken + m["label_diffs"]]
+            labels[mine[:, 0]] = mine[:, 1]
+            taken += m["label_diffs"]
             row["target_greedy"] = labels.tolist()
         rows.append(row)
     return rows
