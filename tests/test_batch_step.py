@@ -413,14 +413,17 @@ def test_prefill_chunks_interleave_with_decode_rows_and_give_the_same_tokens(mon
 
 
 def test_slot_capacity_growth_mid_run_keeps_the_tokens():
+    """A sequence that joins mid-run with a longer generation grows the shared storage once,
+    at its admission (room for its prompt, its tokens and a block), under the running ones."""
     target = make_target()
     prompts = prompt_list((10, 4, 13), seed=9)
-    proposer = make_proposer("oracle", target, prompts, 60)
-    config = DecodeConfig(max_new_tokens=60, stop_token_ids=())
+    proposer = make_proposer("oracle", target, prompts, 100)
+    short = DecodeConfig(max_new_tokens=20, stop_token_ids=())
+    long = DecodeConfig(max_new_tokens=100, stop_token_ids=())
     decoder = BatchDecoder(target, proposer, 8, max_slots=3, capacity=16, row_invariant=False)
-    sequences = run_schedule(decoder, [(0, p, config) for p in prompts])
-    assert decoder.cache.capacity == 128 and decoder.cache.grows == 3  # (row invariance reserves 256 keys)
-    for prompt, sequence in zip(prompts, sequences):
+    sequences = run_schedule(decoder, [(0, prompts[0], short), (0, prompts[1], short), (3, prompts[2], long)])
+    assert decoder.cache.capacity == 128 and decoder.cache.grows == 2  # 10 + 20 + 8 -> 64 at the start, 121 -> 128
+    for prompt, sequence, config in zip(prompts, sequences, (short, short, long)):
         assert sequence.tokens == solo_result(target, proposer, prompt, config).token_ids
 
 

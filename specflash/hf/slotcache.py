@@ -15,7 +15,10 @@ its sequence's positions 0..length(s)-1 at storage columns 0..length(s)-1.
   accepted path's K/V to consecutive columns (as `TargetModel.keep_cache_path` does on a
   one-sequence cache) and sets the length.
 - Capacity is shared by every slot and grows by the one capacity rule (cache.py's
-  `grown_capacity`: doubling, one copy of the filled columns when a step outgrows it).
+  `grown_capacity`: doubling, one copy of the slots' committed columns when a step
+  outgrows it). On the CPU the storage comes from lazily zeroed pages, so growing to a
+  long prompt's capacity costs only the committed columns' copy (4096 columns for 8
+  slots of SmolLM2-135M: 4.8 s with eager zero-filling on the Intel Xeon VM).
 
 Storage is zero-initialised and only ever receives finite K/V, so masked columns (stale,
 padding, other sequences') cannot turn an attention row into NaN.
@@ -130,16 +133,29 @@ class SlotKVCache:
             self._allocate(grown_capacity(needed, self.capacity, self.maximum))
             self.grows += 1
 
+    def _zeros(self, shape: tuple[int, ...]) -> torch.Tensor:
+        """Zero-filled storage; on the CPU from the OS's lazily zeroed pages (numpy's calloc),
+        so a large cache costs its memory (and the page faults) only where it is written,
+        and growing it does not stall a step on filling gigabytes with zeros."""
+        if self.device.type == "cpu":
+            try:
+                import numpy as np
+
+                numpy_dtype = torch.empty(0, dtype=self.dtype).numpy().dtype
+                return torch.from_numpy(np.zeros(shape, dtype=numpy_dtype))
+            except (TypeError, RuntimeError):  # a dtype numpy lacks (bfloat16)
+                pass
+        return torch.zeros(shape, dtype=self.dtype, device=self.device)
+
     def _allocate(self, capacity: int) -> None:
         shape = (self.max_slots, self.kv_heads, capacity, self.head_dim)
-        filled = max(self._lengths) if self.keys else 0
         new_k, new_v = [], []
         for layer in range(self.num_layers):
-            k = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            v = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            if self.keys and filled:
-                k[:, :, :filled] = self.keys[layer][:, :, :filled]
-                v[:, :, :filled] = self.values[layer][:, :, :filled]
+            k, v = self._zeros(shape), self._zeros(shape)
+            for slot, length in enumerate(self._lengths if self.keys else ()):
+                if self._in_use[slot] and length:  # only what is committed moves
+                    k[slot, :, :length] = self.keys[layer][slot, :, :length]
+                    v[slot, :, :length] = self.values[layer][slot, :, :length]
             new_k.append(k)
             new_v.append(v)
         self.keys, self.values = new_k, new_v

@@ -231,6 +231,9 @@ class BatchDecoder:
         stop_ids = frozenset(config.stop_token_ids if config.stop_token_ids is not None else target.eos_token_ids)
         sampler = Sampler.create(config.temperature, config.top_k, config.top_p, config.seed, device=target.device)
         slot = self.cache.acquire()
+        # Room for the whole generation now: one growth of the shared storage at admission
+        # instead of one per doubling while a long prompt prefills.
+        self.cache.reserve(min(prompt.numel() + config.max_new_tokens + block_size, target.max_context))
         sequence = BatchSequence(next(self._ids), [int(t) for t in prompt.tolist()], config,
                                  policy if policy is not None else self.policy, slot=slot)
         sequence._init(prompt, sampler, proposer, block_size, stop_ids)

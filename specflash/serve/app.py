@@ -59,7 +59,7 @@ class ServeSettings:
     # True: each request in its own target forward, round-robin (`serve --exact`: exactly
     # the solo tokens); False: one batched forward per step for every running request.
     exact: bool = False
-    prefill_chunk: int = 256  # batched: most prompt tokens a request prefills per step
+    prefill_chunk: int = 128  # batched: most prompt tokens a request prefills per step
 
 
 CHARS_PER_TOKEN = 16  # English averages about 4 characters per token, code about 3

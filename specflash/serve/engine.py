@@ -192,7 +192,7 @@ class Engine:
 
     def __init__(self, pipe: Pipeline, max_concurrency: int = 8, max_queue: int = 256,
                  metrics: ServerMetrics | None = None, torch_threads: int | None = None,
-                 batched: bool = True, prefill_chunk: int = 256, batch_policy=None):
+                 batched: bool = True, prefill_chunk: int = 128, batch_policy=None):
         if max_concurrency < 1:
             raise ValueError(f"max_concurrency must be >= 1 (got {max_concurrency})")
         if max_queue < 0:
