@@ -294,28 +294,23 @@ class DFlashDrafter(nn.Module):
         """
         hidden = block_embeds
         cos_q, sin_q = self.rotary(hidden, block_positions)
-        n_new = 0
-        if features is not None and features.shape[1] > 0:
+        context = None
+        if cache is not None:
+            if features is not None:  # new context into the cache first; the layers read it back
+                self.extend_context(features, feature_positions, cache)
+        elif features is not None and features.shape[1] > 0:
             context = self.fuse(features)  # [b, c, H]
             cos_c, sin_c = self.rotary(context, feature_positions)
-            n_new = context.shape[1]
-        else:
-            context = None
-        if cache is not None:
-            cache.reserve(n_new)
         masks: dict[tuple[bool, int | None], torch.Tensor | None] = {}
         for layer in self.layers:
             attn = layer.self_attn
-            if context is not None:
+            if cache is not None:
+                ctx_k, ctx_v = cache.view(attn.layer_idx)
+            elif context is not None:
                 ctx_k, ctx_v = attn.context_kv(context, cos_c, sin_c)
             else:
                 b = hidden.shape[0]
                 ctx_k = ctx_v = hidden.new_zeros(b, attn.num_kv_heads, 0, attn.head_dim)
-            if cache is not None:
-                if context is not None:
-                    ctx_k, ctx_v = cache.write(attn.layer_idx, ctx_k, ctx_v, feature_positions[0])
-                else:
-                    ctx_k, ctx_v = cache.view(attn.layer_idx)
             mask = attention_mask
             if mask is None:
                 rule = (self._layer_is_causal(layer), self._layer_window(layer))
@@ -324,8 +319,6 @@ class DFlashDrafter(nn.Module):
                                                    feature_positions if context is not None else None, *rule)
                 mask = masks[rule]
             hidden = layer(hidden, cos_q, sin_q, ctx_k, ctx_v, mask)
-        if cache is not None:
-            cache.advance(n_new)
         return self.norm(hidden)
 
     @property
@@ -335,9 +328,10 @@ class DFlashDrafter(nn.Module):
         forward with only their context lengths masked (`forward_blocks`)."""
         return all(not self._layer_is_causal(layer) and self._layer_window(layer) is None for layer in self.layers)
 
-    def extend_context(self, features: torch.Tensor, feature_positions: torch.Tensor, cache: ContextKVCache) -> None:
-        """Append context features [1, c, K*H_t] at positions [1, c] to a sequence's cache
-        (what `forward` does before its block, without the block)."""
+    def extend_context(self, features: torch.Tensor, feature_positions: torch.Tensor, cache: ContextCache) -> None:
+        """Write context features [1, c, K*H_t] at positions [1, c] into a sequence's cache
+        (dynamic or static): fused, then each layer's K/V (what `forward` does before its
+        block, and `proposers.dflash.propose_batch` before the blocks of several sequences)."""
         n = features.shape[1]
         if n == 0:
             return

@@ -250,19 +250,10 @@ def measure_batch_costs(target, proposer=None, max_rows: int = 8, max_tokens: in
     return BatchCosts(forward, context, noisy, drafts or None)
 
 
-def drafts_in_one_forward(proposer) -> bool:
-    """Whether the batched decoder drafts for all its sequences in one drafter forward with
-    this proposer (`proposers.dflash.propose_batch`)."""
-    from ..runtime.proposers.dflash import DFlashProposer
-
-    return (isinstance(proposer, DFlashProposer) and getattr(proposer, "_static", None) is None
-            and proposer.drafter.blocks_see_everything)
-
-
 def _batched_draft_jobs(target, proposer, counts: list[int], context: int, generator) -> dict:
     """Timing jobs ("drafts", n): one batched drafter call for n sequences, each with
     `context` tokens of context (none when the proposer drafts one sequence at a time)."""
-    if not drafts_in_one_forward(proposer):
+    if not getattr(proposer, "drafts_together", False):  # one drafter forward for several sequences?
         return {}
     import copy
 
@@ -291,7 +282,7 @@ def load_or_measure_batch(target, proposer=None, max_rows: int = 8, max_tokens: 
     if row_invariant:  # the row-invariant products chosen on this machine change the costs
         how = target.describe_row_invariance() if hasattr(target, "describe_row_invariance") else ""
         kernels = "-inv-" + hashlib.sha256(how.encode()).hexdigest()[:8]
-    if drafts_in_one_forward(proposer):
+    if getattr(proposer, "drafts_together", False):
         kernels += "-drafts"  # the batched drafter's costs are measured too
     path = costs_dir() / f"batch-{cost_key(target, proposer, max_tokens)}-{max_rows}{kernels}.json"
     return cached_measurement(

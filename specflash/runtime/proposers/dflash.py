@@ -81,10 +81,16 @@ class DFlashProposer:
         return pending
 
     @property
+    def drafts_together(self) -> bool:
+        """Whether this proposer's generations can draft in `propose_batch` (dynamic context
+        caches, no CUDA-graph steps, and a drafter whose blocks see everything)."""
+        return self._static is None and self.drafter.blocks_see_everything
+
+    @property
     def batchable(self) -> bool:
-        """Whether this proposer can draft in `propose_batch` (a dynamic context cache and a
-        drafter whose blocks see everything)."""
-        return self._static is None and self.drafter.blocks_see_everything and self._cache is not None
+        """Whether this proposer can draft in `propose_batch` now (`drafts_together`, with a
+        generation started)."""
+        return self.drafts_together and self._cache is not None
 
     def _draft_hidden(self, anchor: int, position: int, num_tokens: int) -> torch.Tensor:
         """One drafter forward for the block after `anchor` (at `position`) -> the hidden
