@@ -3,6 +3,7 @@ equals one process with the combined batch, and export writes a loadable drafter
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -68,6 +69,20 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_process_group(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run a launcher in its own session; past the timeout kill it and every rank it started
+    (killing the launcher alone leaves its ranks running) and report exit code -9."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               start_new_session=True)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        out, err = process.communicate()
+        return subprocess.CompletedProcess(command, -9, out, f"timed out after {timeout} s\n{err}")
+    return subprocess.CompletedProcess(command, process.returncode, out, err)
+
+
 def test_ddp_two_processes_equal_one_process_with_the_combined_batch(setup):
     root, folder, _, data = setup
     common = ["train", "fit", "--data", str(data), "--target", str(folder), "--num-layers", "1", "--block-size",
@@ -76,16 +91,15 @@ def test_ddp_two_processes_equal_one_process_with_the_combined_batch(setup):
     assert main(common + ["--out", str(root / "single"), "--grad-accum", "2"]) == 0
     env = dict(os.environ, OMP_NUM_THREADS="1")
     errors = []
-    for _attempt in range(2):  # one retry: gloo has aborted at start-up on a loaded 2-core CI machine
+    for _attempt in range(2):  # one retry: gloo has aborted or hung at start-up/teardown on a loaded 2-core CI machine
         launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr",
                     "127.0.0.1", "--master-port", str(free_port())]
-        done = subprocess.run([*launcher, "-m", "specflash.cli", *common, "--out", str(root / "ddp"),
-                               "--grad-accum", "1", "--no-resume"], capture_output=True, text=True, env=env,
-                              timeout=300)
+        done = run_process_group([*launcher, "-m", "specflash.cli", *common, "--out", str(root / "ddp"),
+                                  "--grad-accum", "1", "--no-resume"], env=env, timeout=150)
         if done.returncode == 0:
             break
         # Rank errors come first in torchrun's stderr, its own traceback last.
-        errors.append(done.stderr[:3000] + "\n...\n" + done.stderr[-800:])
+        errors.append(f"exit {done.returncode}\n" + done.stderr[:3000] + "\n...\n" + done.stderr[-800:])
     assert done.returncode == 0, "\n=====\n".join(errors)
     single = torch.load(root / "single" / "checkpoints" / "last.pt", weights_only=False)
     ddp = torch.load(root / "ddp" / "checkpoints" / "last.pt", weights_only=False)

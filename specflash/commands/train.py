@@ -300,8 +300,10 @@ def run_fit(args: argparse.Namespace) -> int:
     trainer = Trainer(config)
     try:
         trainer.fit(resume=args.resume)
-    finally:
-        shutdown_distributed()
+    except BaseException:
+        shutdown_distributed(clean=False)
+        raise
+    shutdown_distributed()
     if rank == 0:
         folder = export_run(trainer, command="specflash " + " ".join(sys.argv[1:]))
         print(json.dumps({"drafter": str(folder), "step": trainer.step, "total_steps": trainer.total_steps}))

@@ -133,10 +133,17 @@ def init_distributed(device: torch.device | None = None) -> tuple[int, int]:
     return _rank_world()
 
 
-def shutdown_distributed() -> None:
+def shutdown_distributed(clean: bool = True) -> None:
     """Leave the process group explicitly: a gloo group torn down at interpreter exit can
-    abort the process (SIGABRT) while its peers are still finishing."""
+    abort the process (SIGABRT) while its peers are still finishing. After a clean run every
+    rank first meets at a barrier, so no rank tears its end down while a peer still talks to
+    it (a 2-rank CPU run has hung in teardown without one); after an error the group is left
+    to the exiting process, since a collective teardown would wait for peers that may never
+    come."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if not clean:
+            return
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
