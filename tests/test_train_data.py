@@ -49,6 +49,37 @@ def test_shards_resume_without_duplicates_or_gaps(target, tmp_path, monkeypatch)
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_progress_counts_each_prompt_of_this_run_once_beside_other_sets(target, tmp_path, monkeypatch):
+    import dataclasses
+
+    import tqdm.auto
+
+    config = RegenConfig(max_new_tokens=4, batch_size=4, shard_size=8)
+    other = [dataclasses.replace(r, id=f"other-{r.id}") for r in prompt_records(12)]
+    regenerate(target, other, tmp_path, config, progress=False)  # another prompt set's answers
+    records = prompt_records(10)
+    regenerate(target, records[:4], tmp_path, config, progress=False)
+    bars = []
+
+    class Recorder:
+        def __init__(self, *args, total=None, **kwargs):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Recorder)
+    regenerate(target, records, tmp_path, config, total=len(records))
+    assert [(b.total, b.n) for b in bars] == [(10, 10)]
+
+
 def test_regenerated_responses_are_the_targets_greedy_output(target, tmp_path):
     records = prompt_records(6)
     regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=16, batch_size=3, layer_ids=(0, 2)),

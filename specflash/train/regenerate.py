@@ -418,7 +418,6 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
     pending_topk: list[tuple | None] = []
     bar = tqdm(total=total, desc="regenerating", unit="prompt", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
-    bar.update(len(seen))
     Item = tuple[PromptRecord, list[int]]
 
     def windows(group: list[Item]) -> Iterator[list[Item]]:
@@ -431,6 +430,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
         for record in records:
             if row_id(record, config) in seen:
                 stats["already_present"] += 1
+                bar.update(1)  # counted per record: the folder may also hold other prompt sets' answers
                 continue
             prompt = encode_record(target, record, config.template_kwargs)
             if len(prompt) > config.max_prompt_tokens or len(prompt) + 1 >= target.max_context:
