@@ -247,11 +247,7 @@ def sweep(args) -> dict:
                           f"{point['requests_per_s']:.3f} requests/s, latency p50 {point['latency_p50_s']:.2f} s, "
                           f"{point['errors']} errors, {point['mismatches']} mismatches", file=sys.stderr, flush=True)
             finally:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+                stop_server(proc)
             solo = points[0]["texts"]
             if first_solo is None:
                 first_solo = solo
@@ -328,6 +324,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def stop_server(proc: subprocess.Popen | None) -> None:
+    """Stop a spawned server: SIGTERM, then SIGKILL if it has not exited within 30 s."""
+    if proc is None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
 
 
 def spawn_server(args, extra: list[str] = (), env_extra: dict | None = None) -> tuple[subprocess.Popen, str]:
@@ -413,12 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = asyncio.run(run_load(args))
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
     fmt = lambda v, unit="": "-" if v is None else f"{v:.3f}{unit}"  # noqa: E731
     print(f"{report['model']} (draft {report['draft']}, block {report['block_size']}): {report['clients']} clients, "
           f"{report['completed']}/{report['requests']} requests, {report['errors']} errors, "

@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from urllib.parse import urlparse
 
 import httpx
 
-from serve_load import LOOPBACK, spawn_server
+from serve_load import LOOPBACK, spawn_server, stop_server
 
 WORDS = ("river stone lantern harbor meadow copper violet thunder orchard signal canyon ember "
          "glacier pepper saddle quartz willow beacon falcon marble cedar tundra velvet anchor").split()
@@ -117,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = asyncio.run(run(args))
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        stop_server(proc)
     fmt = lambda v: "-" if v is None else f"{v:.2f} s"  # noqa: E731
     print(f"{report['model']} (draft {report['draft']}{', --exact' if args.exact else ''}): long prompt "
           f"{report['long_prompt_tokens']} tokens, TTFT {fmt(report['long_ttft_s'])}; the streaming client's longest "

@@ -18,7 +18,7 @@ from specflash.runtime.decode import SpeculativeDecoder
 from specflash.runtime.proposers import DFlashProposer
 from specflash.runtime.proposers.base import Proposal
 from specflash.runtime.treepolicy import FixedTree
-from tiny import RandomDrafts, tiny_drafter, tiny_hf_model
+from tiny import RandomDrafts, cached_tiny_target, tiny_drafter, tiny_hf_model
 
 TAPS = (0, 2, 5)
 EXACT = dict(rtol=0, atol=1e-9)  # float64 tiny models: only summation order differs...
@@ -30,24 +30,8 @@ CASES = [("llama", "lean", "sdpa"), ("qwen2", "lean", "sdpa"), ("qwen3", "lean",
          ("gemma3", "transformers", "eager")]
 IDS = ["-".join(case) for case in CASES]
 
-_made: dict = {}
-
-
 def make_target(family: str = "llama", forward: str = "lean", attention: str = "sdpa") -> TargetModel:
-    key = (family, forward, attention)
-    if key not in _made:
-        model = tiny_hf_model(family)
-        if attention != "sdpa":
-            model.set_attn_implementation(attention)
-        with pytest.MonkeyPatch.context() as env:
-            if forward == "transformers":
-                env.setenv("SPECFLASH_FORWARD", "transformers")
-            target = TargetModel(model, name=f"tiny-{family}")
-            assert target.forward_path == forward
-        _made[key] = target
-    target = _made[key]
-    target.set_taps(TAPS)
-    return target
+    return cached_tiny_target(family, forward, attention, TAPS)
 
 
 def tokens(n: int, seed: int) -> torch.Tensor:

@@ -10,7 +10,7 @@ from specflash.errors import InputError
 from specflash.hf import target as target_module
 from specflash.hf.staticsteps import CapturedStep, StaticKV
 from specflash.hf.target import TargetModel, tree_attention_inputs
-from tiny import FAMILIES, tiny_hf_model
+from tiny import FAMILIES, cached_tiny_target, tiny_hf_model
 
 PARENTS = [-1, 0, 0, 1, 1, 2]  # root; two children; two grandchildren under 1, one under 2
 TAPS = (0, 2, 5)
@@ -27,25 +27,8 @@ CASES = [(f, "lean", "sdpa") for f in ("llama", "qwen2", "qwen3")] + \
      ("llama", "static-eager", "sdpa"), ("qwen3", "static-replay", "sdpa"), ("llama", "static-eager", "eager")]
 IDS = ["-".join(case) for case in CASES]
 
-_made: dict = {}
-
-
 def make_target(family: str, forward: str, attention: str) -> TargetModel:
-    key = (family, forward, attention)
-    if key not in _made:
-        model = tiny_hf_model(family)
-        if attention != "sdpa":
-            model.set_attn_implementation(attention)
-        with pytest.MonkeyPatch.context() as env:
-            if forward == "transformers":
-                env.setenv("SPECFLASH_FORWARD", "transformers")
-            target = TargetModel(model, name=f"tiny-{family}")
-            assert target.forward_path == ("transformers" if forward == "transformers" else "lean")
-        if forward.startswith("static"):
-            target.enable_static_steps(graphs=forward == "static-replay")
-        target.set_taps(TAPS)
-        _made[key] = target
-    return _made[key]
+    return cached_tiny_target(family, forward, attention, TAPS)
 
 
 def tokens(n: int, seed: int) -> torch.Tensor:

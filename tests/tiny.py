@@ -50,6 +50,33 @@ def tiny_target(family: str = "llama", **kwargs) -> TargetModel:
     return TargetModel(tiny_hf_model(family, **kwargs), name=f"tiny-{family}")
 
 
+_CACHED_TARGETS: dict = {}
+
+
+def cached_tiny_target(family: str, forward: str, attention: str, taps: tuple[int, ...]) -> TargetModel:
+    """One tiny target per (family, forward, attention), built once per test process: forward
+    "lean" or "transformers" (SPECFLASH_FORWARD), "static-eager" / "static-replay" the lean
+    forward with static steps (graphs off / on); attention "sdpa" or "eager"."""
+    import pytest
+
+    key = (family, forward, attention)
+    if key not in _CACHED_TARGETS:
+        model = tiny_hf_model(family)
+        if attention != "sdpa":
+            model.set_attn_implementation(attention)
+        with pytest.MonkeyPatch.context() as env:
+            if forward == "transformers":
+                env.setenv("SPECFLASH_FORWARD", "transformers")
+            target = TargetModel(model, name=f"tiny-{family}")
+            assert target.forward_path == ("transformers" if forward == "transformers" else "lean")
+        if forward.startswith("static"):
+            target.enable_static_steps(graphs=forward == "static-replay")
+        _CACHED_TARGETS[key] = target
+    target = _CACHED_TARGETS[key]
+    target.set_taps(taps)
+    return target
+
+
 def tiny_drafter(target: TargetModel, num_layers: int = 2, block_size: int = 16, num_features: int = 3,
                  seed: int = 1, layer_types: tuple[str, ...] | None = None, sliding_window: int | None = None,
                  mask_token_id: int | None = None) -> DFlashDrafter:
