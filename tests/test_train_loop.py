@@ -560,3 +560,39 @@ def test_train_compare_scores_drafters_on_the_same_held_out_sequences(setup, cap
     assert first["difference_to_first"] == 0 and second["sequences"] == first["sequences"] > 2
     assert abs(second["difference_to_first"] - (second["tau_estimate"] - first["tau_estimate"])) < 1e-9
     assert second["difference_to_first"] > 0  # 40 steps of training beat none
+
+
+def test_by_source_groups_sequences_by_the_prompt_set_in_their_id():
+    from specflash.train.loop import by_source
+
+    groups = by_source({"sharegpt:a": (3.0, 2), "package-functions:m.f": (5.0, 2), "sharegpt:b": (1.0, 1),
+                        "p7": (2.0, 1)})
+    assert groups == {"other": {"p7": (2.0, 1)}, "package-functions": {"package-functions:m.f": (5.0, 2)},
+                      "sharegpt": {"sharegpt:a": (3.0, 2), "sharegpt:b": (1.0, 1)}}
+
+
+def test_train_compare_also_compares_within_each_prompt_set(setup, capsys, tmp_path):
+    import dataclasses
+
+    from specflash.train.regenerate import RegenConfig, regenerate
+    from train_fixtures import prompt_records
+
+    root, folder, target, _ = setup
+    records = [dataclasses.replace(r, id=f"{'code' if i % 2 else 'chat'}:{r.id}", source="code" if i % 2 else "chat")
+               for i, r in enumerate(prompt_records(40))]
+    data = tmp_path / "two-sources"
+    regenerate(target, records, data, RegenConfig(max_new_tokens=24, batch_size=8, layer_ids=(1, 3)), progress=False)
+    drafters = [export_run(Trainer(config(setup, f"by-source-{seed}", max_steps=0, seed=seed), target=target,
+                                   progress=False)) for seed in (0, 1)]
+    capsys.readouterr()
+    assert main(["train", "compare", "--data", str(data), "--drafters", ",".join(map(str, drafters)), "--target",
+                 str(folder), "--eval-sequences", "40", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    parts = report["by_source"]
+    assert sorted(parts) == ["chat", "code"]
+    total = report["results"][1]
+    assert sum(p[1]["sequences"] for p in parts.values()) == total["sequences"] > 2
+    for part in parts.values():
+        base, other = part
+        assert base["difference_to_first"] == 0
+        assert abs(other["difference_to_first"] - (other["tau_estimate"] - base["tau_estimate"])) < 1e-9

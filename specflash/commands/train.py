@@ -367,7 +367,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..drafter import DFlashDrafter
     from ..errors import InputError
     from ..hf.target import TargetModel
-    from ..train.loop import TrainConfig, Trainer, format_estimate, paired_difference
+    from ..train.loop import TrainConfig, Trainer, by_source, clustered_mean, format_estimate, paired_difference
 
     _threads(args)
     folders = [f for f in args.drafters.split(",") if f]
@@ -399,7 +399,25 @@ def run_compare(args: argparse.Namespace) -> int:
             spread = f" +- {se:.3f}" if se is not None else ""
             print(f"{folder} - {folders[0]}: {diff:+.3f}{spread} (paired, {record['eval_sequences']} sequences)",
                   flush=True)
-    print(json.dumps({"target": args.target, "data": args.data, "results": summary}))
+    # The same comparison within each prompt set (code and chat drafters can move apart).
+    sources: dict[str, list[dict]] = {}
+    base_groups = by_source(base)
+    if len(base_groups) > 1:
+        for source, base_part in base_groups.items():
+            for folder, record in results:
+                part = by_source(record["eval_per_sequence"]).get(source, {})
+                if not part:  # every drafter scores the same sequences; guard all the same
+                    continue
+                tau, se = clustered_mean([v[0] for v in part.values()], [v[1] for v in part.values()])
+                diff, diff_se = paired_difference(base_part, part)
+                sources.setdefault(source, []).append(
+                    {"drafter": folder, "tau_estimate": tau, "tau_estimate_se": se, "sequences": len(part),
+                     "difference_to_first": diff, "difference_se": diff_se})
+            line = "; ".join(f"{r['tau_estimate']:.3f}" + (f" ({r['difference_to_first']:+.3f}"
+                             + (f" +- {r['difference_se']:.3f})" if r["difference_se"] is not None else ")")
+                             if r["drafter"] != folders[0] else "") for r in sources[source])
+            print(f"  {source} ({len(base_part)} sequences): {line}", flush=True)
+    print(json.dumps({"target": args.target, "data": args.data, "results": summary, "by_source": sources}))
     return 0
 
 

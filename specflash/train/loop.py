@@ -747,6 +747,16 @@ def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float,
     return clustered_mean(diff_sums, counts)
 
 
+def by_source(per_sequence: dict[str, tuple[float, int]]) -> dict[str, dict[str, tuple[float, int]]]:
+    """Per-sequence scores grouped by prompt set: the part of a row id before its first ':'
+    ("sharegpt:uXAT1cn_0" -> "sharegpt"; an id without one is its own source "other")."""
+    groups: dict[str, dict[str, tuple[float, int]]] = {}
+    for key, value in per_sequence.items():
+        source = key.split(":", 1)[0] if ":" in key else "other"
+        groups.setdefault(source, {})[key] = value
+    return dict(sorted(groups.items()))
+
+
 def train_estimate_sample(dataset: "ShardDataset", train_idx: list[int], count: int) -> list[int]:
     """`count` training rows the target wrote greedily, spread evenly over the training
     order (every k-th), fixed for the run, for the training-set acceptance estimate."""
