@@ -42,9 +42,11 @@ def test_training_raises_held_out_acceptance(setup):
     assert after > before + 1.0, (before, after)
 
 
-def test_kill_and_resume_equals_uninterrupted(setup):
+@pytest.mark.parametrize("noise", [0.0, 0.3], ids=["plain", "feature-noise"])
+def test_kill_and_resume_equals_uninterrupted(setup, noise):
     target = setup[2]
-    straight = Trainer(config(setup, "straight", max_steps=8, save_every=2), target=target, progress=False)
+    straight = Trainer(config(setup, f"straight-{noise}", max_steps=8, save_every=2, feature_noise=noise),
+                       target=target, progress=False)
     straight.fit()
 
     class Killed(Trainer):
@@ -53,10 +55,12 @@ def test_kill_and_resume_equals_uninterrupted(setup):
                 raise KeyboardInterrupt
             return super().train_step()
 
-    killed = Killed(config(setup, "resumed", max_steps=8, save_every=2), target=target, progress=False)
+    killed = Killed(config(setup, f"resumed-{noise}", max_steps=8, save_every=2, feature_noise=noise), target=target,
+                    progress=False)
     with pytest.raises(KeyboardInterrupt):
         killed.fit()
-    resumed = Trainer(config(setup, "resumed", max_steps=8, save_every=2), target=target, progress=False)
+    resumed = Trainer(config(setup, f"resumed-{noise}", max_steps=8, save_every=2, feature_noise=noise),
+                      target=target, progress=False)
     resumed.fit()
     assert resumed.step == straight.step == 8
     for (name, a), b in zip(straight.drafter.state_dict().items(), resumed.drafter.state_dict().values()):
@@ -596,3 +600,29 @@ def test_train_compare_also_compares_within_each_prompt_set(setup, capsys, tmp_p
         base, other = part
         assert base["difference_to_first"] == 0
         assert abs(other["difference_to_first"] - (other["tau_estimate"] - base["tau_estimate"])) < 1e-9
+
+
+def test_feature_noise_changes_training_steps_but_not_evaluation(setup):
+    target = setup[2]
+    runs = {}
+    for name, noise in (("quiet", 0.0), ("noisy", 0.5), ("noisy-again", 0.5)):
+        trainer = Trainer(config(setup, f"noise-{name}", max_steps=0, feature_noise=noise), target=target,
+                          progress=False)
+        evaluation = trainer.evaluate()["tau_estimate"]  # untrained weights: noise must not enter evaluation
+        for _ in range(3):
+            trainer.train_step()
+        runs[name] = (evaluation, trainer.drafter.state_dict())
+    assert runs["quiet"][0] == runs["noisy"][0]
+    differs = any(not torch.equal(a, runs["noisy"][1][k]) for k, a in runs["quiet"][1].items())
+    assert differs  # the noise reached the gradients
+    for key, value in runs["noisy"][1].items():  # and is a pure function of (seed, step, row)
+        assert torch.equal(value, runs["noisy-again"][1][key]), key
+
+
+def test_training_settings_out_of_range_are_refused_with_the_flag(setup):
+    from specflash.errors import InputError
+
+    with pytest.raises(InputError, match="--feature-noise"):
+        config(setup, "bad-noise", feature_noise=-0.1)
+    with pytest.raises(InputError, match="--weight-decay"):
+        config(setup, "bad-decay", weight_decay=1.5)

@@ -112,6 +112,13 @@ def register(sub) -> None:
                           "(default 0: labels only)")
     fit.add_argument("--distill-temperature", type=float, default=1.0,
                      help="temperature of both distributions in the distillation term (default 1)")
+    fit.add_argument("--feature-noise", type=float, default=0.0,
+                     help="standard deviation of Gaussian noise added to the target features while training, "
+                          "relative to each feature's root-mean-square (e.g. 0.1; fresh every step, never at "
+                          "evaluation): a regularizer for a drafter that fits its training sequences far better "
+                          "than held-out ones (default 0: off)")
+    fit.add_argument("--weight-decay", type=float, default=0.0,
+                     help="AdamW weight decay (default 0)")
     fit.add_argument("--init", choices=["random", "target"], default="random",
                      help="random init, or copy the target's last layers into the draft layers")
     fit.add_argument("--init-from", default=None, metavar="DRAFTER|RUN",
@@ -291,6 +298,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
                          lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
                          distill=args.distill, distill_temperature=args.distill_temperature,
+                         feature_noise=args.feature_noise, weight_decay=args.weight_decay,
                          cache_features=args.cache_features,
                          draft_vocab=args.draft_vocab, init=args.init, max_steps=args.max_steps,
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,

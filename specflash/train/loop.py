@@ -65,6 +65,7 @@ class TrainConfig:
     loss_positions: int | None = None  # supervise block positions 1..L only (default: all B-1)
     distill: float = 0.0  # share of each position's loss that distils the target's top-k distribution
     distill_temperature: float = 1.0
+    feature_noise: float = 0.0  # std of Gaussian noise on the features in training, relative to their RMS
     held_out_fraction: float | None = None  # None: 3%, raised up to 20% to hold out ~eval_sequences rows
     eval_every: int = 200
     eval_sequences: int = 256  # held-out rows per estimate (and as many training rows)
@@ -95,6 +96,10 @@ class TrainConfig:
                              f"got {self.loss_positions}")
         if not 0 <= self.distill <= 1:
             raise InputError(f"--distill must be between 0 (off) and 1 (distillation only), got {self.distill}")
+        if not 0 <= self.feature_noise <= 10:
+            raise InputError(f"--feature-noise must be between 0 (off) and 10, got {self.feature_noise}")
+        if not 0 <= self.weight_decay < 1:
+            raise InputError(f"--weight-decay must be in [0, 1), got {self.weight_decay}")
         if not self.distill_temperature > 0:
             raise InputError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.held_out_fraction is not None and not 0 <= self.held_out_fraction <= 1:
@@ -547,6 +552,12 @@ class Trainer:
         return torch.Generator().manual_seed(pass_seed(self.config.seed, self.passes_before + epoch,
                                                        self.dataset.rows[index].id))
 
+    def _noise_generator(self, step: int, index: int) -> torch.Generator:
+        """Feature noise of a row at an optimizer step: fresh at every step, reproduced exactly
+        on resume (a pure function of seed, step in the lineage's pass and row id)."""
+        return torch.Generator().manual_seed(pass_seed(self.config.seed + 1_000_033, self.passes_before * 1_000_003
+                                                       + step, self.dataset.rows[index].id))
+
     @property
     def passes_total(self) -> int:
         """Passes over the data in this drafter's lineage, the current one included once begun."""
@@ -560,12 +571,18 @@ class Trainer:
         with torch.no_grad():
             return self.target.forward(example.input_ids[None, :-1].to(self.target.device)).features[0].float()
 
-    def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None, every_position: bool = False):
+    def _draft_hidden(self, example: Example, anchors: torch.Tensor, model=None, every_position: bool = False,
+                      noise: torch.Generator | None = None):
+        """The drafter's block outputs for `anchors` of `example`; with a `noise` generator
+        (training only) the features get config.feature_noise x their RMS of Gaussian noise."""
         cfg = self.drafter.config
         blocks = build_blocks(example.input_ids, example.loss_mask, anchors, cfg.block_size, cfg.mask_token_id,
                               self.config.gamma, None if every_position else self.config.loss_positions,
                               greedy_ids=example.greedy_ids)
         features = self._features(example)  # [S-1, F]
+        if noise is not None and self.config.feature_noise > 0:
+            scale = self.config.feature_noise * self.drafter.feature_scale.to(features.device)  # [F]
+            features = features + torch.randn(features.shape, generator=noise).to(features.device) * scale
         device = self.target.device
         embeds = self.drafter.embed_block(blocks.ids[None].to(device), self.target.embed_raw, torch.float32)
         mask = block_training_mask(anchors, features.shape[0], cfg.block_size)[None, None].to(device)
@@ -594,8 +611,9 @@ class Trainer:
                 soft = block_soft_targets(blocks_positions(anchors, self.config.block_size),
                                           int((~example.loss_mask).sum()), example.topk_ids, example.topk_logits,
                                           self.config.distill, self.config.distill_temperature)
+            noise = self._noise_generator(self.step, index) if self.config.feature_noise > 0 else None
             with self._autocast():
-                hidden, blocks = self._draft_hidden(example, anchors)
+                hidden, blocks = self._draft_hidden(example, anchors, noise=noise)
                 loss, stats = weighted_block_loss(hidden, self.head, blocks, self.subset, soft=soft)
             (loss / len(indices)).backward()
             total_loss += loss.item() / len(indices)
@@ -848,7 +866,7 @@ def export_run(trainer: "Trainer", folder: str | Path | None = None, command: st
         "hyperparameters": {k: getattr(cfg, k) for k in (
             "num_layers", "block_size", "anchors_per_sequence", "epochs", "lr", "warmup_fraction", "weight_decay",
             "grad_clip", "grad_accum", "max_length", "draft_vocab", "gamma", "loss_positions", "distill",
-            "distill_temperature", "init", "init_from",
+            "distill_temperature", "feature_noise", "init", "init_from",
             "precision", "seed")} | {
             "world_size": trainer.world, "target_layer_ids": list(trainer.drafter.target_layer_ids)},
         "steps": trainer.step,
