@@ -626,3 +626,26 @@ def test_training_settings_out_of_range_are_refused_with_the_flag(setup):
         config(setup, "bad-noise", feature_noise=-0.1)
     with pytest.raises(InputError, match="--weight-decay"):
         config(setup, "bad-decay", weight_decay=1.5)
+
+
+def test_train_compare_keeps_the_runs_split_whatever_it_scores(setup, capsys):
+    from specflash.train.loop import held_out_fraction
+    from specflash.train.shards import ShardDataset
+
+    root, folder, target, data = setup
+    drafters = [export_run(Trainer(config(setup, f"split-{seed}", max_steps=0, seed=seed), target=target,
+                                   progress=False)) for seed in (0, 1)]
+    common = ["train", "compare", "--data", str(data), "--drafters", ",".join(map(str, drafters)), "--target",
+              str(folder), "--device", "cpu"]
+    reports = {}
+    for name, extra in (("all", ["--eval-sequences", "1000"]), ("tenth", ["--eval-sequences", "1000",
+                                                                          "--held-out-fraction", "0.1"])):
+        capsys.readouterr()
+        assert main(common + extra) == 0
+        reports[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # Scoring more rows does not widen the split: it stays what a default `fit` holds out.
+    default = held_out_fraction(TrainConfig(data=[str(data)], out=""), ShardDataset([str(data)]))
+    assert reports["all"]["held_out_fraction"] == default
+    assert reports["tenth"]["held_out_fraction"] == 0.1
+    assert reports["tenth"]["results"][0]["sequences"] < reports["all"]["results"][0]["sequences"]
+    assert main(common + ["--held-out-fraction", "1.5"]) == 2

@@ -203,7 +203,12 @@ def register(sub) -> None:
                               "the first is the baseline")
     compare.add_argument("--target", default=DEFAULT_TARGET, help=f"target model (default {DEFAULT_TARGET})")
     compare.add_argument("--eval-sequences", type=int, default=256,
-                         help="held-out sequences to score (default 256)")
+                         help="held-out sequences to score, the first in corpus order (default 256); the "
+                              "split itself does not change with it")
+    compare.add_argument("--held-out-fraction", type=float, default=None,
+                         help="the held-out share of the prompts, as the compared runs split their data "
+                              "(default: what `fit` holds out by default: 3%%, raised up to 20%% until about 256 "
+                              "rows are held out). Never score rows a compared drafter trained on")
     add_device_flag(compare, "where the target and drafters run")
     compare.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     compare.set_defaults(handler=run_compare)
@@ -375,15 +380,34 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..drafter import DFlashDrafter
     from ..errors import InputError
     from ..hf.target import TargetModel
-    from ..train.loop import TrainConfig, Trainer, by_source, clustered_mean, format_estimate, paired_difference
+    from ..train.loop import (
+        TrainConfig,
+        Trainer,
+        by_source,
+        clustered_mean,
+        format_estimate,
+        held_out_fraction,
+        paired_difference,
+    )
+    from ..train.shards import ShardDataset
 
     _threads(args)
     folders = [f for f in args.drafters.split(",") if f]
     if len(folders) < 2:
         raise InputError("--drafters needs at least two drafter folders: a baseline and one to compare")
+    if args.held_out_fraction is not None and not 0 < args.held_out_fraction <= 1:
+        raise InputError(f"--held-out-fraction must be in (0, 1], got {args.held_out_fraction}")
+    if args.eval_sequences < 1:
+        raise InputError(f"--eval-sequences must be 1 or more, got {args.eval_sequences}")
     target = TargetModel.from_pretrained(args.target, device=resolve_device(args.device))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
+        # The split the runs trained with: fit's default rule (keyed to its default 256 held-out
+        # rows), not one that grows with --eval-sequences and would hold out rows they trained on.
+        fraction = args.held_out_fraction
+        if fraction is None:
+            fraction = held_out_fraction(TrainConfig(data=args.data.split(","), out=scratch),
+                                         ShardDataset(args.data.split(",")))
         for folder in folders:
             drafter = DFlashDrafter.from_pretrained(folder)
             vocab = drafter.draft_vocab
@@ -391,7 +415,8 @@ def run_compare(args: argparse.Namespace) -> int:
                                  num_layers=len(drafter.layers), block_size=drafter.config.block_size,
                                  target_layer_ids=list(drafter.target_layer_ids), init_from=folder,
                                  draft_vocab=0 if vocab is None else int(vocab.numel()),
-                                 eval_sequences=args.eval_sequences, device=str(target.device))
+                                 eval_sequences=args.eval_sequences, held_out_fraction=fraction,
+                                 device=str(target.device))
             trainer = Trainer(config, target=target, progress=False)
             record = {f"eval_{k}": v for k, v in trainer.evaluate(per_sequence=True).items()}
             results.append((folder, record))
@@ -425,7 +450,8 @@ def run_compare(args: argparse.Namespace) -> int:
                              + (f" +- {r['difference_se']:.3f})" if r["difference_se"] is not None else ")")
                              if r["drafter"] != folders[0] else "") for r in sources[source])
             print(f"  {source} ({len(base_part)} sequences): {line}", flush=True)
-    print(json.dumps({"target": args.target, "data": args.data, "results": summary, "by_source": sources}))
+    print(json.dumps({"target": args.target, "data": args.data, "held_out_fraction": fraction, "results": summary,
+                      "by_source": sources}))
     return 0
 
 
