@@ -421,34 +421,33 @@ def run_compare(args: argparse.Namespace) -> int:
             record = {f"eval_{k}": v for k, v in trainer.evaluate(per_sequence=True).items()}
             results.append((folder, record))
             print(f"{folder}: {format_estimate(record)}", flush=True)
+
+    def versus_base(folder: str, part: dict, base_part: dict) -> dict:
+        """One drafter's estimate over `part` (per-sequence sums and counts) and its paired
+        difference to the baseline's `base_part` on the same sequences."""
+        tau, se = clustered_mean([v[0] for v in part.values()], [v[1] for v in part.values()])
+        diff, diff_se = paired_difference(base_part, part)
+        return {"drafter": folder, "tau_estimate": tau, "tau_estimate_se": se, "sequences": len(part),
+                "difference_to_first": diff, "difference_se": diff_se}
+
+    def paired_text(row: dict) -> str:
+        spread = f" +- {row['difference_se']:.3f}" if row["difference_se"] is not None else ""
+        return f"{row['difference_to_first']:+.3f}{spread}"
+
     base = results[0][1]["eval_per_sequence"]
-    summary = []
-    for folder, record in results:
-        diff, se = paired_difference(base, record["eval_per_sequence"])
-        summary.append({"drafter": folder, "tau_estimate": record["eval_tau_estimate"],
-                        "tau_estimate_se": record["eval_tau_estimate_se"], "sequences": record["eval_sequences"],
-                        "difference_to_first": diff, "difference_se": se})
-        if folder != folders[0]:
-            spread = f" +- {se:.3f}" if se is not None else ""
-            print(f"{folder} - {folders[0]}: {diff:+.3f}{spread} (paired, {record['eval_sequences']} sequences)",
-                  flush=True)
+    summary = [versus_base(folder, record["eval_per_sequence"], base) for folder, record in results]
+    for row in summary[1:]:
+        print(f"{row['drafter']} - {folders[0]}: {paired_text(row)} (paired, {row['sequences']} sequences)", flush=True)
     # The same comparison within each prompt set (code and chat drafters can move apart).
     sources: dict[str, list[dict]] = {}
-    base_groups = by_source(base)
-    if len(base_groups) > 1:
-        for source, base_part in base_groups.items():
-            for folder, record in results:
-                part = by_source(record["eval_per_sequence"]).get(source, {})
-                if not part:  # every drafter scores the same sequences; guard all the same
-                    continue
-                tau, se = clustered_mean([v[0] for v in part.values()], [v[1] for v in part.values()])
-                diff, diff_se = paired_difference(base_part, part)
-                sources.setdefault(source, []).append(
-                    {"drafter": folder, "tau_estimate": tau, "tau_estimate_se": se, "sequences": len(part),
-                     "difference_to_first": diff, "difference_se": diff_se})
-            line = "; ".join(f"{r['tau_estimate']:.3f}" + (f" ({r['difference_to_first']:+.3f}"
-                             + (f" +- {r['difference_se']:.3f})" if r["difference_se"] is not None else ")")
-                             if r["drafter"] != folders[0] else "") for r in sources[source])
+    groups = [by_source(record["eval_per_sequence"]) for _, record in results]
+    if len(groups[0]) > 1:
+        for source, base_part in groups[0].items():
+            # (a drafter of another block size may have no valid block in a whole set)
+            sources[source] = [versus_base(folder, group[source], base_part)
+                               for (folder, _), group in zip(results, groups) if source in group]
+            line = "; ".join([f"{sources[source][0]['tau_estimate']:.3f}"] +
+                             [f"{r['tau_estimate']:.3f} ({paired_text(r)})" for r in sources[source][1:]])
             print(f"  {source} ({len(base_part)} sequences): {line}", flush=True)
     print(json.dumps({"target": args.target, "data": args.data, "held_out_fraction": fraction, "results": summary,
                       "by_source": sources}))

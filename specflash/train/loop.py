@@ -580,7 +580,7 @@ class Trainer:
                               self.config.gamma, None if every_position else self.config.loss_positions,
                               greedy_ids=example.greedy_ids)
         features = self._features(example)  # [S-1, F]
-        if noise is not None and self.config.feature_noise > 0:
+        if noise is not None:
             scale = self.config.feature_noise * self.drafter.feature_scale.to(features.device)  # [F]
             features = features + torch.randn(features.shape, generator=noise).to(features.device) * scale
         device = self.target.device
