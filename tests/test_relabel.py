@@ -1,5 +1,6 @@
 """`train relabel`: answers a bfloat16 target wrote get the float32 target's greedy tokens as
-labels, resumably, without changing how the rows count for the held-out split."""
+labels, resumably, without changing how the rows count for the held-out split; and the
+features cache (`train cache`, `fit`'s own fill), which relabels in the same forward."""
 
 from __future__ import annotations
 
@@ -9,11 +10,11 @@ import pytest
 import torch
 
 from specflash.cli import main
-from specflash.data.corpus import read_manifest, read_rows, shard_files, weights_sha256, write_rows
+from specflash.data.corpus import features_path, read_manifest, read_rows, shard_files, weights_sha256, write_rows
 from specflash.hf.target import TargetModel
 from specflash.train import relabel as rl
 from specflash.train.loop import train_estimate_sample
-from specflash.train.regenerate import RegenConfig, regenerate
+from specflash.train.regenerate import RegenConfig, cache_features, regenerate
 from specflash.train.shards import ShardDataset
 from tiny import tiny_model_folder
 from train_fixtures import prompt_records
@@ -44,6 +45,15 @@ def write_corpus(tiny, out, records, temperature: float = 0.0, seed: int = 0) ->
                 row["input_ids"][at] = (row["input_ids"][at] + 1) % 200
         write_rows(shard, rows)
     (out / "meta.json").write_text(json.dumps({"layer_ids": [1, 3]}))
+
+
+def bare_corpus(tiny, tmp_path, n: int):
+    """A bfloat16-written corpus without its features cache, as it arrives on a new machine."""
+    corpus = tmp_path / "corpus"
+    write_corpus(tiny, corpus, prompt_records(n))
+    for cache in corpus.glob("*.features*"):
+        cache.unlink()
+    return corpus
 
 
 def reference_labels(target: TargetModel, ids: list[int], n_prompt: int) -> list[int]:
@@ -150,6 +160,32 @@ def test_train_fit_runs_on_a_relabelled_corpus(tiny, tmp_path, capsys):
     assert info["data"]["held_out"] > 0 and info["tau_estimate"] is not None
 
 
+def test_a_new_machines_feature_cache_fill_relabels_in_the_same_pass(tiny, tmp_path, capsys):
+    folder, target = tiny
+    corpus = bare_corpus(tiny, tmp_path, 12)
+    assert rl.stale_label_rows([corpus]) == 12 and not features_path(shard_files(corpus)[0]).exists()
+    fit = ["train", "fit", "--data", str(corpus), "--target", str(folder), "--num-layers", "1", "--block-size",
+           "4", "--anchors", "8", "--draft-vocab", "0", "--epochs", "1", "--max-steps", "1", "--eval-every", "0",
+           "--precision", "fp32", "--device", "cpu", "--out", str(tmp_path / "run")]
+    capsys.readouterr()
+    assert main(fit) == 0
+    assert "train relabel" not in capsys.readouterr().out  # the fill relabelled before the rows were read
+    assert rl.stale_label_rows([corpus]) == 0 and rl.pending_shards(corpus) == []
+    for shard in shard_files(corpus):
+        assert features_path(shard).exists()
+        for row in read_rows(shard):
+            assert row["target_greedy"] == reference_labels(target, row["input_ids"], row["num_prompt_tokens"])
+    assert all(e["labels"]["dtype"] == "float32" for e in read_manifest(corpus)["shards"].values())
+
+
+def test_a_cache_fill_told_not_to_relabel_leaves_the_shards_alone(tiny, tmp_path):
+    corpus = bare_corpus(tiny, tmp_path, 8)
+    before = {shard.name: shard.read_bytes() for shard in shard_files(corpus)}
+    assert cache_features(tiny[1], corpus, (1, 3), progress=False, relabel=False) == 8
+    assert {shard.name: shard.read_bytes() for shard in shard_files(corpus)} == before
+    assert rl.stale_label_rows([corpus]) == 8
+
+
 def test_relabel_refuses_what_is_not_a_corpus(tmp_path, capsys):
     assert main(["train", "relabel", "--data", str(tmp_path / "missing")]) == 2
     assert "no corpus folder" in capsys.readouterr().err
@@ -162,3 +198,32 @@ def test_relabel_refuses_what_is_not_a_corpus(tmp_path, capsys):
     assert main(["train", "relabel", "--data", str(old)]) == 2
     err = capsys.readouterr().err
     assert "not a specflash corpus" in err and "train pack" in err and "Traceback" not in err
+
+
+def test_train_cache_caches_features_ahead_of_fit_and_relabels_at_float32(tiny, tmp_path, capsys):
+    corpus = bare_corpus(tiny, tmp_path, 8)
+    before = {shard.name: shard.read_bytes() for shard in shard_files(corpus)}
+    capsys.readouterr()
+    assert main(["train", "cache", "--data", str(corpus), "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 8 and report["relabelled_shards"] == 0 and report["layer_ids"] == [1, 3]
+    assert all(features_path(shard).exists() for shard in shard_files(corpus))
+    assert {shard.name: shard.read_bytes() for shard in shard_files(corpus)} == before  # bf16: labels as written
+    assert main(["train", "cache", "--data", str(corpus)]) == 0  # all cached: nothing to do, no target loaded
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["shards"] == 0
+    for cache in corpus.glob("*.features*"):
+        cache.unlink()
+    assert main(["train", "cache", "--data", str(corpus), "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 8 and report["relabelled_shards"] == 2 and rl.stale_label_rows([corpus]) == 0
+
+
+def test_train_cache_explains_bad_input(tiny, tmp_path, capsys):
+    assert main(["train", "cache", "--data", str(tmp_path / "missing")]) == 2
+    assert "no corpus folder" in capsys.readouterr().err
+    corpus = bare_corpus(tiny, tmp_path, 4)
+    for bad, message in (("1,x", "comma-separated layer numbers"), ("1,99", "must lie in 0..")):
+        assert main(["train", "cache", "--data", str(corpus), "--layer-ids", bad, "--device", "cpu"]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert not any(features_path(shard).exists() for shard in shard_files(corpus))

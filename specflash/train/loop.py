@@ -39,7 +39,7 @@ from .objective import (
     valid_anchors,
     weighted_block_loss,
 )
-from ..data.corpus import features_path
+from ..data.corpus import features_path, shard_files
 from .relabel import stale_label_rows
 from .shards import Example, ShardDataset
 
@@ -403,6 +403,11 @@ class Trainer:
         self.target = target or TargetModel.from_pretrained(config.target, device=resolve_device(config.device))
         for p in self.target.model.parameters():
             p.requires_grad_(False)
+        layer_ids = config.target_layer_ids or data_layer_ids(config.data)
+        drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
+                                                   block_size=config.block_size, target_layer_ids=layer_ids)
+        if config.cache_features:  # before the rows are read: the fill may relabel them
+            self.fill_feature_cache(tuple(drafter_config.target_layer_ids))
         self.dataset = ShardDataset(config.data, max_length=config.max_length)
         exclude = set()
         if config.exclude_ids_file:
@@ -424,11 +429,6 @@ class Trainer:
         if config.distill > 0 and self.dataset[self.train_idx[0]].topk_ids is None and self.rank == 0:
             print("warning: --distill needs the target's top-k logits beside the data (`specflash train data` "
                   "with the features and --topk); without them positions train on their labels alone", flush=True)
-        layer_ids = config.target_layer_ids or data_layer_ids(config.data)
-        drafter_config = drafter_config_for_target(self.target, num_layers=config.num_layers,
-                                                   block_size=config.block_size, target_layer_ids=layer_ids)
-        if config.cache_features:
-            self.fill_feature_cache(tuple(drafter_config.target_layer_ids))
         torch.manual_seed(config.seed)
         self.drafter = DFlashDrafter(drafter_config).init_weights(
             generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
@@ -466,11 +466,12 @@ class Trainer:
         """Shards without cached features (a corpus on a new machine; `train data
         --no-features`) get them now, with the target's top-k logits: one teacher-forced
         pass, written beside the shards, instead of a target forward per sequence in every
-        step. Rank 0 writes; the other processes wait for it."""
+        step. Shards that need the (float32) target's labels get them in the same pass
+        (`cache_features`). Rank 0 writes; the other processes wait for it."""
         from .regenerate import cache_features
 
-        folders = sorted({str(row.shard.parent) for row in self.dataset.rows
-                          if not features_path(row.shard).exists()})
+        folders = [folder for folder in self.config.data
+                   if any(not features_path(shard).exists() for shard in shard_files(folder))]
         if folders and self.rank == 0:
             for folder in folders:
                 cache_features(self.target, folder, layer_ids, progress=self.progress)

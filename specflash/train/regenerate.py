@@ -203,39 +203,58 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
 
 
 def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int, ...], topk: int = 32,
-                   batch_size: int = 8, progress: bool = True) -> int:
+                   batch_size: int = 8, progress: bool = True, relabel: bool = True) -> int:
     """Write the features cache (tapped features, and the target's top-k logits on the
     response) of every shard in `folder` that has none, e.g. a committed corpus on a new
     machine: one teacher-forced forward per row, instead of one per row in every training
     step. Shard by shard (each file written whole), so an interrupted run resumes.
+
+    With `relabel`, a corpus shard that still needs labels from a target of this one's dtype
+    (written by a bfloat16 target, say, and read by a float32 one: `train relabel`) gets
+    them from the same forward, so a new machine's cache fill relabels for free.
     Returns the number of rows cached."""
     from tqdm.auto import tqdm
+
+    from .relabel import mark_relabelled, pending_shards, relabel_rows, restore_records
 
     todo = [shard for shard in shard_files(folder) if not features_path(shard).exists()]
     if not todo:
         return 0
+    dtype = str(target.dtype).removeprefix("torch.")
+    to_relabel = set(pending_shards(folder, dtype)) if relabel else set()
     target.set_taps(layer_ids)
     rows_by_shard = {shard: read_rows(shard) for shard in todo}
     total = sum(sum(len(r["input_ids"]) for r in rows) for rows in rows_by_shard.values())
-    bar = tqdm(total=total, desc=f"caching features of {folder}", unit="tok", unit_scale=True,
+    relabelling = sum(shard in to_relabel for shard in todo)
+    what = f" (relabelling {relabelling} shards at {dtype})" if relabelling else ""
+    bar = tqdm(total=total, desc=f"caching features of {folder}{what}", unit="tok", unit_scale=True,
                disable=not progress, dynamic_ncols=True)
     done = 0
+    records: dict[str, dict] = {}
     for shard, rows in rows_by_shard.items():
         features: list = [None] * len(rows)
         best: list = [None] * len(rows)
+        labels: list = [None] * len(rows)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths together
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             forced = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
                                          [rows[i]["num_prompt_tokens"] for i in chunk], topk=topk)
-            for i, (row_features, _, row_best) in zip(chunk, forced):
+            for i, (row_features, row_greedy, row_best) in zip(chunk, forced):
                 features[i] = row_features
+                labels[i] = row_greedy
                 if rows[i].get("response_from", "target") == "target":
                     best[i] = row_best
             bar.update(sum(len(rows[i]["input_ids"]) for i in chunk))
+        if shard in to_relabel:  # labels first: a cache beside a shard means its labels are settled
+            records[shard.name] = relabel_rows(rows, labels, dtype)
+            write_rows(shard, rows)  # whole, by rename
+            mark_relabelled(folder, shard.name, records[shard.name])
         write_feature_cache(shard, features, best)
         done += len(rows)
     bar.close()
+    if records:
+        restore_records(folder, records)
     return done
 
 
