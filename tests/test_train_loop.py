@@ -626,6 +626,20 @@ def test_training_settings_out_of_range_are_refused_with_the_flag(setup):
         config(setup, "bad-noise", feature_noise=-0.1)
     with pytest.raises(InputError, match="--weight-decay"):
         config(setup, "bad-decay", weight_decay=1.5)
+    for bad in (0, -1):
+        with pytest.raises(InputError, match="--epochs"):
+            config(setup, "bad-epochs", epochs=bad)
+
+
+def test_a_fraction_of_an_epoch_trains_that_share_of_the_rows_once_with_the_schedule_ending_there(setup):
+    trainer = Trainer(config(setup, "half", epochs=0.5), target=setup[2], progress=False)
+    assert trainer.total_steps == round(trainer.steps_per_epoch * 0.5) < trainer.steps_per_epoch
+    rows = [i for step in range(trainer.total_steps) for i in trainer._micro_indices(step)]
+    assert len(rows) == len(set(rows)) == trainer.total_steps * 2  # no row twice; grad_accum 2
+    assert set(rows) < set(trainer.train_idx)
+    trainer.fit()
+    assert trainer.step == trainer.total_steps and trainer.passes_total == trainer.passes_before + 1
+    assert trainer.optimizer.param_groups[0]["lr"] < 0.05 * trainer.config.lr  # the schedule ended with the run
 
 
 def test_train_compare_keeps_the_runs_split_whatever_it_scores(setup, capsys):

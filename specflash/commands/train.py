@@ -88,7 +88,10 @@ def register(sub) -> None:
     fit.add_argument("--num-layers", type=int, default=1, help="draft layers (default 1; 5 for 8B targets)")
     fit.add_argument("--block-size", type=int, default=16, help="training block size (default 16)")
     fit.add_argument("--anchors", type=int, default=128, help="anchors sampled per sequence (default 128)")
-    fit.add_argument("--epochs", type=int, default=6, help="passes over the training data (default 6)")
+    fit.add_argument("--epochs", type=float, default=6,
+                     help="passes over the training data (default 6); a fraction such as 0.5 trains on "
+                          "that share of the rows, drawn at random, with the learning-rate schedule ending "
+                          "there (unlike --max-steps)")
     fit.add_argument("--lr", type=float, default=6e-4,
                      help="peak AdamW learning rate, with warm-up and cosine decay (default 6e-4)")
     fit.add_argument("--grad-accum", type=int, default=4, help="sequences per optimizer step per process (default 4)")

@@ -53,7 +53,7 @@ class TrainConfig:
     block_size: int = 16
     target_layer_ids: list[int] | None = None  # default: what the data folder recorded
     anchors_per_sequence: int = 128
-    epochs: int = 6
+    epochs: float = 6  # passes over the training rows; a fraction: that share of one pass, the schedule ending there
     lr: float = 6e-4
     warmup_fraction: float = 0.04
     weight_decay: float = 0.0
@@ -87,6 +87,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Refuse settings no run could use, with the flag to fix (checked once, here)."""
+        if not self.epochs > 0:
+            raise InputError(f"--epochs must be positive (a fraction: part of one pass), got {self.epochs}")
         if self.block_size < 2:
             raise InputError(f"--block-size must be at least 2, got {self.block_size}")
         if not 0 <= self.warmup_fraction < 1:
@@ -454,7 +456,7 @@ class Trainer:
             carry_optimizer_moments(self.optimizer, start.moments)
         per_step = config.grad_accum * self.world
         self.steps_per_epoch = max(1, len(self.train_idx) // per_step)
-        self.total_steps = self.steps_per_epoch * config.epochs
+        self.total_steps = max(1, round(self.steps_per_epoch * config.epochs))
         self.step = 0
         self.passes_before = start.passes  # passes made before this run, in its lineage
         self.tokens_seen = 0
