@@ -179,15 +179,9 @@ def register(sub) -> None:
                     "resumes (a killed run loses at most the shard in progress) and shards appended later by "
                     "`train data` are relabelled by the next run. Safe beside a `train data` run appending to the "
                     "same corpus: only shards listed in the manifest at the start are touched.")
-    relabel.add_argument("--data", required=True, help="corpus folder, e.g. corpus/smollm2-135m-instruct")
-    relabel.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                         help="precision of the labelling target (default float32, what decoding verifies with); "
-                              "shards written at this dtype already carry its greedy answers and are skipped")
-    relabel.add_argument("--target", default=None,
-                         help="target model (default: the corpus's, from its manifest; checked against the sha256 "
-                              "of the weights that wrote it)")
-    relabel.add_argument("--batch-size", type=int, default=8,
-                         help="sequences teacher-forced together, similar lengths batched (default 8)")
+    add_corpus_target_flags(relabel, "precision of the labelling target (default float32, what decoding verifies "
+                                     "with); shards written at this dtype already carry its greedy answers and are "
+                                     "skipped")
     relabel.add_argument("--max-shards", type=int, default=None,
                          help="relabel at most N shards this run (default: all pending); re-run for the rest")
     add_device_flag(relabel, "where the target runs")
@@ -204,19 +198,12 @@ def register(sub) -> None:
                     "gives the shards a bfloat16 target wrote the float32 target's labels from the same "
                     "forward (what `train relabel` does). Shard by shard, so a killed run resumes; shards that "
                     "have a cache are skipped (delete a shard's .features.safetensors to redo it).")
-    cache.add_argument("--data", required=True, help="corpus folder, e.g. corpus/smollm2-135m-instruct")
-    cache.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
-                       help="precision of the target (default float32, as `fit` caches and decoding runs; "
-                            "bfloat16: faster on CPUs with AMX and on GPUs, labels left as they are)")
+    add_corpus_target_flags(cache, "precision of the target (default float32, as `fit` caches and decoding runs; "
+                                   "bfloat16: faster on CPUs with AMX and on GPUs, labels left as they are)")
     cache.add_argument("--layer-ids", default=None,
                        help="comma-separated target layers to tap (default: the corpus's meta.json)")
     cache.add_argument("--topk", type=int, default=32,
                        help="the target's largest logits kept per response token, for --distill (default 32)")
-    cache.add_argument("--target", default=None,
-                       help="target model (default: the corpus's, from its manifest; checked against the sha256 "
-                            "of the weights that wrote it)")
-    cache.add_argument("--batch-size", type=int, default=8,
-                       help="sequences teacher-forced together, similar lengths batched (default 8)")
     add_device_flag(cache, "where the target runs")
     cache.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     cache.set_defaults(handler=run_cache)
@@ -258,6 +245,46 @@ def _threads(args) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def add_corpus_target_flags(parser: argparse.ArgumentParser, dtype_help: str) -> None:
+    """--data, --dtype, --target and --batch-size of the stages that teacher-force a corpus
+    through its target (`relabel`, `cache`)."""
+    parser.add_argument("--data", required=True, help="corpus folder, e.g. corpus/smollm2-135m-instruct")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help=dtype_help)
+    parser.add_argument("--target", default=None,
+                        help="target model (default: the corpus's, from its manifest; checked against the sha256 "
+                             "of the weights that wrote it)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="sequences teacher-forced together, similar lengths batched (default 8)")
+
+
+def corpus_target_name(args: argparse.Namespace) -> str:
+    """The target of a corpus stage (`--target`, else the manifest's), after checking
+    --batch-size and that --data is a corpus."""
+    from ..errors import InputError
+    from ..train.relabel import check_corpus
+
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be 1 or more, got {args.batch_size}")
+    name = args.target or check_corpus(args.data).get("target")
+    if not name:
+        raise InputError(f"{args.data}/manifest.json does not name its target; pass --target")
+    return name
+
+
+def load_corpus_target(args: argparse.Namespace, name: str):
+    """The corpus's target at --dtype on --device, checked against the weights that wrote the corpus."""
+    import torch
+
+    from ..data.corpus import check_target, weights_sha256
+    from ..devices import resolve_device
+    from ..hf.target import TargetModel
+    from ..models import resolve_model
+
+    _threads(args)
+    check_target(args.data, name, weights_sha256(resolve_model(name, progress=False)))
+    return TargetModel.from_pretrained(name, dtype=getattr(torch, args.dtype), device=resolve_device(args.device))
 
 
 def add_device_flag(parser: argparse.ArgumentParser, what: str) -> None:
@@ -374,29 +401,16 @@ def run_pack(args: argparse.Namespace) -> int:
 def run_relabel(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
-    from ..data.corpus import check_target, weights_sha256
-    from ..devices import resolve_device
     from ..errors import InputError
-    from ..hf.target import TargetModel
-    from ..models import resolve_model
-    from ..train.relabel import check_corpus, pending_shards, relabel_corpus
+    from ..train.relabel import pending_shards, relabel_corpus
 
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be 1 or more, got {args.batch_size}")
     if args.max_shards is not None and args.max_shards < 1:
         raise InputError(f"--max-shards must be 1 or more, got {args.max_shards}")
-    manifest = check_corpus(args.data)
-    name = args.target or manifest.get("target")
-    if not name:
-        raise InputError(f"{args.data}/manifest.json does not name its target; pass --target")
+    name = corpus_target_name(args)
     if not pending_shards(args.data, args.dtype):
         print(json.dumps({"shards": 0, "shards_pending": 0, "labels": args.dtype}))
         return 0
-    _threads(args)
-    check_target(args.data, name, weights_sha256(resolve_model(name, progress=False)))
-    target = TargetModel.from_pretrained(name, dtype=getattr(torch, args.dtype), device=resolve_device(args.device))
+    target = load_corpus_target(args, name)
     stats = relabel_corpus(target, args.data, args.dtype, batch_size=args.batch_size, max_shards=args.max_shards)
     print(json.dumps(stats | {"labels": args.dtype}))
     return 0
@@ -406,25 +420,15 @@ def run_cache(args: argparse.Namespace) -> int:
     import json
     import time
 
-    import torch
-
-    from ..data.corpus import check_target, features_path, shard_files, weights_sha256
-    from ..devices import resolve_device
+    from ..data.corpus import features_path, shard_files
     from ..errors import InputError
-    from ..hf.target import TargetModel
-    from ..models import resolve_model
     from ..train.loop import data_layer_ids
     from ..train.regenerate import cache_features
-    from ..train.relabel import check_corpus, pending_shards
+    from ..train.relabel import pending_shards
 
-    if args.batch_size < 1:
-        raise InputError(f"--batch-size must be 1 or more, got {args.batch_size}")
     if args.topk < 0:
         raise InputError(f"--topk must be 0 or more, got {args.topk}")
-    manifest = check_corpus(args.data)
-    name = args.target or manifest.get("target")
-    if not name:
-        raise InputError(f"{args.data}/manifest.json does not name its target; pass --target")
+    name = corpus_target_name(args)
     if args.layer_ids:
         try:
             layer_ids = tuple(int(x) for x in args.layer_ids.split(","))
@@ -442,9 +446,7 @@ def run_cache(args: argparse.Namespace) -> int:
     if not todo:
         print(json.dumps(report))
         return 0
-    _threads(args)
-    check_target(args.data, name, weights_sha256(resolve_model(name, progress=False)))
-    target = TargetModel.from_pretrained(name, dtype=getattr(torch, args.dtype), device=resolve_device(args.device))
+    target = load_corpus_target(args, name)
     if not all(0 <= i < target.num_layers for i in layer_ids):
         raise InputError(f"--layer-ids must lie in 0..{target.num_layers - 1} for {name}; got {list(layer_ids)}")
     pending = len(pending_shards(args.data, args.dtype))
