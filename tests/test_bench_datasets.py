@@ -159,3 +159,30 @@ def test_package_functions_come_from_installed_sources_minus_tests_and_known_pro
     assert "other.twin.twin_fn" not in ids  # already known (as stdlib-functions' problems are)
     assert not any("tests" in i or "dist-info" in i or "_private" in i for i in ids)
     assert all(p.turns[0].startswith("Write a solution") and p.split in ("train", "eval") for p in problems)
+
+
+def test_package_methods_are_public_methods_of_public_classes_inside_their_class_header(tmp_path):
+    from specflash.bench.datasets import PACKAGE_SKIP, _function_problems
+
+    doc = "Return the thing this method computes, described at some length for the filter."
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "core.py").write_text(
+        f'def free_fn(a):\n    """{doc}"""\n\n'
+        f'class Thing(Base, metaclass=Meta):\n    """Class doc."""\n\n'
+        f'    @property\n    @cached\n    def size(self):\n        """{doc}"""\n        return 1\n\n'
+        f'    def _hidden(self):\n        """{doc}"""\n\n'
+        f'    def short(self):\n        """Too short."""\n\n'
+        f'class _Private:\n    def visible(self):\n        """{doc}"""\n')
+    problems = _function_problems("package-methods", [tmp_path], PACKAGE_SKIP, methods=True)
+    assert [p.id for p in problems] == ["pkg.core.Thing.size"]
+    text = problems[0].turns[0]
+    assert text.startswith("Write a solution") and "class Thing(Base, metaclass=Meta):" in text
+    assert "@property" in text and "@cached" not in text  # a decorator the prompt cannot define is dropped
+    assert "def size(self):" in text and "return 1" not in text and "Class doc" not in text
+    assert "free_fn" not in text
+
+
+def test_package_methods_is_an_offline_set_with_a_train_split():
+    from specflash.bench import datasets as ds
+
+    assert "package-methods" in ds.OFFLINE_SETS and ds.EVAL_FRACTION["package-methods"] == 0.1

@@ -17,6 +17,9 @@ Offline sets (installed from PyPI, no hub needed):
   installed packages (site-packages: numpy, scipy, transformers, ...; specflash itself and
   test folders left out), minus any problem ``stdlib-functions`` already has: several
   thousand more code prompts for training; which ones follows what is installed.
+- ``package-methods``: the methods of those packages' public classes, each as its class
+  header (bases kept) around the method's signature and docstring, worded as
+  ``humaneval`` is: about 16,000 more code prompts in the project's environment.
 
 Hub sets (need the Hugging Face hub and the ``datasets`` package; offline they raise a
 `DatasetUnavailable` naming the set and the reason): ``gsm8k``, ``math500`` (each with
@@ -52,7 +55,7 @@ from ..errors import InputError, SpecflashError
 
 SPLITS = ("train", "eval", "all")
 EVAL_FRACTION = {"humaneval": 0.5, "sharegpt": 0.1, "alpaca": 0.1, "stdlib-functions": 0.1,
-                 "package-functions": 0.1}
+                 "package-functions": 0.1, "package-methods": 0.1}
 HUMANEVAL_TEMPLATE = ("Write a solution to the following problem and make sure that it passes the tests:\n"
                       "```python\n{prompt}\n```")
 MATH_SUFFIX = "\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -227,16 +230,56 @@ def stdlib_problem(node) -> str | None:
     return ast.unparse(ast.fix_missing_locations(stub))
 
 
+METHOD_DECORATORS = ("property", "staticmethod", "classmethod")
+
+
+def method_problem(cls, node) -> str | None:
+    """A public method (with a docstring of 60-1,200 characters) of a public class, as
+    the class header (its bases kept, its body cut to this one method) and the method's
+    signature and docstring without body; else None. Decorators other than property,
+    staticmethod and classmethod are dropped (they name things the prompt does not define)."""
+    import ast
+
+    if not isinstance(cls, ast.ClassDef) or cls.name.startswith("_"):
+        return None
+    stub = stdlib_problem(node)
+    if stub is None:
+        return None
+    method = ast.parse(stub).body[0]
+    method.decorator_list = [d for d in node.decorator_list
+                             if isinstance(d, ast.Name) and d.id in METHOD_DECORATORS]
+    header = ast.ClassDef(name=cls.name, bases=cls.bases, keywords=cls.keywords, body=[method], decorator_list=[],
+                          type_params=[])
+    return ast.unparse(ast.fix_missing_locations(header))
+
+
+def _module_functions(tree) -> Iterable[tuple[str, str | None]]:
+    """(name, problem or None) of each module-level function of a parsed module."""
+    for node in tree.body:
+        yield getattr(node, "name", ""), stdlib_problem(node)
+
+
+def _module_methods(tree) -> Iterable[tuple[str, str | None]]:
+    """("Class.method", problem or None) of each method of each module-level class."""
+    import ast
+
+    for cls in tree.body:
+        if isinstance(cls, ast.ClassDef):
+            for node in cls.body:
+                yield f"{cls.name}.{getattr(node, 'name', '')}", method_problem(cls, node)
+
+
 PACKAGE_SKIP = ("test", "tests", "testing", "_vendor", "vendor", "specflash", "setuptools", "pip", "_distutils_hack")
 
 
 def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
-                       seen: set[str] | None = None) -> list[BenchPrompt]:
-    """HumanEval-shaped problems from the module-level functions of every .py file under
-    `roots` (parts named in `skip` left out), de-duplicated by normalised text, also
-    against `seen`."""
+                       seen: set[str] | None = None, methods: bool = False) -> list[BenchPrompt]:
+    """HumanEval-shaped problems from the module-level functions (or, with `methods`, the
+    methods of module-level classes) of every .py file under `roots` (parts named in
+    `skip` left out), de-duplicated by normalised text, also against `seen`."""
     import ast
 
+    problems_of = _module_methods if methods else _module_functions
     out, seen = [], set(seen or ())
     for root in roots:
         for path in sorted(root.rglob("*.py")):
@@ -248,13 +291,12 @@ def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
             except (SyntaxError, UnicodeDecodeError, OSError, ValueError, RecursionError):
                 continue
             module = ".".join(rel.with_suffix("").parts).removesuffix(".__init__")
-            for node in tree.body:
-                problem = stdlib_problem(node)
+            for ident, problem in problems_of(tree):
                 key = problem and _normalise(problem)
                 if not key or key in seen:  # e.g. posixpath / ntpath twins
                     continue
                 seen.add(key)
-                out.append(BenchPrompt(name, f"{module}.{node.name}", (HUMANEVAL_TEMPLATE.format(prompt=problem),),
+                out.append(BenchPrompt(name, f"{module}.{ident}", (HUMANEVAL_TEMPLATE.format(prompt=problem),),
                                        split=split_of(name, key)))
     if not out:
         raise DatasetUnavailable(f"dataset {name} found no Python sources under {', '.join(map(str, roots))}")
@@ -270,6 +312,15 @@ def _package_functions_all() -> tuple[BenchPrompt, ...]:
     stdlib = {_normalise(p.turns[0]) for p in _stdlib_functions_all()}
     problems = _function_problems("package-functions", [r for r in roots if r.is_dir()], PACKAGE_SKIP)
     return tuple(p for p in problems if _normalise(p.turns[0]) not in stdlib)
+
+
+@functools.lru_cache(maxsize=1)
+def _package_methods_all() -> tuple[BenchPrompt, ...]:
+    import sysconfig
+
+    paths = sysconfig.get_paths()
+    roots = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    return tuple(_function_problems("package-methods", [r for r in roots if r.is_dir()], PACKAGE_SKIP, methods=True))
 
 
 @functools.lru_cache(maxsize=1)
@@ -307,7 +358,7 @@ HUB_SETS: dict[str, HubSet] = {
                        lambda r: tuple(t.strip() for t in r["prompt"]), "prompt_id"),
     "alpaca": HubSet("tatsu-lab/alpaca", None, "train", _alpaca),
 }
-OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns", "stdlib-functions", "package-functions")
+OFFLINE_SETS = ("humaneval", "sharegpt", "sharegpt-turns", "stdlib-functions", "package-functions", "package-methods")
 DATASETS = OFFLINE_SETS + tuple(HUB_SETS)
 
 
@@ -413,6 +464,8 @@ def load_prompts(name: str, split: str = "eval") -> list[BenchPrompt]:
         return _keep(_stdlib_functions_all(), split)
     if name == "package-functions":
         return _keep(_package_functions_all(), split)
+    if name == "package-methods":
+        return _keep(_package_methods_all(), split)
     if name in HUB_SETS:
         if name not in EVAL_FRACTION and split == "train":
             raise InputError(f"dataset {name} is a test set: it has no training split")

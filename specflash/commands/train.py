@@ -31,8 +31,8 @@ def register(sub) -> None:
     data.add_argument("--prompts", default="sharegpt",
                       help="comma-separated prompt sets: sharegpt, sharegpt-turns (later turns with their history), "
                            "humaneval, stdlib-functions (HumanEval-shaped problems from Python's standard library), "
-                           "package-functions (the same from the installed packages' sources) (their TRAIN split "
-                           "only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
+                           "package-functions (the same from the installed packages' sources), package-methods (their "
+                           "classes' methods, in their class header) (their TRAIN split only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
                            "files with 'prompt' or 'messages'")
     data.add_argument("--out", required=True, help="output folder for the shards (re-run to resume)")
     data.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
