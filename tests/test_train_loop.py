@@ -663,3 +663,29 @@ def test_train_compare_keeps_the_runs_split_whatever_it_scores(setup, capsys):
     assert reports["tenth"]["held_out_fraction"] == 0.1
     assert reports["tenth"]["results"][0]["sequences"] < reports["all"]["results"][0]["sequences"]
     assert main(common + ["--held-out-fraction", "1.5"]) == 2
+
+
+def test_train_sources_keeps_only_rows_of_the_named_prompt_sets():
+    from types import SimpleNamespace
+
+    from specflash.errors import InputError
+    from specflash.train.loop import only_sources, source_of
+
+    rows = [SimpleNamespace(id=i) for i in ("package-methods:a.B.c", "sharegpt:x", "package-functions:m.f",
+                                            "sharegpt-turns:x:2", "p7")]
+    dataset = SimpleNamespace(rows=rows)
+    assert only_sources(dataset, [0, 1, 2, 3, 4], ("package-methods", "sharegpt-turns")) == [0, 3]
+    with pytest.raises(InputError, match="package-functions, sharegpt, sharegpt-turns"):
+        only_sources(dataset, [1, 2, 3], ("package-methods",))  # names the sets that are there
+    assert [source_of(r.id) for r in rows] == ["package-methods", "sharegpt", "package-functions",
+                                               "sharegpt-turns", "other"]
+
+
+def test_train_sources_matching_no_row_is_refused_naming_the_sets_there(setup):
+    from specflash.errors import InputError
+
+    with pytest.raises(InputError, match="matches no training row.*other"):
+        Trainer(config(setup, "sources-none", train_sources=("package-methods",)), target=setup[2], progress=False)
+    everything = Trainer(config(setup, "sources-all"), target=setup[2], progress=False)
+    named = Trainer(config(setup, "sources-other", train_sources=("other",)), target=setup[2], progress=False)
+    assert named.train_idx == everything.train_idx and named.eval_idx == everything.eval_idx

@@ -32,7 +32,8 @@ def register(sub) -> None:
                       help="comma-separated prompt sets: sharegpt, sharegpt-turns (later turns with their history), "
                            "humaneval, stdlib-functions (HumanEval-shaped problems from Python's standard library), "
                            "package-functions (the same from the installed packages' sources), package-methods (their "
-                           "classes' methods, in their class header) (their TRAIN split only, never the benchmark's eval prompts), alpaca (hub), or JSONL "
+                           "classes' methods, in their class header) (their TRAIN split only, never the "
+                           "benchmark's eval prompts), alpaca (hub), or JSONL "
                            "files with 'prompt' or 'messages'")
     data.add_argument("--out", required=True, help="output folder for the shards (re-run to resume)")
     data.add_argument("--max-prompts", type=int, default=None, help="use at most this many prompts")
@@ -151,6 +152,11 @@ def register(sub) -> None:
     fit.add_argument("--save-every", type=int, default=100,
                      help="steps between checkpoints to resume from (default 100)")
     fit.add_argument("--seed", type=int, default=0, help="init, anchor sampling and shuffle seed (default 0)")
+    fit.add_argument("--train-sources", default=None, metavar="SET[,SET...]",
+                     help="train only on the rows of these prompt sets (the part of a row id before ':', e.g. "
+                          "package-methods,sharegpt-turns): with --init-from, a cheap pass over what a corpus "
+                          "added since the last run. The held-out split and estimates still cover every set "
+                          "(default: all rows)")
     fit.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
                      help="continue from OUT/checkpoints/last.pt if present (default)")
     add_device_flag(fit, "where the target and drafter run")
@@ -366,6 +372,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed, train_estimate=args.train_estimate, device=str(device),
+                         train_sources=tuple(x for x in (args.train_sources or "").split(",") if x) or None,
                          **({} if args.warmup_fraction is None else {"warmup_fraction": args.warmup_fraction}))
     trainer = Trainer(config)
     try:

@@ -80,6 +80,7 @@ class TrainConfig:
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
+    train_sources: tuple[str, ...] | None = None  # train only on rows of these prompt sets (None: all)
     device: str = "auto"  # auto (a GPU when there is one), cpu, cuda, cuda:N
 
     def __post_init__(self) -> None:
@@ -417,6 +418,8 @@ class Trainer:
         self.train_idx, self.eval_idx = self.dataset.split(held_out_fraction(config, self.dataset), exclude)
         if not self.train_idx:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
+        if config.train_sources:
+            self.train_idx = only_sources(self.dataset, self.train_idx, config.train_sources)
         self.train_eval_idx = train_estimate_sample(self.dataset, self.train_idx, config.eval_sequences)
         unlabelled = self.dataset.unlabelled_human_rows()
         if unlabelled and self.rank == 0:
@@ -768,13 +771,28 @@ def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float,
     return clustered_mean(diff_sums, counts)
 
 
+def source_of(row_id: str) -> str:
+    """A row's prompt set: the part of its id before the first ':' ("sharegpt:uXAT1cn_0" ->
+    "sharegpt"; an id without one is its own source "other")."""
+    return row_id.split(":", 1)[0] if ":" in row_id else "other"
+
+
+def only_sources(dataset: ShardDataset, indices: list[int], sources: tuple[str, ...]) -> list[int]:
+    """The rows among `indices` whose prompt set is one of `sources` (`fit --train-sources`:
+    e.g. only what a corpus added since the last run); a clear error when none is left."""
+    kept = [i for i in indices if source_of(dataset.rows[i].id) in sources]
+    if not kept:
+        present = sorted({source_of(dataset.rows[i].id) for i in indices})
+        raise InputError(f"--train-sources {','.join(sources)} matches no training row; the data's prompt sets "
+                         f"are: {', '.join(present)}")
+    return kept
+
+
 def by_source(per_sequence: dict[str, tuple[float, int]]) -> dict[str, dict[str, tuple[float, int]]]:
-    """Per-sequence scores grouped by prompt set: the part of a row id before its first ':'
-    ("sharegpt:uXAT1cn_0" -> "sharegpt"; an id without one is its own source "other")."""
+    """Per-sequence scores grouped by prompt set (`source_of` each row id)."""
     groups: dict[str, dict[str, tuple[float, int]]] = {}
     for key, value in per_sequence.items():
-        source = key.split(":", 1)[0] if ":" in key else "other"
-        groups.setdefault(source, {})[key] = value
+        groups.setdefault(source_of(key), {})[key] = value
     return dict(sorted(groups.items()))
 
 
