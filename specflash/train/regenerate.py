@@ -125,6 +125,17 @@ def encode_answer(target: TargetModel, record: PromptRecord, prompt: list[int], 
     return ids, "stop"
 
 
+def teacher_force_by_length(target: TargetModel, rows: list[dict], batch_size: int = 8, topk: int = 0):
+    """Teacher-force shard rows (dicts with input_ids and num_prompt_tokens) in batches of
+    similar lengths, for less padding: yields (row indices, `teacher_force_batch` results
+    for those rows), batch by batch, in order of length."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        yield chunk, teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
+                                         [rows[i]["num_prompt_tokens"] for i in chunk], topk=topk)
+
+
 @torch.inference_mode()
 def teacher_force_batch(target: TargetModel, sequences: list[list[int]], num_prompt_tokens: list[int] | None = None,
                         logits_budget: int = 2 ** 27, topk: int = 0) -> list[tuple]:
@@ -235,11 +246,7 @@ def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int
         features: list = [None] * len(rows)
         best: list = [None] * len(rows)
         labels: list = [None] * len(rows)
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))  # similar lengths together
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            forced = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
-                                         [rows[i]["num_prompt_tokens"] for i in chunk], topk=topk)
+        for chunk, forced in teacher_force_by_length(target, rows, batch_size, topk=topk):
             for i, (row_features, row_greedy, row_best) in zip(chunk, forced):
                 features[i] = row_features
                 labels[i] = row_greedy

@@ -36,7 +36,7 @@ from ..data.corpus import (MANIFEST, answer_kind, read_manifest, read_rows, shar
                            update_manifest, write_rows)
 from ..errors import InputError
 from ..hf.target import TargetModel
-from .regenerate import teacher_force_batch
+from .regenerate import teacher_force_by_length
 
 
 def check_corpus(folder: str | Path) -> dict:
@@ -84,12 +84,8 @@ def teacher_forced_labels(target: TargetModel, rows: list[dict], batch_size: int
     """The target's greedy token at every response position of each row, given the row's
     tokens before it (one teacher-forced forward per batch of similar lengths, for less
     padding); `on_batch(tokens)` hears each batch's sequence tokens."""
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
     labels: list[list[int]] = [[] for _ in rows]
-    for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
-        forced = teacher_force_batch(target, [rows[i]["input_ids"] for i in chunk],
-                                     [rows[i]["num_prompt_tokens"] for i in chunk])
+    for chunk, forced in teacher_force_by_length(target, rows, batch_size):
         for i, (_, greedy, _) in zip(chunk, forced):
             labels[i] = greedy
         if on_batch is not None:
