@@ -215,9 +215,9 @@ STDLIB_SKIP = ("test", "tests", "idlelib", "lib2to3", "site-packages", "dist-pac
                "ensurepip")
 
 
-def stdlib_problem(node) -> str | None:
-    """A public module-level function with a docstring of 60-1,200 characters, as its
-    signature and docstring without body (what a HumanEval problem looks like); else None."""
+def _function_stub(node, decorators: list | None = None):
+    """A public function with a docstring of 60-1,200 characters as a new FunctionDef node
+    with its signature, `decorators` and docstring, without body; else None."""
     import ast
 
     if not isinstance(node, ast.FunctionDef) or node.name.startswith("_"):
@@ -225,9 +225,17 @@ def stdlib_problem(node) -> str | None:
     doc = ast.get_docstring(node, clean=False)  # as written: indented under the signature
     if not doc or not 60 <= len(doc) <= 1200:
         return None
-    stub = ast.FunctionDef(name=node.name, args=node.args, body=[ast.Expr(ast.Constant(doc))], decorator_list=[],
-                           returns=node.returns, type_comment=None, type_params=[])
-    return ast.unparse(ast.fix_missing_locations(stub))
+    return ast.FunctionDef(name=node.name, args=node.args, body=[ast.Expr(ast.Constant(doc))],
+                           decorator_list=decorators or [], returns=node.returns, type_comment=None, type_params=[])
+
+
+def stdlib_problem(node) -> str | None:
+    """A public module-level function with a docstring of 60-1,200 characters, as its
+    signature and docstring without body (what a HumanEval problem looks like); else None."""
+    import ast
+
+    stub = _function_stub(node)
+    return None if stub is None else ast.unparse(ast.fix_missing_locations(stub))
 
 
 METHOD_DECORATORS = ("property", "staticmethod", "classmethod")
@@ -242,12 +250,10 @@ def method_problem(cls, node) -> str | None:
 
     if not isinstance(cls, ast.ClassDef) or cls.name.startswith("_"):
         return None
-    stub = stdlib_problem(node)
-    if stub is None:
+    method = _function_stub(node, [d for d in getattr(node, "decorator_list", ())
+                                   if isinstance(d, ast.Name) and d.id in METHOD_DECORATORS])
+    if method is None:
         return None
-    method = ast.parse(stub).body[0]
-    method.decorator_list = [d for d in node.decorator_list
-                             if isinstance(d, ast.Name) and d.id in METHOD_DECORATORS]
     header = ast.ClassDef(name=cls.name, bases=cls.bases, keywords=cls.keywords, body=[method], decorator_list=[],
                           type_params=[])
     return ast.unparse(ast.fix_missing_locations(header))
@@ -303,24 +309,24 @@ def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
     return out
 
 
-@functools.lru_cache(maxsize=1)
-def _package_functions_all() -> tuple[BenchPrompt, ...]:
+def _package_roots() -> list[Path]:
+    """The installed packages' source folders (site-packages: pure and platform)."""
     import sysconfig
 
     paths = sysconfig.get_paths()
-    roots = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
+    return [r for r in sorted({Path(paths["purelib"]), Path(paths["platlib"])}) if r.is_dir()]
+
+
+@functools.lru_cache(maxsize=1)
+def _package_functions_all() -> tuple[BenchPrompt, ...]:
     stdlib = {_normalise(p.turns[0]) for p in _stdlib_functions_all()}
-    problems = _function_problems("package-functions", [r for r in roots if r.is_dir()], PACKAGE_SKIP)
+    problems = _function_problems("package-functions", _package_roots(), PACKAGE_SKIP)
     return tuple(p for p in problems if _normalise(p.turns[0]) not in stdlib)
 
 
 @functools.lru_cache(maxsize=1)
 def _package_methods_all() -> tuple[BenchPrompt, ...]:
-    import sysconfig
-
-    paths = sysconfig.get_paths()
-    roots = sorted({Path(paths["purelib"]), Path(paths["platlib"])})
-    return tuple(_function_problems("package-methods", [r for r in roots if r.is_dir()], PACKAGE_SKIP, methods=True))
+    return tuple(_function_problems("package-methods", _package_roots(), PACKAGE_SKIP, methods=True))
 
 
 @functools.lru_cache(maxsize=1)
