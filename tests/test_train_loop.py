@@ -219,13 +219,34 @@ def test_carried_moments_make_the_first_update_smaller_than_a_fresh_optimizer(se
     assert first_update("moments-carried", setup[0] / "moments-a") < 0.5 * first_update("moments-fresh", drafter)
 
 
-def test_init_from_a_run_of_another_layer_count_is_refused_and_points_to_its_drafter(setup):
+def test_init_from_a_run_with_more_layers_grows_it_keeping_the_old_weights_moments(setup):
+    target = setup[2]
+    earlier = Trainer(config(setup, "carry-one", max_steps=4, save_every=4), target=target, progress=False)
+    earlier.fit()
+    grown = Trainer(config(setup, "carry-grown", num_layers=2, init_from=str(setup[0] / "carry-one"), max_steps=2),
+                    target=target, progress=False)
+    theirs = dict(earlier.drafter.named_parameters())
+    for name, mine in grown.drafter.named_parameters():
+        if name.startswith("layers.1."):
+            assert mine not in grown.optimizer.state  # a new layer starts without moments
+            continue
+        assert torch.equal(mine, theirs[name]), name
+        for moment in ("exp_avg", "exp_avg_sq"):
+            assert torch.equal(grown.optimizer.state[mine][moment], earlier.optimizer.state[theirs[name]][moment])
+    new_layer = grown.drafter.layers[1]
+    assert new_layer.self_attn.o_proj.weight.abs().max() == 0 and new_layer.mlp.down_proj.weight.abs().max() == 0
+    assert grown.evaluate() == earlier.evaluate()  # the grown drafter starts at its source's function
+    grown.fit()
+    assert new_layer.self_attn.o_proj.weight.abs().max() > 0
+
+
+def test_init_from_a_run_with_more_layers_or_unreadable_is_refused(setup):
     from specflash.errors import InputError
 
     target = setup[2]
-    Trainer(config(setup, "carry-one", max_steps=2, save_every=2), target=target, progress=False).fit()
-    with pytest.raises(InputError, match="RUN/drafter"):
-        Trainer(config(setup, "carry-two", num_layers=2, init_from=str(setup[0] / "carry-one")), target=target,
+    Trainer(config(setup, "carry-two", num_layers=2, max_steps=2, save_every=2), target=target, progress=False).fit()
+    with pytest.raises(InputError, match="grow by layers, not shrink"):
+        Trainer(config(setup, "carry-shrunk", num_layers=1, init_from=str(setup[0] / "carry-two")), target=target,
                 progress=False)
     broken = setup[0] / "broken.pt"
     broken.write_text("not a checkpoint")

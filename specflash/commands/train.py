@@ -130,8 +130,8 @@ def register(sub) -> None:
                           "RUN/drafter of an earlier run), or one with fewer layers: it grows, the extra layers "
                           "starting as no-ops. Or from an earlier run's folder (or its checkpoints/last.pt): its "
                           "weights and its optimizer's moments (a fresh optimizer sets a trained drafter back about "
-                          "twice as far). Either way the run keeps the source's draft vocabulary and its schedule "
-                          "starts from step 0")
+                          "twice as far), grown likewise with a larger --num-layers. Either way the run keeps the "
+                          "source's draft vocabulary and its schedule starts from step 0")
     fit.add_argument("--warmup-fraction", type=float, default=None,
                      help="fraction of the steps spent warming the learning rate up from 0 (default 0.04)")
     fit.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,

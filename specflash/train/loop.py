@@ -248,7 +248,9 @@ def checkpoint_to_init_from(path: str) -> Path | None:
 def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torch.Tensor | None, int]:
     """Warm start from an earlier run's training checkpoint: its weights and feature scale
     exactly as they were being trained (nothing folded), and the optimizer state returned to
-    be carried over (`carry_optimizer_moments`), with the run's draft vocabulary (None when
+    be carried over (`carry_optimizer_moments`). A drafter with more layers than the
+    checkpoint's grows as from an exported drafter (`silence_new_layers`), and its old
+    weights keep their moments (`moments_by_name`). Also returned: the run's draft vocabulary (None when
     neither the checkpoint nor the run's exported drafter has one) and its lineage's pass
     count (UNKNOWN_LINEAGE_PASSES for checkpoints from before the count). A fresh AdamW restarts
     with steps of about the learning rate on every weight whatever its gradient, which set
@@ -264,15 +266,23 @@ def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torc
     check_same_shape(drafter, config, path)
     params = dict(drafter.named_parameters())
     its = len({k.split(".")[1] for k in saved if k.startswith("layers.")})
-    if its != len(drafter.layers) or any(name not in saved or saved[name].shape != p.shape
-                                         for name, p in params.items()):
+    if its > len(drafter.layers):
         raise InputError(f"--init-from {path}: the checkpoint's drafter has {its} draft layers, this run "
-                         f"{len(drafter.layers)}; a training checkpoint continues a drafter of exactly its shape. "
-                         f"To grow it, pass the run's exported drafter folder (RUN/drafter) instead")
+                         f"{len(drafter.layers)}; pass --num-layers {its} or more (a drafter can grow by layers, "
+                         f"not shrink)")
+    old_names = [name for name in saved if name in params]  # the source's parameters, in its order
+    new = {name for name in params if name not in saved}
+    if (any(saved[name].shape != params[name].shape for name in old_names)
+            or any(not (name.startswith("layers.") and int(name.split(".")[1]) >= its) for name in new)):
+        raise InputError(f"--init-from {path}: the checkpoint's weights do not fit this run's drafter "
+                         f"(shapes differ); continue it with the settings it was trained with")
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p))
+        for name in old_names:
+            params[name].copy_(saved[name].to(params[name]))
         drafter.feature_scale.copy_(state["feature_scale"].to(drafter.feature_scale))
+    silence_new_layers(drafter, its)
+    if new:
+        moments = moments_by_name(moments, old_names, [name for name, _ in drafter.named_parameters()])
     vocab = state.get("draft_vocab")
     exported = path.parent.parent / "drafter"  # checkpoints written before they kept the vocabulary
     if vocab is None and (exported / DRAFT_VOCAB_NAME).is_file():
@@ -346,12 +356,30 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> torch.Tensor | Non
                          f"unexpected {unexpected[:3]})")
     with torch.no_grad():
         drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight.dtype)[None, :])
-        for layer in drafter.layers[its:]:
+    silence_new_layers(drafter, its)
+    return source.draft_vocab  # [N] target ids, or None: a full-vocabulary drafter
+
+
+def silence_new_layers(drafter: DFlashDrafter, kept: int) -> None:
+    """Zero the output projections (attention o_proj, MLP down_proj) of every draft layer past
+    the first `kept`: a grown layer then adds nothing to the residual stream, so the grown
+    drafter computes its source's function until training puts the layer to use."""
+    with torch.no_grad():
+        for layer in drafter.layers[kept:]:
             for proj in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 proj.weight.zero_()
                 if proj.bias is not None:
                     proj.bias.zero_()
-    return source.draft_vocab  # [N] target ids, or None: a full-vocabulary drafter
+
+
+def moments_by_name(saved: dict, old_names: list[str], new_names: list[str]) -> dict:
+    """A saved optimizer state renumbered for a grown drafter: torch numbers a parameter's
+    state by its place in parameters(), and the new layers' parameters shift the places of
+    those after them. Each old parameter keeps its moments under its new number; the new
+    ones start without (AdamW creates them at their first step)."""
+    place = {name: i for i, name in enumerate(new_names)}
+    state = {place[name]: saved["state"][i] for i, name in enumerate(old_names) if i in saved["state"]}
+    return {**saved, "state": state}
 
 
 @dataclass
