@@ -213,3 +213,11 @@ def test_decode_config_rejects_a_temperature_float32_cannot_hold(temperature):
 
     with pytest.raises(InputError, match="temperature must be a finite number"):
         DecodeConfig(temperature=temperature)
+
+
+def test_comma_lists_read_the_same_with_spaces_and_stray_commas():
+    from specflash.commands.common import csv_list
+
+    assert csv_list("package-methods, sharegpt-turns,") == csv_list("package-methods,sharegpt-turns") \
+        == ("package-methods", "sharegpt-turns")
+    assert csv_list(" , ") == ()

@@ -9,7 +9,7 @@ from ..bench.datasets import DATASETS, EVAL_FRACTION, HUB_SETS, OFFLINE_SETS
 from ..bench.names import DEFAULT_METHODS, METHODS
 from ..models import DEFAULT_TARGET
 from .common import (AtLeast, OptionError, add_sampling_flags, add_static_steps_flag, block_size_arg,
-                     resolve_draft_flag)
+                     csv_list, resolve_draft_flag)
 
 DESCRIPTION = """\
 Run several decoding methods on the same target, prompts and settings, and report
@@ -80,10 +80,6 @@ Example:
 """
 
 
-def _csv(text: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in text.split(",") if part.strip())
-
-
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmark decoding methods: acceptance, speed, same-output check",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -95,7 +91,7 @@ def register(sub) -> None:
                         "shipped for the target), random (a randomly initialised drafter, saved to the results "
                         "folder: a testing aid, tau about 1), or none (skips dflash and zlab). Default: default "
                         "when a drafter is shipped for the target, else random")
-    g.add_argument("--methods", type=_csv, default=DEFAULT_METHODS,
+    g.add_argument("--methods", type=csv_list, default=DEFAULT_METHODS,
                    help=f"comma-separated, from {', '.join(METHODS)} (default {','.join(DEFAULT_METHODS)}; "
                         "zlab builds a 1.4 GB venv on first use)")
     g.add_argument("--baseline", default="hf", choices=list(METHODS),
@@ -108,7 +104,7 @@ def register(sub) -> None:
     g.add_argument("--ngram-block-size", type=int, action=AtLeast, minimum=2, default=8,
                    help="verify width of ngram; hf-ngram gets prompt_lookup_num_tokens = this - 1 (default 8)")
     d = p.add_argument_group("prompts")
-    d.add_argument("--datasets", type=_csv, default=None,
+    d.add_argument("--datasets", type=csv_list, default=None,
                    help=f"comma-separated, from {', '.join(DATASETS)} (default humaneval,sharegpt, or none "
                         "when --prompts-file is given: name sets too to run them and the file)")
     d.add_argument("--prompts-file", default=None,
@@ -195,7 +191,7 @@ def _floats(text: str) -> tuple[float, ...]:
 def _synthetic_blocks(text: str) -> tuple[int | str, ...]:
     """argparse type of --synthetic-blocks: block sizes as --block-size takes them, 2 or more
     (a block of 1 drafts nothing)."""
-    blocks = tuple(block_size_arg(part) for part in _csv(text))
+    blocks = tuple(block_size_arg(part) for part in csv_list(text))
     if any(b == 1 for b in blocks):
         raise OptionError("--synthetic-blocks: a block of 1 drafts nothing; use 2 or more, or auto")
     return blocks

@@ -34,6 +34,11 @@ class AtLeast(argparse.Action):
         setattr(namespace, self.dest, values)
 
 
+def csv_list(text: str) -> tuple[str, ...]:
+    """The items of a comma-separated flag value, spaces around them dropped, empty ones skipped."""
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampling")
     g.add_argument("--temperature", type=float, default=0.0,

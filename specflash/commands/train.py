@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import DEFAULT_TARGET
+from .common import DEFAULT_TARGET, csv_list
 
 
 def register(sub) -> None:
@@ -326,7 +326,7 @@ def run_data(args: argparse.Namespace) -> int:
     else:
         layer_ids = tuple(default_target_layer_ids(target.num_layers, args.num_features))
     target.set_taps(layer_ids)  # validates the ids
-    records = load_training_prompts(args.prompts.split(","), limit=args.max_prompts, skip=args.skip_prompts)
+    records = load_training_prompts(list(csv_list(args.prompts)), limit=args.max_prompts, skip=args.skip_prompts)
     template_kwargs = {} if args.thinking == "auto" else {"enable_thinking": args.thinking == "on"}
     config = RegenConfig(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
                          temperature=args.temperature, top_p=args.top_p, seed=args.seed,
@@ -362,7 +362,7 @@ def run_fit(args: argparse.Namespace) -> int:
     _threads(args)
     device = resolve_device(args.device)
     rank, _world = init_distributed(device)
-    config = TrainConfig(data=args.data.split(","), out=args.out, target=args.target, num_layers=args.num_layers,
+    config = TrainConfig(data=list(csv_list(args.data)), out=args.out, target=args.target, num_layers=args.num_layers,
                          block_size=args.block_size, anchors_per_sequence=args.anchors, epochs=args.epochs,
                          lr=args.lr, grad_accum=args.grad_accum, max_length=args.max_length,
                          distill=args.distill, distill_temperature=args.distill_temperature,
@@ -372,7 +372,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          precision=args.precision, gamma=args.gamma, loss_positions=args.loss_positions,
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed, train_estimate=args.train_estimate, device=str(device),
-                         train_sources=tuple(x for x in (args.train_sources or "").split(",") if x) or None,
+                         train_sources=csv_list(args.train_sources or "") or None,
                          **({} if args.warmup_fraction is None else {"warmup_fraction": args.warmup_fraction}))
     trainer = Trainer(config)
     try:
@@ -395,7 +395,7 @@ def run_pack(args: argparse.Namespace) -> int:
     from ..models import resolve_model
 
     totals = {"rows": 0, "skipped": 0, "shards": 0}
-    for folder in args.data.split(","):
+    for folder in csv_list(args.data):
         meta = Path(folder) / "meta.json"
         target = args.target or (json.loads(meta.read_text()).get("target") if meta.exists() else None)
         sha256 = weights_sha256(resolve_model(target, progress=False)) if target else None
@@ -485,7 +485,7 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..train.shards import ShardDataset
 
     _threads(args)
-    folders = [f for f in args.drafters.split(",") if f]
+    folders = list(csv_list(args.drafters))
     if len(folders) < 2:
         raise InputError("--drafters needs at least two drafter folders: a baseline and one to compare")
     if args.held_out_fraction is not None and not 0 < args.held_out_fraction <= 1:
@@ -499,12 +499,12 @@ def run_compare(args: argparse.Namespace) -> int:
         # rows), not one that grows with --eval-sequences and would hold out rows they trained on.
         fraction = args.held_out_fraction
         if fraction is None:
-            fraction = held_out_fraction(TrainConfig(data=args.data.split(","), out=scratch),
+            fraction = held_out_fraction(TrainConfig(data=list(csv_list(args.data)), out=scratch),
                                          ShardDataset(args.data.split(",")))
         for folder in folders:
             drafter = DFlashDrafter.from_pretrained(folder)
             vocab = drafter.draft_vocab
-            config = TrainConfig(data=args.data.split(","), out=scratch, target=args.target,
+            config = TrainConfig(data=list(csv_list(args.data)), out=scratch, target=args.target,
                                  num_layers=len(drafter.layers), block_size=drafter.config.block_size,
                                  target_layer_ids=list(drafter.target_layer_ids), init_from=folder,
                                  draft_vocab=0 if vocab is None else int(vocab.numel()),
