@@ -240,7 +240,7 @@ def test_init_from_a_run_with_more_layers_grows_it_keeping_the_old_weights_momen
     assert new_layer.self_attn.o_proj.weight.abs().max() > 0
 
 
-def test_init_from_a_run_with_more_layers_or_unreadable_is_refused(setup):
+def test_init_from_a_run_into_fewer_layers_or_unreadable_is_refused(setup):
     from specflash.errors import InputError
 
     target = setup[2]

@@ -486,6 +486,7 @@ def run_compare(args: argparse.Namespace) -> int:
 
     _threads(args)
     folders = list(csv_list(args.drafters))
+    data = list(csv_list(args.data))
     if len(folders) < 2:
         raise InputError("--drafters needs at least two drafter folders: a baseline and one to compare")
     if args.held_out_fraction is not None and not 0 < args.held_out_fraction <= 1:
@@ -499,12 +500,11 @@ def run_compare(args: argparse.Namespace) -> int:
         # rows), not one that grows with --eval-sequences and would hold out rows they trained on.
         fraction = args.held_out_fraction
         if fraction is None:
-            fraction = held_out_fraction(TrainConfig(data=list(csv_list(args.data)), out=scratch),
-                                         ShardDataset(args.data.split(",")))
+            fraction = held_out_fraction(TrainConfig(data=data, out=scratch), ShardDataset(data))
         for folder in folders:
             drafter = DFlashDrafter.from_pretrained(folder)
             vocab = drafter.draft_vocab
-            config = TrainConfig(data=list(csv_list(args.data)), out=scratch, target=args.target,
+            config = TrainConfig(data=data, out=scratch, target=args.target,
                                  num_layers=len(drafter.layers), block_size=drafter.config.block_size,
                                  target_layer_ids=list(drafter.target_layer_ids), init_from=folder,
                                  draft_vocab=0 if vocab is None else int(vocab.numel()),
