@@ -227,3 +227,32 @@ def test_train_cache_explains_bad_input(tiny, tmp_path, capsys):
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     assert not any(features_path(shard).exists() for shard in shard_files(corpus))
+
+
+def test_train_cache_float8_rewrites_float16_caches_and_writes_new_ones_as_float8(tiny, tmp_path, capsys):
+    from safetensors import safe_open
+
+    from specflash.data.feature_cache import cache_dtype
+    from specflash.train.shards import ShardDataset
+
+    corpus = bare_corpus(tiny, tmp_path, 8)
+    assert main(["train", "cache", "--data", str(corpus), "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    exact = {ex.id: ex.features for ex in (ShardDataset([corpus])[i] for i in range(8))}
+    features_path(shard_files(corpus)[0]).unlink()  # one shard without a cache, one with a float16 one
+    capsys.readouterr()
+    assert main(["train", "cache", "--data", str(corpus), "--dtype", "bfloat16", "--device", "cpu",
+                 "--cache-dtype", "float8"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["rows"] == 4 and report["compacted"]["converted"] == 1
+    assert report["compacted"]["bytes_after"] < 0.7 * report["compacted"]["bytes_before"]
+    for shard in shard_files(corpus):
+        with safe_open(str(features_path(shard)), "pt") as handle:
+            assert cache_dtype(handle) == "float8"
+    data = ShardDataset([corpus])
+    for i in range(8):
+        got, want = data[i].features.float(), exact[data[i].id].float()
+        assert got.shape == want.shape and (got - want).norm() < 0.03 * want.norm()
+    assert main(["train", "cache", "--data", str(corpus), "--cache-dtype", "float8"]) == 0  # nothing left to do
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["shards"] == 0 and report["compacted"]["converted"] == 0
+    assert report["compacted"]["already_float8"] == 2

@@ -375,3 +375,19 @@ def test_sampled_answers_of_held_out_prompts_are_never_trained_on(tmp_path):
     assert 20 <= len(held) <= 60 and all("#" not in p for p in held_prompts)
     assert not {data.rows[i].id.split("#")[0] for i in train} & held_prompts
     assert len(train) == 400 - 2 * len(held)
+
+
+def test_regeneration_can_keep_its_features_as_float8(target, tmp_path):
+    """The same answers, their features read back within float8's precision, in about half the space."""
+    records = prompt_records(8)
+    sizes = {}
+    for dtype in ("float16", "float8"):
+        regenerate(target, records, tmp_path / dtype, RegenConfig(max_new_tokens=12, batch_size=4, layer_ids=(1, 3),
+                                                                  cache_dtype=dtype), progress=False)
+        sizes[dtype] = sum(f.stat().st_size for f in (tmp_path / dtype).glob("*.features.safetensors"))
+    exact, small = ShardDataset([tmp_path / "float16"]), ShardDataset([tmp_path / "float8"])
+    assert [r.input_ids for r in exact.rows] == [r.input_ids for r in small.rows]
+    for i in range(len(exact)):
+        want, got = exact[i].features.float(), small[i].features
+        assert got.shape == want.shape and (got - want).norm() < 0.03 * want.norm()
+    assert sizes["float8"] < 0.75 * sizes["float16"]

@@ -710,3 +710,14 @@ def test_train_sources_matching_no_row_is_refused_naming_the_sets_there(setup):
     everything = Trainer(config(setup, "sources-all"), target=setup[2], progress=False)
     named = Trainer(config(setup, "sources-other", train_sources=("other",)), target=setup[2], progress=False)
     assert named.train_idx == everything.train_idx and named.eval_idx == everything.eval_idx
+
+
+def test_grown_layer_names_are_those_past_the_kept_layers():
+    from specflash.errors import InputError
+    from specflash.train.loop import in_grown_layer, refuse_shrinking
+
+    assert in_grown_layer("layers.1.mlp.down_proj.weight", 1) and in_grown_layer("layers.12.self_attn.q_proj.weight", 2)
+    assert not in_grown_layer("layers.0.mlp.down_proj.weight", 1) and not in_grown_layer("fc.weight", 0)
+    refuse_shrinking("a", 1, 2)  # growing is fine
+    with pytest.raises(InputError, match="pass --num-layers 3 or more"):
+        refuse_shrinking("a", 3, 2)

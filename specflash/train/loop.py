@@ -77,6 +77,7 @@ class TrainConfig:
     init_from: str | None = None  # warm start: an exported drafter folder, or an earlier run (weights + AdamW moments)
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
     cache_features: bool = True  # features missing beside the data are computed once up front, not in every step
+    cache_dtype: str = "float16"  # how those are stored: "float16" or "float8" (specflash.data.feature_cache)
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
@@ -266,14 +267,11 @@ def init_from_checkpoint(drafter: DFlashDrafter, path: Path) -> tuple[dict, torc
     check_same_shape(drafter, config, path)
     params = dict(drafter.named_parameters())
     its = len({k.split(".")[1] for k in saved if k.startswith("layers.")})
-    if its > len(drafter.layers):
-        raise InputError(f"--init-from {path}: the checkpoint's drafter has {its} draft layers, this run "
-                         f"{len(drafter.layers)}; pass --num-layers {its} or more (a drafter can grow by layers, "
-                         f"not shrink)")
+    refuse_shrinking(path, its, len(drafter.layers))
     old_names = [name for name in saved if name in params]  # the source's parameters, in its order
     new = {name for name in params if name not in saved}
     if (any(saved[name].shape != params[name].shape for name in old_names)
-            or any(not (name.startswith("layers.") and int(name.split(".")[1]) >= its) for name in new)):
+            or not all(in_grown_layer(name, its) for name in new)):
         raise InputError(f"--init-from {path}: the checkpoint's weights do not fit this run's drafter "
                          f"(shapes differ); continue it with the settings it was trained with")
     with torch.no_grad():
@@ -345,12 +343,10 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> torch.Tensor | Non
     Returns the source's draft vocabulary (None without one), which the run keeps."""
     source = DFlashDrafter.from_pretrained(folder)
     check_same_shape(drafter, source.config, folder)
-    ours, its = len(drafter.layers), len(source.layers)
-    if its > ours:
-        raise InputError(f"--init-from {folder}: it has {its} draft layers, this run {ours}; pass --num-layers "
-                         f"{its} or more (a drafter can grow by layers, not shrink)")
+    its = len(source.layers)
+    refuse_shrinking(folder, its, len(drafter.layers))
     missing, unexpected = drafter.load_state_dict(source.state_dict(), strict=False)
-    grown = {k for k in missing if k.startswith("layers.") and int(k.split(".")[1]) >= its}
+    grown = {k for k in missing if in_grown_layer(k, its)}
     if set(missing) - grown or unexpected:
         raise InputError(f"--init-from {folder}: weights do not match (missing {sorted(set(missing) - grown)[:3]}, "
                          f"unexpected {unexpected[:3]})")
@@ -358,6 +354,19 @@ def init_from_drafter(drafter: DFlashDrafter, folder: str) -> torch.Tensor | Non
         drafter.fc.weight.mul_(drafter.feature_scale.to(drafter.fc.weight.dtype)[None, :])
     silence_new_layers(drafter, its)
     return source.draft_vocab  # [N] target ids, or None: a full-vocabulary drafter
+
+
+def refuse_shrinking(source: str | Path, its: int, ours: int) -> None:
+    """A warm start's source with more draft layers than this run's drafter is refused."""
+    if its > ours:
+        raise InputError(f"--init-from {source}: it has {its} draft layers, this run {ours}; pass --num-layers "
+                         f"{its} or more (a drafter can grow by layers, not shrink)")
+
+
+def in_grown_layer(name: str, kept: int) -> bool:
+    """Whether a parameter name ("layers.2.mlp.up_proj.weight") lies in a draft layer past the
+    first `kept`: one that growing a `kept`-layer source adds."""
+    return name.startswith("layers.") and int(name.split(".")[1]) >= kept
 
 
 def silence_new_layers(drafter: DFlashDrafter, kept: int) -> None:
@@ -507,7 +516,8 @@ class Trainer:
                    if any(not features_path(shard).exists() for shard in shard_files(folder))]
         if folders and self.rank == 0:
             for folder in folders:
-                cache_features(self.target, folder, layer_ids, progress=self.progress)
+                cache_features(self.target, folder, layer_ids, progress=self.progress,
+                               cache_dtype=self.config.cache_dtype)
         if self.world > 1 and torch.distributed.is_initialized():
             torch.distributed.barrier()
 

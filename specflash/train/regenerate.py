@@ -14,8 +14,9 @@ plus, for a human answer, "target_greedy": the target's greedy token at each res
 position given the tokens before it, what the drafter is trained to predict there), and
 `OUT/manifest.json`, which records how each shard was made.
 With `layer_ids`, the tapped target features that generation computes anyway are kept
-too (`OUT/shard-NNNNN.features.safetensors`, one float16 tensor [len(input_ids) - 1, K*H]
-per row, keyed by row number; a local cache, not part of a committed corpus): the
+too (`OUT/shard-NNNNN.features.safetensors`, one [len(input_ids) - 1, K*H] tensor per
+row in float16 or float8, format in `specflash.data.feature_cache`; a local cache, not
+part of a committed corpus): the
 training objective needs exactly these, so no second teacher-forced pass is needed.
 With `topk`, the same file keeps the target's k largest logits at every generated token
 (`topk_ids.N` int32 and `topk_logits.N` float16, [len(response), k]): its distribution
@@ -33,7 +34,6 @@ duplicates, no gaps).
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from ..hf.batchcache import buffered_cache, prefill_rows, select_rows
+from ..data.feature_cache import DEFAULT_CACHE_DTYPE, write_feature_cache
 from ..data.corpus import features_path, folder_ids, next_shard_index, read_rows, record_shard, shard_files, write_rows
 from ..hf.gqa_attention import grouped_query_attention
 from ..runtime.sampling import warp_logits
@@ -74,6 +75,7 @@ class RegenConfig:
     max_prompt_tokens: int = 768
     shard_size: int = 64
     layer_ids: tuple[int, ...] = ()  # target layers whose features to keep (empty: none)
+    cache_dtype: str = DEFAULT_CACHE_DTYPE  # how the kept features are stored: "float16" or "float8"
     topk: int = 0  # keep the target's k largest logits at each generated token (with the features; 0: none)
     human_fraction: float = 0.0  # share of prompts with an existing answer that keep it
     template_kwargs: dict = field(default_factory=dict)  # e.g. {"enable_thinking": False}
@@ -214,7 +216,8 @@ def add_target_greedy(target: TargetModel, out_dir: str | Path, batch_size: int 
 
 
 def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int, ...], topk: int = 32,
-                   batch_size: int = 8, progress: bool = True, relabel: bool = True) -> int:
+                   batch_size: int = 8, progress: bool = True, relabel: bool = True,
+                   cache_dtype: str = DEFAULT_CACHE_DTYPE) -> int:
     """Write the features cache (tapped features, and the target's top-k logits on the
     response) of every shard in `folder` that has none, e.g. a committed corpus on a new
     machine: one teacher-forced forward per row, instead of one per row in every training
@@ -257,7 +260,7 @@ def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int
             records[shard.name] = relabel_rows(rows, labels, dtype)
             write_rows(shard, rows)  # whole, by rename
             mark_relabelled(folder, shard.name, records[shard.name])
-        write_feature_cache(shard, features, best)
+        write_feature_cache(features_path(shard), features, best, cache_dtype, groups=len(layer_ids))
         done += len(rows)
     bar.close()
     if records:
@@ -266,31 +269,15 @@ def cache_features(target: TargetModel, folder: str | Path, layer_ids: tuple[int
 
 
 def write_shard(out_dir: Path, index: int, rows: list[dict], features: list[torch.Tensor] | None = None,
-                topk: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Path:
+                topk: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
+                cache_dtype: str = DEFAULT_CACHE_DTYPE, taps: int = 1) -> Path:
     """Features (and top-k logits) first when kept, then the compact shard by rename: a
-    shard that exists is whole."""
+    shard that exists is whole. `taps`: the tapped layers in the features (float8 scales
+    each apart)."""
     path = out_dir / f"shard-{index:05d}.npz"
     if features is not None:
-        write_feature_cache(path, features, topk)
+        write_feature_cache(features_path(path), features, topk, cache_dtype, groups=taps)
     return write_rows(path, rows)
-
-
-def write_feature_cache(shard: Path, features: list[torch.Tensor],
-                        topk: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None) -> Path:
-    """A shard's features cache, written whole by rename: row i's features as "i" (float16)
-    and, where given, its top-k as "topk_ids.i" (int32) / "topk_logits.i" (float16)."""
-    from safetensors.torch import save_file
-
-    tensors = {str(i): f.to(torch.float16).contiguous() for i, f in enumerate(features)}
-    for i, pair in enumerate(topk or []):
-        if pair is not None:
-            tensors[f"topk_ids.{i}"] = pair[0].to(torch.int32).contiguous()
-            tensors[f"topk_logits.{i}"] = pair[1].to(torch.float16).contiguous()
-    path = features_path(shard)
-    tmp = path.with_suffix(".tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
 
 
 def _pad_id(target: TargetModel) -> int:
@@ -487,7 +474,7 @@ def regenerate(target: TargetModel, records: Iterable[PromptRecord], out_dir: st
         nonlocal shard_index, pending, pending_features, pending_topk
         if pending and (force or len(pending) >= config.shard_size):
             path = write_shard(out_dir, shard_index, pending, pending_features if keep_features else None,
-                               pending_topk if keep_features else None)
+                               pending_topk if keep_features else None, config.cache_dtype, len(config.layer_ids))
             record_shard(out_dir, path, pending, settings or {}, target_name, target_sha256)
             shard_index += 1
             pending, pending_features, pending_topk = [], [], []

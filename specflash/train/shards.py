@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from ..data.corpus import answer_kind, features_path, read_rows, shard_files
+from ..data.feature_cache import read_row_features
 from ..errors import InputError
 
 
@@ -164,7 +165,7 @@ class ShardDataset:
         handle = self._cache(row)
         if handle is None:
             return None
-        return handle.get_tensor(str(row.row))[: len(row.input_ids) - 1]
+        return read_row_features(handle, row.row)[: len(row.input_ids) - 1]
 
     def _topk(self, row: _Row) -> tuple[torch.Tensor, torch.Tensor] | tuple[None, None]:
         handle = self._cache(row)
