@@ -236,7 +236,8 @@ def test_train_cache_float8_rewrites_float16_caches_and_writes_new_ones_as_float
     from specflash.train.shards import ShardDataset
 
     corpus = bare_corpus(tiny, tmp_path, 8)
-    assert main(["train", "cache", "--data", str(corpus), "--dtype", "bfloat16", "--device", "cpu"]) == 0
+    assert main(["train", "cache", "--data", str(corpus), "--dtype", "bfloat16", "--device", "cpu",
+                 "--cache-dtype", "float16"]) == 0
     exact = {ex.id: ex.features for ex in (ShardDataset([corpus])[i] for i in range(8))}
     features_path(shard_files(corpus)[0]).unlink()  # one shard without a cache, one with a float16 one
     capsys.readouterr()

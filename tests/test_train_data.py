@@ -82,8 +82,8 @@ def test_progress_counts_each_prompt_of_this_run_once_beside_other_sets(target, 
 
 def test_regenerated_responses_are_the_targets_greedy_output(target, tmp_path):
     records = prompt_records(6)
-    regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=16, batch_size=3, layer_ids=(0, 2)),
-               progress=False)
+    regenerate(target, records, tmp_path, RegenConfig(max_new_tokens=16, batch_size=3, layer_ids=(0, 2),
+                                                      cache_dtype="float16"), progress=False)  # exact features
     data = ShardDataset([tmp_path])
     target.model.double()
     try:
@@ -124,7 +124,8 @@ def _with_answers(records):
 
 def test_human_fraction_keeps_existing_answers_teacher_forced(target, tmp_path):
     records = _with_answers(prompt_records(16))
-    config = RegenConfig(max_new_tokens=12, batch_size=4, layer_ids=(1, 3), human_fraction=0.5)
+    config = RegenConfig(max_new_tokens=12, batch_size=4, layer_ids=(1, 3), human_fraction=0.5,
+                         cache_dtype="float16")  # exact features, compared below
     stats = regenerate(target, records, tmp_path, config, progress=False)
     data = ShardDataset([tmp_path])
     by_id = {r.id: r for r in records}

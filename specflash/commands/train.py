@@ -14,10 +14,10 @@ import sys
 from ..data.feature_cache import CACHE_DTYPES, DEFAULT_CACHE_DTYPE
 from .common import DEFAULT_TARGET, csv_list
 
-CACHE_DTYPE_HELP = ("how cached features are stored: float16 (exact for a bfloat16 target) or float8 (half the "
-                    "space: 2.9 KB a token for SmolLM2-135M tapped at 5 layers instead of 5.8 KB; each value "
-                    "within about 2%%, scaled per token and tapped layer; see docs/training.md) "
-                    f"(default {DEFAULT_CACHE_DTYPE})")
+CACHE_DTYPE_HELP = ("how cached features are stored: float8 (2.9 KB a token for SmolLM2-135M tapped at 5 layers; "
+                    "each value within about 2%%, scaled per token and tapped layer; drafters trained on it "
+                    "matched float16's held-out acceptance, docs/training.md) or float16 (5.8 KB, exact for a "
+                    f"bfloat16 target) (default {DEFAULT_CACHE_DTYPE})")
 
 
 def register(sub) -> None:
@@ -59,8 +59,8 @@ def register(sub) -> None:
     data.add_argument("--layer-ids", default=None, help="explicit comma-separated target layer ids to tap")
     data.add_argument("--features", action=argparse.BooleanOptionalAction, default=True,
                       help="keep the tapped layers' features beside the shards (default), so `fit` never runs "
-                           "the target; --no-features stores tokens only (about 5.8 KB less per token for "
-                           "SmolLM2-135M, 5 taps, float16: 57 GB per 10M tokens) and `fit` recomputes the "
+                           "the target; --no-features stores tokens only (about 2.9 KB less per token for "
+                           "SmolLM2-135M, 5 taps, float8: 29 GB per 10M tokens) and `fit` recomputes the "
                            "features with one target forward per sequence, cheap on a GPU")
     data.add_argument("--topk", type=int, default=32,
                       help="with the features, also keep the target's K largest logits at every generated token "
@@ -145,8 +145,8 @@ def register(sub) -> None:
     fit.add_argument("--cache-features", action=argparse.BooleanOptionalAction, default=True,
                      help="shards without cached features (a committed corpus on a new machine, or `train data "
                           "--no-features`) get them once before training, with the target's top-k logits, written "
-                          "beside the shards (about 5.8 KB a token for SmolLM2-135M); --no-cache-features runs "
-                          "the target on every sequence of every step instead (default on)")
+                          "beside the shards (about 2.9 KB a token for SmolLM2-135M in float8); "
+                          "--no-cache-features runs the target on every sequence of every step instead (default on)")
     fit.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=DEFAULT_CACHE_DTYPE,
                      help="how --cache-features stores them: " + CACHE_DTYPE_HELP)
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
