@@ -81,7 +81,14 @@ def test_report_names_the_target_forward_of_our_loop(greedy_run):
     assert "Target forward in specflash's loop: lean" in (out / "report.md").read_text()
 
 
-def test_block_sizes_compare_in_one_run(capsys, folder, prompts_file, tmp_path):
+def test_block_sizes_compare_in_one_run(capsys, folder, prompts_file, tmp_path, monkeypatch):
+    from specflash.perf import measure
+    from specflash.perf.costmodel import StepCosts
+
+    # Fixed step costs (a verify dearer with every token, as on a real machine): measured ones
+    # of a tiny model on a busy machine can make any block look free, and this is about the policy.
+    costs = StepCosts(verify={1: 1e-3, 2: 1.2e-3, 4: 1.6e-3, 8: 2.4e-3, 16: 4e-3}, draft=5e-4)
+    monkeypatch.setattr(measure, "load_or_measure", lambda *args, **kwargs: costs)
     lines, _ = bench(capsys, folder, prompts_file, tmp_path, "--draft", "random",
                      "--methods", "hf,dflash@2,dflash@4,dflash@auto")
     doc = json.loads(lines[-1])
