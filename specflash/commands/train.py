@@ -148,7 +148,7 @@ def register(sub) -> None:
                           "beside the shards (about 2.9 KB a token for SmolLM2-135M in float8); "
                           "--no-cache-features runs the target on every sequence of every step instead (default on)")
     fit.add_argument("--cache-dtype", choices=CACHE_DTYPES, default=DEFAULT_CACHE_DTYPE,
-                     help="how --cache-features stores them: " + CACHE_DTYPE_HELP)
+                     help=CACHE_DTYPE_HELP + " (for the shards --cache-features fills)")
     fit.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
