@@ -14,8 +14,9 @@ SmolLM2-135M tapped at 5 layers, 57 GB per 10M tokens of prompts and answers. fl
 at that token maps to float8's largest, 448) halves that, at a relative error of about 1-2%
 per value: per layer and token, because the tapped layers' magnitudes differ by more than
 ten times and the first position (an attention sink) by a thousand. float8 is the default:
-a drafter trained on it reached float16's held-out acceptance (docs/training.md, the A/B). A cache is written
-whole, by rename, so a killed writer leaves the old file or the new one, never half.
+a drafter trained on it reached float16's held-out acceptance (docs/training.md, the A/B).
+A cache is written whole, by rename, so a killed writer leaves the old file or the new one,
+never half.
 """
 
 from __future__ import annotations
@@ -144,7 +145,6 @@ def compact_caches(folder: str | Path, groups: int, progress: bool = True) -> di
     """Rewrite every float16 cache of a corpus folder as float8 (shard by shard, each whole,
     so a killed run resumes), freeing about half their space. Returns counts: shards
     converted, shards already float8, bytes before and after."""
-    from safetensors import safe_open
     from tqdm.auto import tqdm
 
     from .corpus import features_path, shard_files
@@ -153,12 +153,11 @@ def compact_caches(folder: str | Path, groups: int, progress: bool = True) -> di
     report = {"converted": 0, "already_float8": 0, "bytes_before": 0, "bytes_after": 0}
     for path in tqdm(caches, desc=f"float8 caches of {folder}", unit="shard", disable=not progress,
                      dynamic_ncols=True):
-        with safe_open(str(path), "pt") as handle:
-            if cache_dtype(handle) == "float8":
-                report["already_float8"] += 1
-                continue
-        report["bytes_before"] += path.stat().st_size
-        convert_feature_cache(path, "float8", groups)
+        before = path.stat().st_size
+        if not convert_feature_cache(path, "float8", groups):
+            report["already_float8"] += 1
+            continue
+        report["bytes_before"] += before
         report["bytes_after"] += path.stat().st_size
         report["converted"] += 1
     return report

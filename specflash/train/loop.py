@@ -40,6 +40,7 @@ from .objective import (
     weighted_block_loss,
 )
 from ..data.corpus import features_path, shard_files
+from ..data.feature_cache import DEFAULT_CACHE_DTYPE
 from .relabel import stale_label_rows
 from .shards import Example, ShardDataset
 
@@ -77,7 +78,7 @@ class TrainConfig:
     init_from: str | None = None  # warm start: an exported drafter folder, or an earlier run (weights + AdamW moments)
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
     cache_features: bool = True  # features missing beside the data are computed once up front, not in every step
-    cache_dtype: str = "float8"  # how those are stored: "float16" or "float8" (specflash.data.feature_cache)
+    cache_dtype: str = DEFAULT_CACHE_DTYPE  # how those are stored: "float16" or "float8" (data/feature_cache.py)
     precision: str = "auto"  # "fp32", "bf16" (autocast), or "auto": bf16 on GPUs and CPUs with bf16 units
     seed: int = 0
     exclude_ids_file: str | None = None  # ids (one per line) never trained on, e.g. benchmark prompts
