@@ -570,6 +570,19 @@ def test_paired_difference_is_the_difference_of_estimates_with_a_smaller_error()
         paired_difference(a, {"other": (1.0, 1)})
 
 
+def test_paired_difference_of_ratios_with_their_own_counts():
+    """A decode walk's counts are each drafter's own verify steps: the difference is that of
+    the two ratio estimates, and its error shrinks when the two move together."""
+    from specflash.train.loop import clustered_mean, paired_difference
+
+    a = {"s1": (40.0, 30), "s2": (40.0, 20), "s3": (40.0, 35), "s4": (40.0, 25)}
+    b = {"s1": (40.0, 27), "s2": (40.0, 18), "s3": (40.0, 33), "s4": (40.0, 22)}
+    diff, se = paired_difference(a, b)
+    mean_a, se_a = clustered_mean([v[0] for v in a.values()], [v[1] for v in a.values()])
+    mean_b, _ = clustered_mean([v[0] for v in b.values()], [v[1] for v in b.values()])
+    assert abs(diff - (mean_b - mean_a)) < 1e-12 and 0 < se < se_a
+
+
 def test_train_compare_scores_drafters_on_the_same_held_out_sequences(setup, capsys):
     root, folder, target, data = setup
     trainer = Trainer(config(setup, "compare-src", max_steps=40), target=target, progress=False)
@@ -585,6 +598,21 @@ def test_train_compare_scores_drafters_on_the_same_held_out_sequences(setup, cap
     assert first["difference_to_first"] == 0 and second["sequences"] == first["sequences"] > 2
     assert abs(second["difference_to_first"] - (second["tau_estimate"] - first["tau_estimate"])) < 1e-9
     assert second["difference_to_first"] > 0  # 40 steps of training beat none
+    walk_first, walk_second = report["walk_results"]  # the decode walk, --walk-tokens 128 by default
+    assert report["walk_tokens"] == 128 and walk_second["sequences"] == walk_first["sequences"] > 2
+    assert walk_second["difference_to_first"] > 0
+    assert abs(walk_second["difference_to_first"] - (walk_second["tau_estimate"] - walk_first["tau_estimate"])) < 1e-9
+
+
+def test_train_compare_skips_the_decode_walk_with_walk_tokens_0(setup, capsys):
+    root, folder, target, data = setup
+    drafters = [export_run(Trainer(config(setup, f"no-walk-{seed}", max_steps=0, seed=seed), target=target,
+                                   progress=False)) for seed in (0, 1)]
+    capsys.readouterr()
+    assert main(["train", "compare", "--data", str(data), "--drafters", ",".join(map(str, drafters)), "--target",
+                 str(folder), "--eval-sequences", "8", "--walk-tokens", "0", "--device", "cpu"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert "walk_results" not in report and len(report["results"]) == 2
 
 
 def test_by_source_groups_sequences_by_the_prompt_set_in_their_id():
@@ -721,3 +749,46 @@ def test_grown_layer_names_are_those_past_the_kept_layers():
     refuse_shrinking("a", 1, 2)  # growing is fine
     with pytest.raises(InputError, match="pass --num-layers 3 or more"):
         refuse_shrinking("a", 3, 2)
+
+
+def test_decode_walk_equals_speculative_decoding_of_the_answers(tmp_path):
+    """The walk's tokens and verify steps on an answer are those of decoding its
+    prompt with the same drafter and block (features recomputed by the target, as decoding
+    computes them; the answers are the fp32 target's own greedy ones)."""
+    from specflash.hf.target import TargetModel
+    from specflash.runtime.config import DecodeConfig
+    from specflash.runtime.decode import SpeculativeDecoder
+    from specflash.runtime.proposers.dflash import DFlashProposer
+    from specflash.train.regenerate import RegenConfig, regenerate
+    from tiny import tiny_model_folder
+    from train_fixtures import prompt_records
+
+    folder = tiny_model_folder(tmp_path / "target", varied=False)  # a learnable target
+    target = TargetModel.from_pretrained(str(folder))
+    data = tmp_path / "data"
+    regenerate(target, prompt_records(48), data, RegenConfig(max_new_tokens=30, batch_size=8), progress=False)
+    base = dict(data=[str(data)], target=str(folder), num_layers=1, block_size=8, anchors_per_sequence=32,
+                epochs=50, lr=3e-3, grad_accum=2, draft_vocab=0, held_out_fraction=0.25, eval_every=0,
+                save_every=10_000, eval_sequences=12, precision="fp32", cache_features=False,
+                target_layer_ids=[1, 3])
+    trainer = Trainer(TrainConfig(out=str(tmp_path / "run"), max_steps=60, **base), target=target, progress=False)
+    trainer.fit()
+    exported = export_run(trainer, tmp_path / "drafter")
+    scorer = Trainer(TrainConfig(out=str(tmp_path / "score"), init_from=str(exported), **base), target=target,
+                     progress=False)
+    decoder = SpeculativeDecoder(target, DFlashProposer(DFlashDrafter.from_pretrained(exported), target), 8)
+    rows = scorer.eval_idx
+    walked = scorer.evaluate(rows, per_sequence=True, walk_tokens=20)["walk_per_sequence"]
+    assert len(walked) >= 6
+    lengths = []
+    for index in rows:
+        row = scorer.dataset.rows[index]
+        if row.id not in walked:
+            continue
+        prompt, answer = row.input_ids[: row.num_prompt_tokens], list(row.input_ids[row.num_prompt_tokens:])
+        result = decoder.generate(prompt, DecodeConfig(max_new_tokens=min(20, len(answer))))
+        assert result.token_ids == answer[:20]
+        steps = result.stats.acceptance_lengths
+        assert walked[row.id] == (float(sum(steps)), len(steps)), row.id
+        lengths += steps
+    assert sum(lengths) / len(lengths) > 1.5  # the walk jumped: it skipped anchors

@@ -8,6 +8,7 @@ import torch
 from specflash.train.objective import (
     VocabSubset,
     acceptance_from_hits,
+    decode_walk,
     block_training_mask,
     build_blocks,
     cosine_lr,
@@ -101,6 +102,26 @@ def test_anchors_need_p_and_p_plus_one_in_the_response_and_a_full_block():
 def test_acceptance_lengths_count_leading_hits():
     hits = torch.tensor([[1, 1, 0, 1], [0, 1, 1, 1], [1, 1, 1, 1]], dtype=torch.bool)
     assert acceptance_from_hits(hits).tolist() == [3, 1, 5]
+
+
+def test_decode_walk_drafts_from_where_each_step_ended():
+    lengths = torch.tensor([3, 9, 9, 2, 9, 1, 4, 9, 9, 9, 9])
+    # anchors 0 -> 3 -> 5 -> 6 -> 10: steps keep 3, 2, 1, 4, 9 tokens; the skipped 9s never count
+    assert decode_walk(lengths, budget=100) == (19, 5)
+
+
+def test_decode_walk_keeps_no_more_than_the_budget_after_the_first_token():
+    lengths = torch.tensor([3, 9, 9, 5, 9, 9, 9, 9, 9])
+    # the prefill gave token 1; a budget of 6 leaves 5: a step of 3, then 5 cut to the 2 left
+    assert decode_walk(lengths, budget=6) == (5, 2)
+    assert decode_walk(lengths, budget=1) == (0, 0)
+
+
+def test_decode_walk_tau_sits_below_the_mean_when_acceptance_comes_in_runs():
+    easy, hard = [5] * 40, [1] * 40  # a predictable stretch, then a hard one
+    tokens, steps = decode_walk(torch.tensor(easy + hard), budget=1_000)
+    assert tokens / steps < sum(easy + hard) / 80  # steps crowd into the hard stretch
+    assert (tokens, steps) == (80, 8 + 40)
 
 
 def test_vocab_subset_maps_labels_and_drops_the_rest():

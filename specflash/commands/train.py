@@ -245,6 +245,12 @@ def register(sub) -> None:
                          help="the held-out share of the prompts, as the compared runs split their data "
                               "(default: what `fit` holds out by default: 3%%, raised up to 20%% until about 256 "
                               "rows are held out). Never score rows a compared drafter trained on")
+    compare.add_argument("--walk-tokens", type=int, default=128,
+                         help="also estimate decoded tau: tokens per verify step of decoding the first N tokens "
+                              "of each held-out answer along the target's continuation, from acceptance at every "
+                              "anchor there (default 128, as `specflash bench --max-new-tokens 128`; costs about "
+                              "twice the plain estimate; 0: skip). Decoding steps land more often where "
+                              "acceptance is short, so this sits below the plain estimate and is what bench shows")
     add_device_flag(compare, "where the target and drafters run")
     compare.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     compare.set_defaults(handler=run_compare)
@@ -480,6 +486,39 @@ def run_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def paired_summary(folders: list[str], parts: list[dict], label: str) -> tuple[list[dict], dict[str, list[dict]]]:
+    """Each drafter's estimate from its per-sequence (sum, count) pairs and its paired
+    difference to the first drafter's, overall and within each prompt set (code and chat
+    drafters can move apart); printed as they are found, returned for the JSON report."""
+    from ..train.loop import by_source, clustered_mean, paired_difference
+
+    def versus_base(folder: str, part: dict, base_part: dict) -> dict:
+        tau, se = clustered_mean([v[0] for v in part.values()], [v[1] for v in part.values()])
+        diff, diff_se = paired_difference(base_part, part)
+        return {"drafter": folder, "tau_estimate": tau, "tau_estimate_se": se, "sequences": len(part),
+                "difference_to_first": diff, "difference_se": diff_se}
+
+    def paired_text(row: dict) -> str:
+        spread = f" +- {row['difference_se']:.3f}" if row["difference_se"] is not None else ""
+        return f"{row['difference_to_first']:+.3f}{spread}"
+
+    summary = [versus_base(folder, part, parts[0]) for folder, part in zip(folders, parts)]
+    print(f"{label}:", flush=True)
+    for row in summary[1:]:
+        print(f"{row['drafter']} - {folders[0]}: {paired_text(row)} (paired, {row['sequences']} sequences)", flush=True)
+    sources: dict[str, list[dict]] = {}
+    groups = [by_source(part) for part in parts]
+    if len(groups[0]) > 1:
+        for source, base_part in groups[0].items():
+            # (a drafter of another block size may have no valid block in a whole set)
+            sources[source] = [versus_base(folder, group[source], base_part)
+                               for folder, group in zip(folders, groups) if source in group]
+            line = "; ".join([f"{sources[source][0]['tau_estimate']:.3f}"] +
+                             [f"{r['tau_estimate']:.3f} ({paired_text(r)})" for r in sources[source][1:]])
+            print(f"  {source} ({len(base_part)} sequences): {line}", flush=True)
+    return summary, sources
+
+
 def run_compare(args: argparse.Namespace) -> int:
     import json
     import tempfile
@@ -491,11 +530,8 @@ def run_compare(args: argparse.Namespace) -> int:
     from ..train.loop import (
         TrainConfig,
         Trainer,
-        by_source,
-        clustered_mean,
         format_estimate,
         held_out_fraction,
-        paired_difference,
     )
     from ..train.shards import ShardDataset
 
@@ -508,6 +544,8 @@ def run_compare(args: argparse.Namespace) -> int:
         raise InputError(f"--held-out-fraction must be in (0, 1], got {args.held_out_fraction}")
     if args.eval_sequences < 1:
         raise InputError(f"--eval-sequences must be 1 or more, got {args.eval_sequences}")
+    if args.walk_tokens < 0:
+        raise InputError(f"--walk-tokens must be 0 (skip the decode walk) or more, got {args.walk_tokens}")
     target = TargetModel.from_pretrained(args.target, device=resolve_device(args.device))
     results = []
     with tempfile.TemporaryDirectory() as scratch:
@@ -526,39 +564,24 @@ def run_compare(args: argparse.Namespace) -> int:
                                  eval_sequences=args.eval_sequences, held_out_fraction=fraction,
                                  device=str(target.device))
             trainer = Trainer(config, target=target, progress=False)
-            record = {f"eval_{k}": v for k, v in trainer.evaluate(per_sequence=True).items()}
+            record = {f"eval_{k}": v for k, v in
+                      trainer.evaluate(per_sequence=True, walk_tokens=args.walk_tokens).items()}
             results.append((folder, record))
-            print(f"{folder}: {format_estimate(record)}", flush=True)
+            walk = ""
+            if record.get("eval_walk_tau") is not None:
+                se = record["eval_walk_tau_se"]
+                walk = f"; decode walk ({args.walk_tokens} tokens): tau {record['eval_walk_tau']:.3f}" + (
+                    f" +- {se:.3f}" if se is not None else "")
+            print(f"{folder}: {format_estimate(record)}{walk}", flush=True)
 
-    def versus_base(folder: str, part: dict, base_part: dict) -> dict:
-        """One drafter's estimate over `part` (per-sequence sums and counts) and its paired
-        difference to the baseline's `base_part` on the same sequences."""
-        tau, se = clustered_mean([v[0] for v in part.values()], [v[1] for v in part.values()])
-        diff, diff_se = paired_difference(base_part, part)
-        return {"drafter": folder, "tau_estimate": tau, "tau_estimate_se": se, "sequences": len(part),
-                "difference_to_first": diff, "difference_se": diff_se}
-
-    def paired_text(row: dict) -> str:
-        spread = f" +- {row['difference_se']:.3f}" if row["difference_se"] is not None else ""
-        return f"{row['difference_to_first']:+.3f}{spread}"
-
-    base = results[0][1]["eval_per_sequence"]
-    summary = [versus_base(folder, record["eval_per_sequence"], base) for folder, record in results]
-    for row in summary[1:]:
-        print(f"{row['drafter']} - {folders[0]}: {paired_text(row)} (paired, {row['sequences']} sequences)", flush=True)
-    # The same comparison within each prompt set (code and chat drafters can move apart).
-    sources: dict[str, list[dict]] = {}
-    groups = [by_source(record["eval_per_sequence"]) for _, record in results]
-    if len(groups[0]) > 1:
-        for source, base_part in groups[0].items():
-            # (a drafter of another block size may have no valid block in a whole set)
-            sources[source] = [versus_base(folder, group[source], base_part)
-                               for (folder, _), group in zip(results, groups) if source in group]
-            line = "; ".join([f"{sources[source][0]['tau_estimate']:.3f}"] +
-                             [f"{r['tau_estimate']:.3f} ({paired_text(r)})" for r in sources[source][1:]])
-            print(f"  {source} ({len(base_part)} sequences): {line}", flush=True)
-    print(json.dumps({"target": args.target, "data": args.data, "held_out_fraction": fraction, "results": summary,
-                      "by_source": sources}))
+    summary, sources = paired_summary(folders, [r["eval_per_sequence"] for _, r in results], "estimate")
+    report = {"target": args.target, "data": args.data, "held_out_fraction": fraction, "results": summary,
+              "by_source": sources}
+    if all("eval_walk_per_sequence" in r for _, r in results):
+        walk, walk_sources = paired_summary(folders, [r["eval_walk_per_sequence"] for _, r in results],
+                                            f"decode walk, {args.walk_tokens} tokens")
+        report.update(walk_tokens=args.walk_tokens, walk_results=walk, walk_by_source=walk_sources)
+    print(json.dumps(report))
     return 0
 
 

@@ -31,6 +31,7 @@ from ..hf.target import TargetModel
 from .objective import (
     VocabSubset,
     acceptance_from_hits,
+    decode_walk,
     block_training_mask,
     build_blocks,
     cosine_lr,
@@ -676,16 +677,24 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, indices: list[int] | None = None, max_blocks_per_sequence: int = 64,
-                 per_sequence: bool = False) -> dict:
+                 per_sequence: bool = False, walk_tokens: int = 0) -> dict:
         """Offline acceptance on held-out sequences: teacher-forced blocks against the
         target's own continuation (in a relabelled answer, the labelling target's greedy tokens),
-        argmax over the drafter's vocabulary as at decode time."""
+        argmax over the drafter's vocabulary as at decode time. tau_estimate is the mean
+        acceptance over anchors spread through each answer; with walk_tokens > 0, walk_tau is
+        tokens per verify step of decoding each answer's first walk_tokens tokens (decode_walk),
+        the figure `specflash bench` measures, from every anchor there."""
         self.drafter.eval()
         indices = (indices if indices is not None else self.eval_idx)[: self.config.eval_sequences]
         lengths, hits_all = [], []  # per sequence: [blocks] acceptance lengths, [blocks, B-1] reach
         scored = []  # ids of the sequences in `lengths`
+        walks: dict[str, tuple[float, int]] = {}  # per sequence: (tokens, verify steps)
         for index in indices:
             example = self.dataset[index]
+            if walk_tokens > 0:
+                walk = self._walk(example, walk_tokens)
+                if walk[1]:
+                    walks[example.id] = walk
             anchors = valid_anchors(example.loss_mask, self.config.block_size)
             if anchors.numel() == 0:
                 continue
@@ -716,9 +725,32 @@ class Trainer:
         reach = torch.cat(hits_all).mean(dim=0)  # P(first k drafts all right)
         result = {"tau_estimate": tau, "tau_estimate_se": se, "blocks": sum(x.numel() for x in lengths),
                   "sequences": len(lengths), "accept_through_position": [round(float(x), 4) for x in reach]}
+        if walks:
+            result["walk_tau"], result["walk_tau_se"] = clustered_mean([w[0] for w in walks.values()],
+                                                                       [w[1] for w in walks.values()])
         if per_sequence:  # for paired comparisons of drafters on the same sequences
             result["per_sequence"] = {i: (x.sum().item(), x.numel()) for i, x in zip(scored, lengths)}
+            if walks:
+                result["walk_per_sequence"] = walks
         return result
+
+    @torch.no_grad()
+    def _walk(self, example, budget: int) -> tuple[float, int]:
+        """(tokens, verify steps) of decoding the first `budget` tokens of one answer along the
+        target's continuation: acceptance at every anchor from the first response token, blocks
+        running past the answer's end counting their missing labels as misses (decoding stops
+        at the end-of-turn token there)."""
+        anchors = valid_anchors(example.loss_mask, self.config.block_size, whole_blocks=False)
+        if anchors.numel() == 0:
+            return 0.0, 0
+        anchors = anchors[anchors < anchors[0] + budget]  # [n] consecutive positions of the answer
+        with self._autocast():
+            hidden, blocks = self._draft_hidden(example, anchors, model=self.drafter, every_position=True)
+            pred = self.draft_head.greedy(hidden)  # [n * B]
+        b = self.config.block_size
+        hits = pred.view(-1, b)[:, 1:].cpu() == blocks.labels.view(-1, b)[:, 1:]  # [n, B-1]
+        tokens, steps = decode_walk(acceptance_from_hits(hits), budget)
+        return float(tokens), steps
 
     def estimates(self) -> dict:
         """The log's eval fields: the held-out estimate (eval_*) and, with train_estimate,
@@ -801,13 +833,21 @@ def clustered_mean(sums: list[float], counts: list[int]) -> tuple[float, float |
 def paired_difference(a: dict[str, tuple[float, int]], b: dict[str, tuple[float, int]]) -> tuple[float, float | None]:
     """Difference of two drafters' estimates (b - a) on the sequences both scored, with its
     standard error from the per-sequence differences (sequence as the unit): far smaller
-    than either estimate's own error, since both face the same hard and easy sequences."""
+    than either estimate's own error, since both face the same hard and easy sequences.
+    Each value is (sum, count) and each estimate the ratio sum / count; the counts may differ
+    between the two (verify steps of a decode walk): the error is then the linearized one of
+    the difference of the two ratio estimators, which is clustered_mean's of the per-sequence
+    differences when the counts agree (blocks of the same anchors)."""
     common = sorted(set(a) & set(b))
     if not common:
         raise InputError("the two evaluations share no sequence; compare them on the same data")
-    diff_sums = [b[k][0] - a[k][0] for k in common]
-    counts = [a[k][1] for k in common]
-    return clustered_mean(diff_sums, counts)
+    count_a, count_b = float(sum(a[k][1] for k in common)), float(sum(b[k][1] for k in common))
+    mean_a, mean_b = sum(a[k][0] for k in common) / count_a, sum(b[k][0] for k in common) / count_b
+    m = len(common)
+    if m < 2:
+        return mean_b - mean_a, None
+    residuals = [(b[k][0] - mean_b * b[k][1]) / count_b - (a[k][0] - mean_a * a[k][1]) / count_a for k in common]
+    return mean_b - mean_a, math.sqrt(m / (m - 1) * sum(r * r for r in residuals))
 
 
 def source_of(row_id: str) -> str:

@@ -281,6 +281,26 @@ def acceptance_from_hits(hits: torch.Tensor) -> torch.Tensor:
     return 1 + hits.long().cumprod(dim=1).sum(dim=1)
 
 
+def decode_walk(lengths: torch.Tensor, budget: int) -> tuple[int, int]:
+    """lengths [n]: the acceptance length at each of n consecutive anchors of one answer (its
+    first response token onward) -> (tokens the verify steps kept, verify steps) of decoding
+    the answer's first `budget` tokens as `SpeculativeDecoder` does: the prefill gives the first
+    token, a step at anchor i keeps lengths[i] tokens (no more than the budget has left) and
+    the next step drafts from the last of them, i + lengths[i]; it stops at the budget or where
+    the anchors run out. tokens / steps is decoded tau: steps land more often where acceptance
+    is short, so it sits below the mean over all anchors when acceptance comes in runs."""
+    n = int(lengths.numel())
+    position = tokens = steps = 0
+    produced = 1  # the prefill's token
+    while position < n and produced < budget:
+        kept = min(int(lengths[position]), budget - produced)
+        produced += kept
+        tokens += kept
+        steps += 1
+        position += kept
+    return tokens, steps
+
+
 def cosine_lr(step: int, total_steps: int, base_lr: float, warmup_frac: float = 0.04, min_ratio: float = 0.0) -> float:
     """Linear warm-up then cosine decay to min_ratio * base_lr."""
     warmup = max(1, int(total_steps * warmup_frac))
