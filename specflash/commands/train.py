@@ -153,6 +153,11 @@ def register(sub) -> None:
                      help="bf16 autocast (auto: on GPUs and on CPUs with AMX / AVX512-BF16, where it is several "
                           "times faster; fp32 elsewhere)")
     fit.add_argument("--max-steps", type=int, default=None, help="stop after this many steps (resumable)")
+    fit.add_argument("--held-out-fraction", type=float, default=None,
+                     help="the share of prompts held out from training, by a hash of the prompt id (default: 3%%, "
+                          "raised up to 20%% until about 256 of the target's greedy answers are held out). Pass "
+                          "0.03 to hold out the prompts a corpus's runs hold out when --data has no greedy "
+                          "answers (e.g. sampled answers alone), so `train compare` on the corpus stays fair")
     fit.add_argument("--eval-every", type=int, default=200,
                      help="steps between held-out acceptance estimates in log.jsonl (default 200)")
     fit.add_argument("--train-estimate", action=argparse.BooleanOptionalAction, default=True,
@@ -392,6 +397,7 @@ def run_fit(args: argparse.Namespace) -> int:
                          init_from=args.init_from, eval_every=args.eval_every, save_every=args.save_every,
                          seed=args.seed, train_estimate=args.train_estimate, device=str(device),
                          train_sources=csv_list(args.train_sources or "") or None,
+                         held_out_fraction=args.held_out_fraction,
                          **({} if args.warmup_fraction is None else {"warmup_fraction": args.warmup_fraction}))
     trainer = Trainer(config)
     try:

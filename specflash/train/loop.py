@@ -109,7 +109,7 @@ class TrainConfig:
         if not self.distill_temperature > 0:
             raise InputError(f"--distill-temperature must be positive, got {self.distill_temperature}")
         if self.held_out_fraction is not None and not 0 <= self.held_out_fraction <= 1:
-            raise InputError(f"held_out_fraction must be in [0, 1], got {self.held_out_fraction}")
+            raise InputError(f"--held-out-fraction must be in [0, 1], got {self.held_out_fraction}")
         if self.init not in ("random", "target"):
             raise InputError(f"--init must be random or target, got {self.init!r}")
         if self.precision not in ("auto", "fp32", "bf16"):
