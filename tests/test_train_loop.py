@@ -792,3 +792,19 @@ def test_decode_walk_equals_speculative_decoding_of_the_answers(tmp_path):
         assert walked[row.id] == (float(sum(steps)), len(steps)), row.id
         lengths += steps
     assert sum(lengths) / len(lengths) > 1.5  # the walk jumped: it skipped anchors
+
+
+def test_fit_holds_out_the_prompts_of_the_given_fraction(setup, capsys):
+    from specflash.train.shards import ShardDataset
+
+    root, folder, _, data = setup
+    fit = ["train", "fit", "--data", str(data), "--target", str(folder), "--num-layers", "1", "--block-size", "8",
+           "--draft-vocab", "0", "--max-steps", "1", "--eval-every", "0", "--threads", "1", "--precision", "fp32"]
+    assert main(fit + ["--out", str(root / "fraction-half"), "--held-out-fraction", "0.5"]) == 0
+    info = json.loads((root / "fraction-half" / "drafter" / "training_info.json").read_text())
+    train, held = ShardDataset([str(data)]).split(0.5)
+    assert info["data"]["held_out"] == len(held) and info["data"]["sequences"] == len(train)
+    assert len(held) > 0.3 * (len(train) + len(held))  # not the default 20% of this small folder
+    capsys.readouterr()
+    assert main(fit + ["--out", str(root / "fraction-bad"), "--held-out-fraction", "1.5"]) != 0
+    assert "--held-out-fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
