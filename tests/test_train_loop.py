@@ -166,8 +166,22 @@ def test_init_from_a_drafter_of_another_shape_is_refused(setup):
     from specflash.errors import InputError
 
     target, folder = exported_after(setup, "shape-a", 1)
-    with pytest.raises(InputError, match="block_size"):
-        Trainer(config(setup, "shape-b", block_size=4, init_from=str(folder)), target=target, progress=False)
+    with pytest.raises(InputError, match="target_layer_ids"):
+        Trainer(config(setup, "shape-b", target_layer_ids=[0, 2], init_from=str(folder)), target=target,
+                progress=False)
+
+
+def test_init_from_a_drafter_of_another_block_size_keeps_its_weights(setup):
+    target, folder = exported_after(setup, "block-a", 5)
+    smaller = Trainer(config(setup, "block-b", block_size=4, init_from=str(folder)), target=target, progress=False)
+    same = Trainer(config(setup, "block-c", init_from=str(folder)), target=target, progress=False)
+    assert smaller.drafter.block_size == 4 and same.drafter.block_size == 8
+    theirs = same.drafter.state_dict()
+    for name, weight in smaller.drafter.state_dict().items():
+        assert torch.equal(weight, theirs[name]), name
+    smaller.config.max_steps = 1
+    smaller.fit()
+    assert DFlashDrafter.from_pretrained(export_run(smaller)).block_size == 4
 
 
 def test_init_from_a_drafter_with_fewer_layers_grows_it_and_keeps_its_function(setup):

@@ -134,7 +134,8 @@ def register(sub) -> None:
     fit.add_argument("--init", choices=["random", "target"], default="random",
                      help="random init, or copy the target's last layers into the draft layers")
     fit.add_argument("--init-from", default=None, metavar="DRAFTER|RUN",
-                     help="warm start from an exported drafter folder of the same shape (e.g. a shipped drafter or "
+                     help="warm start from an exported drafter folder of the same shape (the block size may "
+                          "differ; e.g. a shipped drafter or "
                           "RUN/drafter of an earlier run), or one with fewer layers: it grows, the extra layers "
                           "starting as no-ops. Or from an earlier run's folder (or its checkpoints/last.pt): its "
                           "weights and its optimizer's moments (a fresh optimizer sets a trained drafter back about "

@@ -223,13 +223,15 @@ def init_from_target(drafter: DFlashDrafter, target: TargetModel) -> None:
             drafter.norm.weight.copy_(norm)
 
 
-SHAPE_FIELDS = ("hidden_size", "block_size", "target_layer_ids", "intermediate_size",
-                "num_attention_heads", "num_key_value_heads")
+SHAPE_FIELDS = ("hidden_size", "target_layer_ids", "intermediate_size", "num_attention_heads",
+                "num_key_value_heads")
 
 
 def check_same_shape(drafter: DFlashDrafter, theirs: DrafterConfig, source: str | Path) -> None:
-    """A warm start needs the source's width, block size and tapped layers; only the number of
-    draft layers may differ (and only upwards, which the callers check)."""
+    """A warm start needs the source's width and tapped layers; the number of draft layers may
+    differ (only upwards, which the callers check), and so may the block size, which no weight
+    depends on (the run trains and exports the drafter at its own --block-size; in-block
+    attention is bidirectional, so a drafter serves well only at the block it trained at)."""
     for name in SHAPE_FIELDS:
         a, b = getattr(drafter.config, name, None), getattr(theirs, name, None)
         if a != b:
