@@ -822,3 +822,20 @@ def test_fit_holds_out_the_prompts_of_the_given_fraction(setup, capsys):
     capsys.readouterr()
     assert main(fit + ["--out", str(root / "fraction-bad"), "--held-out-fraction", "1.5"]) != 0
     assert "--held-out-fraction must be in [0, 1], got 1.5" in capsys.readouterr().err
+
+
+def test_train_compare_scores_a_folder_held_out_whole(setup, capsys):
+    """A folder of held-out rows copied out of a corpus (`benchmarks/corpus_subset.py`) is
+    compared with --held-out-fraction 1: no training rows, every row scored."""
+    root, folder, target, data = setup
+    drafters = [export_run(Trainer(config(setup, f"whole-{seed}", max_steps=0, seed=seed), target=target,
+                                   progress=False)) for seed in (0, 1)]
+    capsys.readouterr()
+    assert main(["train", "compare", "--data", str(data), "--drafters", ",".join(map(str, drafters)), "--target",
+                 str(folder), "--eval-sequences", "1000", "--held-out-fraction", "1", "--walk-tokens", "16",
+                 "--device", "cpu"]) == 0
+    from specflash.train.shards import ShardDataset
+
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    greedy = sum(row.greedy_answer for row in ShardDataset([data]).rows)
+    assert report["results"][0]["sequences"] == report["results"][1]["sequences"] == greedy

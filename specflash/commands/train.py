@@ -569,7 +569,7 @@ def run_compare(args: argparse.Namespace) -> int:
                                  target_layer_ids=list(drafter.target_layer_ids), init_from=folder,
                                  draft_vocab=0 if vocab is None else int(vocab.numel()),
                                  eval_sequences=args.eval_sequences, held_out_fraction=fraction,
-                                 device=str(target.device))
+                                 device=str(target.device), evaluate_only=True)
             trainer = Trainer(config, target=target, progress=False)
             record = {f"eval_{k}": v for k, v in
                       trainer.evaluate(per_sequence=True, walk_tokens=args.walk_tokens).items()}

@@ -75,6 +75,7 @@ class TrainConfig:
     save_every: int = 100
     log_every: int = 10
     max_steps: int | None = None  # stop early (the schedule still spans all epochs)
+    evaluate_only: bool = False  # scoring drafters (`train compare`): a split with no training rows is fine
     init: str = "random"  # or "target": copy the target's last layers
     init_from: str | None = None  # warm start: an exported drafter folder, or an earlier run (weights + AdamW moments)
     standardize_features: bool = True  # train fc on features / their RMS (folded into fc.weight on export)
@@ -457,7 +458,7 @@ class Trainer:
         if config.exclude_ids_file:
             exclude = {line.strip() for line in Path(config.exclude_ids_file).read_text().splitlines() if line.strip()}
         self.train_idx, self.eval_idx = self.dataset.split(held_out_fraction(config, self.dataset), exclude)
-        if not self.train_idx:
+        if not self.train_idx and not config.evaluate_only:
             raise InputError("no training sequences left after the held-out split; regenerate more data")
         if config.train_sources:
             self.train_idx = only_sources(self.dataset, self.train_idx, config.train_sources)
@@ -478,12 +479,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         self.drafter = DFlashDrafter(drafter_config).init_weights(
             generator=torch.Generator().manual_seed(config.seed)).to(self.target.device)
-        check_feature_width(self.dataset, self.train_idx[0], self.drafter)
+        check_feature_width(self.dataset, (self.train_idx or self.eval_idx)[0], self.drafter)
         if config.init == "target":
             init_from_target(self.drafter, self.target)
         from_checkpoint = bool(config.init_from) and checkpoint_to_init_from(config.init_from) is not None
         if config.standardize_features and not from_checkpoint:  # a checkpoint brings the scale it trained with
-            self.drafter.feature_scale.copy_(self.feature_rms(self.train_idx[:64]).to(self.drafter.feature_scale))
+            rows = (self.train_idx or self.eval_idx)[:64]
+            self.drafter.feature_scale.copy_(self.feature_rms(rows).to(self.drafter.feature_scale))
         start = warm_start(self.drafter, config.init_from)
         self.model = for_distributed(self.drafter, self.world, self.target.device)
         self.head = self.target.head_weight  # [V, H], frozen
