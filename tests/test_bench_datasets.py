@@ -186,3 +186,18 @@ def test_package_methods_is_an_offline_set_with_a_train_split():
     from specflash.bench import datasets as ds
 
     assert "package-methods" in ds.OFFLINE_SETS and ds.EVAL_FRACTION["package-methods"] == 0.1
+
+
+def test_package_methods_of_one_name_get_ids_of_their_own(tmp_path):
+    """A property's getter and setter (or an overload) are two problems with one qualified
+    name; each needs its own id, which the corpus, resumes and the held-out split key on."""
+    from specflash.bench.datasets import PACKAGE_SKIP, _function_problems
+
+    doc = "Return the thing this method computes, described at some length for the filter."
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "core.py").write_text(
+        f'class Thing:\n'
+        f'    @property\n    def size(self):\n        """{doc}"""\n        return 1\n\n'
+        f'    @size.setter\n    def size(self, value):\n        """{doc} Setter."""\n')
+    problems = _function_problems("package-methods", [tmp_path], PACKAGE_SKIP, methods=True)
+    assert [p.id for p in problems] == ["pkg.core.Thing.size", "pkg.core.Thing.size@2"]

@@ -163,3 +163,35 @@ def test_a_manifest_replaced_while_it_is_updated_keeps_both_changes(tmp_path, mo
     assert set(shards) == {"shard-00000.npz", "shard-00001.npz"}
     assert shards["shard-00000.npz"]["labels"] == {"dtype": "float32"}
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_the_committed_corpus_manifest_matches_its_shards():
+    """What git holds of corpus/smollm2-135m-instruct: every shard in the manifest and every
+    manifest entry a shard, with its rows and tokens, the totals their sums, each prompt
+    answered once per id. (31 `package-methods` ids name two or three prompts each, a
+    property's getter and setter, written before the prompt set gave them ids of their own.)"""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "corpus" / "smollm2-135m-instruct"
+    manifest = corpus.read_manifest(folder)
+    entries = manifest["shards"]
+    shards = corpus.shard_files(folder)
+    assert sorted(p.name for p in shards) == sorted(entries)
+    answered = set()  # (id, prompt tokens)
+    prompts_of: dict[str, int] = {}
+    rows_total = 0
+    for shard in shards:
+        rows = corpus.read_rows(shard)
+        entry = entries[shard.name]
+        prompt = sum(r["num_prompt_tokens"] for r in rows)
+        assert (entry["rows"], entry["prompt_tokens"]) == (len(rows), prompt), shard.name
+        assert entry["response_tokens"] == sum(len(r["input_ids"]) for r in rows) - prompt, shard.name
+        for r in rows:
+            answered.add((r["id"], tuple(r["input_ids"][:r["num_prompt_tokens"]])))
+            prompts_of[r["id"]] = prompts_of.get(r["id"], 0) + 1
+        rows_total += len(rows)
+    assert len(answered) == rows_total == manifest["totals"]["rows"]
+    shared = [i for i, n in prompts_of.items() if n > 1]
+    assert all(i.startswith("package-methods:") for i in shared) and len(shared) <= 31
+    assert manifest["totals"]["response_tokens"] == sum(e["response_tokens"] for e in entries.values())
+    assert manifest["target"] == "smollm2-135m-instruct" and manifest["target_sha256"]

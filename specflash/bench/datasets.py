@@ -287,6 +287,7 @@ def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
 
     problems_of = _module_methods if methods else _module_functions
     out, seen = [], set(seen or ())
+    used: dict[str, int] = {}  # id -> times taken: a property's getter and setter share a name
     for root in roots:
         for path in sorted(root.rglob("*.py")):
             rel = path.relative_to(root)
@@ -302,7 +303,11 @@ def _function_problems(name: str, roots: list[Path], skip: tuple[str, ...],
                 if not key or key in seen:  # e.g. posixpath / ntpath twins
                     continue
                 seen.add(key)
-                out.append(BenchPrompt(name, f"{module}.{ident}", (HUMANEVAL_TEMPLATE.format(prompt=problem),),
+                pid = f"{module}.{ident}"
+                used[pid] = used.get(pid, 0) + 1
+                if used[pid] > 1:  # the first keeps its name (the ids the corpus was written under)
+                    pid = f"{pid}@{used[pid]}"
+                out.append(BenchPrompt(name, pid, (HUMANEVAL_TEMPLATE.format(prompt=problem),),
                                        split=split_of(name, key)))
     if not out:
         raise DatasetUnavailable(f"dataset {name} found no Python sources under {', '.join(map(str, roots))}")
