@@ -1,21 +1,14 @@
-"""benchmarks/corpus_subset.py: chosen rows of a corpus copied out with their shards' settings."""
+"""`specflash train subset`: chosen rows of a corpus copied out with their shards' settings."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
-import pytest
-
+from specflash.cli import main
 from specflash.data.corpus import read_manifest, read_rows, record_shard, shard_files, write_rows
 from specflash.train.prompts import load_training_prompts
 from specflash.train.shards import ShardDataset
-
-REPO = Path(__file__).resolve().parents[1]
-spec = importlib.util.spec_from_file_location("corpus_subset", REPO / "benchmarks" / "corpus_subset.py")
-corpus_subset = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(corpus_subset)
 
 SETTINGS = {"dtype": "bfloat16", "temperature": 0.0, "prompts": "x"}
 
@@ -37,26 +30,28 @@ def make_corpus(root: Path, n: int = 120) -> Path:
     return root
 
 
+def copied_rows(folder: Path) -> list[dict]:
+    return [r for shard in shard_files(folder) for r in read_rows(shard)]
+
+
 def test_held_out_rows_are_the_first_of_the_split_fit_makes(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "held"
-    assert corpus_subset.main(["--corpus", str(corpus), "--out", str(out), "--held-out", "5",
-                               "--held-out-fraction", "0.2"]) == 0
-    _, held = ShardDataset([corpus]).split(0.2)
+    assert main(["train", "subset", "--data", str(corpus), "--out", str(out), "--held-out", "5",
+                 "--held-out-fraction", "0.2"]) == 0
     dataset = ShardDataset([corpus])
-    expected = [dataset.rows[i].id for i in held][:5]
-    copied = [r["id"] for shard in shard_files(out) for r in read_rows(shard)]
-    assert copied == expected
-    # every copied row is held out again at fraction 1 (what `train compare` is given)
+    _, held = dataset.split(0.2)
+    assert [r["id"] for r in copied_rows(out)] == [dataset.rows[i].id for i in held][:5]
+    # every copied row is held out at fraction 1 (what `train compare` is given)
     assert len(ShardDataset([out]).split(1.0)[1]) == 5
 
 
 def test_held_out_rows_can_be_limited_to_some_prompt_sets(tmp_path):
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "held"
-    corpus_subset.main(["--corpus", str(corpus), "--out", str(out), "--held-out", "100",
-                        "--held-out-fraction", "0.3", "--prompts", "other"])
-    rows = [r for shard in shard_files(out) for r in read_rows(shard)]
+    main(["train", "subset", "--data", str(corpus), "--out", str(out), "--held-out", "100",
+          "--held-out-fraction", "0.3", "--prompts", "other"])
+    rows = copied_rows(out)
     assert rows and {r["source"] for r in rows} == {"other"}
 
 
@@ -66,17 +61,20 @@ def test_first_prompts_copies_their_greedy_answers_with_each_shards_settings(tmp
     wanted = {r.id for r in load_training_prompts([str(prompts)], limit=30)}
     corpus = make_corpus(tmp_path / "corpus")
     out = tmp_path / "first"
-    corpus_subset.main(["--corpus", str(corpus), "--out", str(out), "--prompts", str(prompts),
-                        "--first-prompts", "30"])
-    rows = [r for shard in shard_files(out) for r in read_rows(shard)]
-    assert {r["id"] for r in rows} == wanted  # no sampled or human answer, nothing of "other"
+    main(["train", "subset", "--data", str(corpus), "--out", str(out), "--prompts", str(prompts),
+          "--first-prompts", "30"])
+    assert {r["id"] for r in copied_rows(out)} == wanted  # no sampled or human answer, nothing of "other"
     entries = list(read_manifest(out)["shards"].values())
     assert [e["settings"]["dtype"] for e in entries] == ["bfloat16"]  # so a cache fill relabels them
     assert read_manifest(out)["target"] == "tiny"
 
 
-def test_an_existing_out_folder_is_refused(tmp_path, capsys):
+def test_subset_refuses_an_existing_out_folder_and_missing_choices(tmp_path, capsys):
     corpus = make_corpus(tmp_path / "corpus")
-    with pytest.raises(SystemExit):
-        corpus_subset.main(["--corpus", str(corpus), "--out", str(corpus), "--held-out", "3"])
-    assert "exists" in capsys.readouterr().err
+    assert main(["train", "subset", "--data", str(corpus), "--out", str(corpus), "--held-out", "3"]) == 2
+    assert "exists; give a new folder" in capsys.readouterr().err
+    assert main(["train", "subset", "--data", str(corpus), "--out", str(tmp_path / "x")]) == 2
+    assert "--first-prompts N" in capsys.readouterr().err
+    assert main(["train", "subset", "--data", str(corpus), "--out", str(tmp_path / "y"), "--first-prompts", "3"]) == 2
+    assert "needs --prompts" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

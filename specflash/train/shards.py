@@ -75,6 +75,12 @@ def _row_labels(d: dict, ids: tuple[int, ...], n_prompt: int, written: str) -> t
     return greedy
 
 
+def held_out_bucket(prompt_id: str) -> float:
+    """A prompt's place in [0, 1] for the held-out split: held out when below the fraction.
+    Salted: data is often processed in sha256(id) order, which must not decide the split."""
+    return int(hashlib.sha256(f"held-out:{prompt_id}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
 class ShardDataset:
     """All rows of the shard files (`shard-*.npz`, or older `shard-*.jsonl`) in one or more folders."""
 
@@ -116,9 +122,7 @@ class ShardDataset:
             prompt = row.id.split("#")[0]
             if exclude_ids and (row.id in exclude_ids or prompt in exclude_ids):
                 continue
-            # Salted: data is often processed in sha256(id) order, which must not decide the split.
-            bucket = int(hashlib.sha256(f"held-out:{prompt}".encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
-            if bucket >= held_out_fraction:
+            if held_out_bucket(prompt) >= held_out_fraction:
                 train.append(i)
             elif row.greedy_answer:
                 held.append(i)  # the target's own greedy answer: what decoding must match
