@@ -257,3 +257,26 @@ def test_train_cache_float8_rewrites_float16_caches_and_writes_new_ones_as_float
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["shards"] == 0 and report["compacted"]["converted"] == 0
     assert report["compacted"]["already_float8"] == 2
+
+
+def test_a_large_cache_fill_says_what_it_costs_and_what_is_cheaper(tiny, tmp_path, capsys, monkeypatch):
+    import specflash.train.loop as loop
+
+    folder, _ = tiny
+    corpus = bare_corpus(tiny, tmp_path, 8)
+    tokens = loop.uncached_tokens(corpus)
+    assert tokens == sum(len(r["input_ids"]) for shard in shard_files(corpus) for r in read_rows(shard))
+    fit = ["train", "fit", "--data", str(corpus), "--target", str(folder), "--num-layers", "1", "--block-size",
+           "4", "--anchors", "8", "--draft-vocab", "0", "--epochs", "1", "--max-steps", "1", "--eval-every", "0",
+           "--precision", "fp32", "--device", "cpu"]
+    monkeypatch.setattr(loop, "LARGE_FILL_TOKENS", tokens + 1)
+    capsys.readouterr()
+    assert main([*fit, "--out", str(tmp_path / "small")]) == 0
+    assert "train subset" not in capsys.readouterr().out  # a fill below the threshold says nothing
+    for shard in shard_files(corpus):
+        features_path(shard).unlink()
+    monkeypatch.setattr(loop, "LARGE_FILL_TOKENS", tokens)
+    assert main([*fit, "--out", str(tmp_path / "large")]) == 0
+    out = capsys.readouterr().out
+    assert "--dtype bfloat16" in out and "train subset" in out
+    assert loop.uncached_tokens(corpus) == 0
