@@ -14,13 +14,8 @@ import shutil
 from pathlib import Path
 
 from ..errors import InputError
-from ..data.corpus import read_manifest, read_rows, record_shard, shard_files, write_rows
+from ..data.corpus import answer_kind, read_manifest, read_rows, record_shard, shard_files, write_rows
 from .shards import held_out_bucket
-
-
-def is_greedy_target_answer(row: dict) -> bool:
-    """The target's own greedy answer: not a human answer, not a sampled one ("<id>#T..s..")."""
-    return row.get("response_from", "target") == "target" and "#" not in row["id"]
 
 
 def copy_subset(corpus: str | Path, out: str | Path, *, prompt_ids: set[str] | None = None,
@@ -44,7 +39,7 @@ def copy_subset(corpus: str | Path, out: str | Path, *, prompt_ids: set[str] | N
     for shard in shard_files(corpus):
         if held_out is not None and copied >= held_out:
             break
-        rows = [r for r in read_rows(shard) if is_greedy_target_answer(r)]
+        rows = [r for r in read_rows(shard) if answer_kind(r) == "greedy"]
         if sources:
             rows = [r for r in rows if r.get("source") in sources]
         if prompt_ids is not None:
